@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine (Python 3.11): a virtualenv in .venv with the package and its test
+# tools, plus the system tools the integration tests use (Prometheus, kubectl). Idempotent.
+#   bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+# System tools for the slow tier (Debian): a real Prometheus server and kubectl for kustomize.
+need=()
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # the package starts a system service we do not want: tests run their own server
+    (command -v systemctl >/dev/null && $SUDO systemctl disable --now prometheus >/dev/null 2>&1) || true
+    pkill -x prometheus 2>/dev/null || true
+fi

@@ -1,0 +1,252 @@
+"""`sdn-dist`: the one entry point, the same on a laptop, under `ray job submit` and in a RayJob.
+
+    sdn-dist --help
+
+Exit status: 0 done; 2 bad usage / config / input (one line `error: ...` naming the culprit);
+1 any other failure, with its cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (after the preset, before --set)")
+    p.add_argument("--preset", default=None, help="debug | demo | paper (default: debug, or the file's preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable, e.g. --set stage1.steps=100")
+
+
+def _config(args):
+    from .config import load_config
+    return load_config(preset=args.preset or "debug", file=args.config, overrides=args.overrides)
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_config_show(args) -> int:
+    from .config import describe, to_yaml
+    if args.docs:
+        for key, typ, doc in describe():
+            print(f"{key:32s} {typ:24s} {doc}")
+        return 0
+    print(to_yaml(_config(args)), end="")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .launch import run_training
+    cfg = _config(args)
+    result = run_training(cfg, progress=not args.quiet)
+    print(f"run directory: {result['out']}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from .modelinfo import format_table, model_table
+    table = model_table(_config(args))
+    print(json.dumps(table, indent=2) if args.json else format_table(table))
+    return 0
+
+
+def cmd_teacher_train(args) -> int:
+    from .teacher_train import train_teacher
+    cfg = _config(args)
+    res = train_teacher(cfg, shards=args.shards, out=args.out, progress=True)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_shards_synth(args) -> int:
+    from .data.synth import write_synth
+    res = write_synth(out=args.out, train=args.train, test=args.test, size=args.size,
+                      per_shard=args.per_shard, seed=args.seed)
+    print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
+    return 0
+
+
+def cmd_shards_convert_folder(args) -> int:
+    from .data.convert import convert_folder
+    res = convert_folder(images=args.images, captions=args.captions, out=args.out,
+                         test_fraction=args.test_fraction, per_shard=args.per_shard, seed=args.seed)
+    print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
+    return 0
+
+
+def cmd_shards_convert_stackgan(args) -> int:
+    from .data.convert import convert_stackgan
+    res = convert_stackgan(kind=args.kind, root=args.root, out=args.out, images=args.images,
+                           per_shard=args.per_shard)
+    print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
+    return 0
+
+
+def cmd_shards_inspect(args) -> int:
+    from .data.shards import format_inspection, inspect_shards
+    info = inspect_shards(args.url)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import generate
+    captions = list(args.text or [])
+    if args.text_file:
+        try:
+            captions += [l.strip() for l in Path(args.text_file).read_text().splitlines() if l.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --text-file {args.text_file}: {e.strerror}") from None
+    if not captions:
+        raise UserError("no captions: give --text and/or --text-file")
+    paths = generate(args.checkpoint, captions, args.out, batch_size=args.batch_size)
+    print(f"wrote {len(paths)} images to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    report = evaluate(args.checkpoint, args.shards, args.out, limit=args.limit)
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(out=args.out, overrides=args.overrides)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    run_bench(out=args.out, quick=args.quick)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sdn-dist", description="Distributed Symmetrical Distillation Networks (text-to-image) on Ray + DeepSpeed.")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('sdn_dist').__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic benchmark (embedded local Ray)")
+    p.add_argument("--out", default="runs/demo-pipeline", help="demo directory (re-running reuses finished parts)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("shards", help="make, convert and inspect WebDataset shards")
+    ss = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    q = ss.add_parser("synth", help="write the synthetic coloured-shapes benchmark")
+    q.add_argument("--out", required=True)
+    q.add_argument("--train", type=int, default=4000, help="training samples")
+    q.add_argument("--test", type=int, default=800, help="test samples")
+    q.add_argument("--size", type=int, default=64, help="image side in pixels")
+    q.add_argument("--per-shard", type=int, default=500, help="samples per tar")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=cmd_shards_synth)
+    q = ss.add_parser("convert", help="convert an existing data set to shards")
+    cs = q.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
+    r = cs.add_parser("folder", help="image folder + JSON-lines captions")
+    r.add_argument("--images", required=True)
+    r.add_argument("--captions", required=True, metavar="FILE.jsonl")
+    r.add_argument("--out", required=True)
+    r.add_argument("--test-fraction", type=float, default=0.1)
+    r.add_argument("--per-shard", type=int, default=1000)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(fn=cmd_shards_convert_folder)
+    for kind in ("cub", "flowers"):
+        r = cs.add_parser(kind, help=f"StackGAN-layout {'CUB-200-2011' if kind == 'cub' else 'Oxford-102'} (reads its Python-2 pickles)")
+        r.add_argument("--root", required=True, help="StackGAN data dir (train/, test/, text_c10/)")
+        r.add_argument("--images", default=None, help="image directory (default: ROOT/images)")
+        r.add_argument("--out", required=True)
+        r.add_argument("--per-shard", type=int, default=1000)
+        r.set_defaults(fn=cmd_shards_convert_stackgan, kind=kind)
+    q = ss.add_parser("inspect", help="sample count, keys, example caption")
+    q.add_argument("url")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_shards_inspect)
+
+    p = sub.add_parser("teacher", help="the discriminative teacher")
+    ts = p.add_subparsers(dest="teacher_command", required=True, metavar="SUBCOMMAND")
+    q = ts.add_parser("train", help="train a VGG19-structured teacher on the shards' labels")
+    q.add_argument("--shards", required=True, help="training shard URL")
+    q.add_argument("--out", required=True, help="output weights file (any fsspec URL)")
+    _add_config_args(q)
+    q.set_defaults(fn=cmd_teacher_train)
+
+    p = sub.add_parser("model", help="teacher/student layer table")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_model)
+
+    p = sub.add_parser("config", help="show the resolved config")
+    cs2 = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    q = cs2.add_parser("show", help="print the resolved config as YAML (or every key's documentation)")
+    _add_config_args(q)
+    q.add_argument("--docs", action="store_true", help="list every key with its type and meaning")
+    q.set_defaults(fn=cmd_config_show)
+
+    p = sub.add_parser("train", help="the distributed two-stage training run",
+                       description="Runs on an embedded local Ray, or the cluster at RAY_ADDRESS. "
+                                   "Re-running with the same out resumes. `sdn-dist config show --docs` lists every key.")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("generate", help="captions -> PNGs")
+    p.add_argument("--checkpoint", required=True, help="run directory or exported checkpoint")
+    p.add_argument("--text", action="append", help="a caption (repeatable)")
+    p.add_argument("--text-file", help="one caption per line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="quality report (SSIM, FSIM, attribute accuracy)")
+    p.add_argument("--checkpoint", required=True, help="run directory or exported checkpoint")
+    p.add_argument("--shards", required=True, help="test shard URL")
+    p.add_argument("--out", required=True, help="report.json path")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples (0 = all)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="the performance benchmark")
+    p.add_argument("--quick", action="store_true", help="finish within 10 minutes on 2 cores")
+    p.add_argument("--out", required=True, metavar="FILE.json")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("sdn_dist."):
+            print(f"error: `sdn-dist {args.command}` is not built yet in this version ({e.name} is missing)", file=sys.stderr)
+            return 1
+        raise
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - top level: report the cause, exit 1
+        if os.environ.get("SDN_DEBUG"):
+            traceback.print_exc()
+        else:
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            print(f"(set SDN_DEBUG=1 for the traceback; raised at {tb.filename}:{tb.lineno})", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""One typed config tree: defaults -> preset -> YAML file -> dotted ``--set key=value`` overrides.
+
+    from sdn_dist.config import load_config
+    cfg = load_config(preset="debug", file=None, overrides=["stage1.steps=10"])
+
+Every field is documented where it is declared (``sdn-dist config show --docs`` prints them).
+Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key, before anything
+starts. Each component receives its own section (``cfg.model``, ``cfg.data`` ...), never the tree.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str | list[str] = Field("", description="Training shard URL(s): directory, glob, brace pattern or list; local, file://, http(s)://, s3://.")
+    test: str | list[str] = Field("", description="Test shard URL(s), used by sampling grids, eval and the demo.")
+    batch_size: int = Field(16, ge=1, description="Global batch (samples per optimizer step over all workers); must divide by workers x deepspeed.grad_accum.")
+    readers: int = Field(1, ge=1, description="Ray reader actors per training worker (decode runs there, overlapping training).")
+    prefetch: int = Field(4, ge=1, description="Decoded micro-batches each worker keeps in flight.")
+    shuffle: bool = Field(True, description="Shuffle shard order (per epoch, seeded) and samples within a shard buffer.")
+    shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
+    caption: Literal["random", "first"] = Field("random", description="Which of a sample's captions to use: a seeded random one per epoch, or always the first.")
+    strict: bool = Field(False, description="Fail on the first bad sample instead of skipping and counting it.")
+
+
+class TextConfig(Section):
+    encoder: Literal["minilm", "hash", "precomputed"] = Field("minilm", description="minilm: packaged all-MiniLM-L6-v2 (384-d, offline); hash: deterministic, dependency-free (tests); precomputed: the shard's KEY.emb.npy rows.")
+    path: str = Field("", description="Local path of a sentence-transformers model for encoder=minilm (empty: the packaged one).")
+    dim: int = Field(384, ge=1, description="Embedding dimension (hash: chosen; minilm: 384; precomputed: checked against the shards, e.g. 1024 for char-CNN-RNN).")
+
+
+class ModelConfig(Section):
+    image_size: int = Field(224, ge=32, description="Image side in pixels (multiple of 32: VGG19 halves it five times).")
+    width: float = Field(1.0, gt=0, le=1, description="Channel-width multiplier on VGG19 (1.0 = 64..512 channels, the paper).")
+    fc_dim: int = Field(0, ge=0, description="Width of the student's fc7/fc6 layers (0: 4096 x width).")
+    noise_dim: int = Field(0, ge=0, description="Extension, off by default: a noise vector of this size is concatenated to the text embedding.")
+    distill_fc7: bool = Field(False, description="Extension, off by default: also distil the teacher's fc7 (needs classifier weights).")
+    pool: Literal["avg", "max"] = Field("avg", description="Teacher pooling: the method uses average pooling in place of VGG's max pooling.")
+    init: Literal["reference", "kaiming"] = Field("reference", description="Student init: reference = N(0, 0.02) convs / N(0, 0.1) FCs as in the released code; kaiming = He init.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.image_size % 32:
+            raise ValueError(f"model.image_size must be a multiple of 32, got {self.image_size}")
+        return self
+
+
+class TeacherTrainConfig(Section):
+    steps: int = Field(600, ge=1, description="Optimizer steps of `sdn-dist teacher train`.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate for teacher training.")
+    batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
+
+
+class TeacherConfig(Section):
+    weights: str = Field("", description="URL of a torchvision-format VGG19 state dict or a `sdn-dist teacher train` output; empty = random init (an ablation, not a method).")
+    normalize: Literal["auto", "imagenet", "none"] = Field("auto", description="Input normalisation: auto = what the weights file records (ImageNet mean/std for torchvision weights).")
+    train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig, description="Settings of `sdn-dist teacher train`.")
+
+
+class PlateauConfig(Section):
+    patience: int = Field(0, ge=0, description="End stage 1 early after this many logged steps without improvement (0 = off).")
+    min_delta: float = Field(0.0, ge=0, description="Improvement below this does not count.")
+
+
+class StageConfig(Section):
+    steps: int = Field(100, ge=0, description="Optimizer steps in this stage.")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (constant, as in the paper).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
+    loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
+    point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1.")
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="Early switch rule (stage 1 only).")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (bf16 is 16-40x slower on CPUs without bf16 units).")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
+    grad_clip: float = Field(0.0, ge=0, description="Gradient norm clipping (0 = off).")
+    config: str = Field("", description="Path/URL of a DeepSpeed JSON whose keys override the generated ones.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=1, description="Save every N optimizer steps (and at each stage end).")
+    keep: int = Field(2, ge=1, description="Keep the last N checkpoints.")
+
+
+class MetricsConfig(Section):
+    port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint port (0 = off).")
+    host: str = Field("127.0.0.1", description="Bind address of the endpoint (loopback by default; 0.0.0.0 in Kubernetes).")
+    log_every: int = Field(10, ge=1, description="Write metrics.jsonl / update gauges every N steps.")
+
+
+class SamplesConfig(Section):
+    every: int = Field(0, ge=0, description="Write a generated-vs-real PNG grid every N steps (0: only at stage ends).")
+    count: int = Field(8, ge=1, description="Test captions in each grid.")
+
+
+class RayConfig(Section):
+    address: str = Field("", description="Ray cluster address; empty = RAY_ADDRESS if set, else an embedded local Ray.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    dashboard: bool = Field(False, description="Start the dashboard with the embedded local Ray (bound to 127.0.0.1).")
+
+
+class Config(Section):
+    preset: str = Field("debug", description="Preset the defaults came from (debug, demo, paper).")
+    out: str = Field("runs/sdn", description="Run directory (any fsspec URL): config, metrics, checkpoints, samples, export.")
+    run_id: str = Field("", description="Run id used in metric labels (empty: the run directory's name).")
+    workers: int = Field(1, ge=1, description="Data-parallel training workers.")
+    threads_per_worker: int = Field(1, ge=1, description="torch / OMP threads in each worker.")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    seed: int = Field(0, description="Seed for init, shuffling and caption choice.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    stage1: StageConfig = Field(default_factory=StageConfig)
+    stage2: StageConfig = Field(default_factory=StageConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        per = self.workers * self.deepspeed.grad_accum
+        if self.data.batch_size % per:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} must be divisible by workers x "
+                f"deepspeed.grad_accum = {self.workers} x {self.deepspeed.grad_accum}")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per worker per forward/backward."""
+        return self.data.batch_size // (self.workers * self.deepspeed.grad_accum)
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage1.steps + self.stage2.steps
+
+
+# Presets: overrides on the defaults above. debug: seconds on one core (tests). demo: the embedded
+# default, recognisable results within 15 minutes on 2 CPU cores. paper: the reference at 224 px.
+PRESETS: dict[str, dict[str, Any]] = {
+    "debug": {
+        "out": "runs/debug",
+        "text": {"encoder": "hash", "dim": 32},
+        "model": {"image_size": 32, "width": 1 / 16, "fc_dim": 64},
+        "data": {"batch_size": 8, "shuffle_buffer": 16, "prefetch": 2},
+        "teacher": {"train": {"steps": 30, "batch_size": 16}},
+        "stage1": {"steps": 8, "lr": 1e-3},
+        "stage2": {"steps": 8, "lr": 1e-3},
+        "checkpoint": {"every": 4, "keep": 2},
+        "metrics": {"log_every": 1},
+        "samples": {"count": 4},
+    },
+    "demo": {
+        "out": "runs/demo",
+        "workers": 2,
+        "text": {"encoder": "minilm", "dim": 384},
+        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming"},
+        "data": {"batch_size": 16},
+        "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3}},
+        "stage1": {"steps": 1500, "lr": 1e-3},
+        "stage2": {"steps": 1500, "lr": 1e-3},
+        "checkpoint": {"every": 250, "keep": 2},
+        "metrics": {"log_every": 10},
+        "samples": {"every": 500, "count": 8},
+    },
+    "paper": {
+        "out": "runs/paper",
+        "use_gpu": True,
+        "text": {"encoder": "precomputed", "dim": 1024},
+        "model": {"image_size": 224, "width": 1.0, "fc_dim": 4096},
+        "data": {"batch_size": 12},
+        # 100 epochs of the 8,855 CUB training images at batch 12 per stage.
+        "stage1": {"steps": 73800, "lr": 1e-4},
+        "stage2": {"steps": 73800, "lr": 1e-4},
+        "checkpoint": {"every": 2000, "keep": 3},
+        "metrics": {"log_every": 50},
+        "samples": {"every": 5000},
+    },
+}
+
+
+def deep_merge(base: dict, upd: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "point_weights":
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'stage1.steps=10' -> (['stage1', 'steps'], 10). Values are YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. stage1.steps=10)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _check_unknown(tree: Any, model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys with the full dotted name (pydantic would stop at the first level)."""
+    if not isinstance(tree, dict):
+        return
+    for k, v in tree.items():
+        f = model.model_fields.get(k)
+        if f is None:
+            where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+            full = prefix + str(k) + (("." + ".".join(_first_path(v))) if isinstance(v, dict) and v else "")
+            raise ConfigError(f"unknown config key '{full}' (valid in {where}: {', '.join(model.model_fields)})")
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_unknown(v, ann, prefix + k + ".")
+
+
+def _first_path(d: dict) -> list[str]:
+    k, v = next(iter(d.items()))
+    return [str(k)] + (_first_path(v) if isinstance(v, dict) and v else [])
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "<config>"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return f"config key '{key}': {msg} (got {e.get('input')!r})"
+
+
+def load_config(preset: str = "debug", file: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Resolve defaults -> preset -> YAML file -> overrides. Raises ConfigError naming the key."""
+    tree: dict[str, Any] = {}
+    file_tree: dict[str, Any] = {}
+    if file:
+        try:
+            file_tree = yaml.safe_load(Path(file).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_tree, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of keys, not {type(file_tree).__name__}")
+        preset = file_tree.pop("preset", None) or preset
+    ov = [parse_override(o) for o in overrides or []]
+    for parts, value in ov:
+        if parts == ["preset"]:
+            preset = value
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    tree = deep_merge(PRESETS[preset], file_tree)
+    for parts, value in ov:
+        _set_dotted(tree, parts, value)
+    tree["preset"] = preset
+    _check_unknown(tree, Config)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, description) for every leaf, in declaration order."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe(ann, prefix + name + ".")
+        else:
+            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            rows.append((prefix + name, tname, f.description or ""))
+    return rows
