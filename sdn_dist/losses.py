@@ -1,0 +1,68 @@
+"""The distillation maths: one function, used by both stages.
+
+    total, per_point = stage1_loss(teacher(real), student(text), cfg.stage1)
+    total, per_point = stage2_loss(teacher(real), teacher(student(text)["image"]), cfg.stage2)
+
+loss = sum over matched points X of w_X * mean |a_X - b_X|   (l2: mean (a_X - b_X)^2)
+with w_X = stageN.point_weights[X], default 1 (the paper: L1, all weights 1). A point whose weight
+is 0 is not computed. "fc7" joins when both sides carry it (model.distill_fc7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import StageConfig
+from .errors import ConfigError
+from .vgg import FC7, POINTS
+
+KNOWN_POINTS = POINTS + (FC7,)
+
+
+def check_point_weights(cfg: StageConfig, stage: str) -> None:
+    """Raise ConfigError naming ``<stage>.point_weights.<name>`` for an unknown point name."""
+    for name in cfg.point_weights:
+        if name not in KNOWN_POINTS:
+            raise ConfigError(f"unknown matched point '{stage}.point_weights.{name}' "
+                              f"(valid: {', '.join(KNOWN_POINTS)})")
+
+
+def distill_loss(target: dict[str, torch.Tensor], pred: dict[str, torch.Tensor], cfg: StageConfig,
+                 stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum over points of the mean L1 / L2 distance -> (total, {point: detached loss}).
+
+    ``target`` is the teacher on the real image (constant: detached here so no gradient can reach
+    the real-image branch); ``pred`` carries the gradient to the student. Per-point values are the
+    unweighted distances, for logging by level.
+    """
+    check_point_weights(cfg, stage)
+    dist = F.l1_loss if cfg.loss == "l1" else F.mse_loss
+    missing = [p for p in POINTS if p not in pred or p not in target]
+    if missing:
+        raise KeyError(f"{stage}: matched point(s) {missing} missing from the teacher or student output")
+    points = list(POINTS) + ([FC7] if FC7 in target and FC7 in pred else [])
+    total = None
+    per_point: dict[str, torch.Tensor] = {}
+    for p in points:
+        w = float(cfg.point_weights.get(p, 1.0))
+        if w == 0.0:
+            continue
+        d = dist(pred[p], target[p].detach())
+        per_point[p] = d.detach()
+        total = w * d if total is None else total + w * d
+    if total is None:  # every weight 0: a zero that still connects to the graph
+        total = pred["image"].sum() * 0.0
+    return total, per_point
+
+
+def stage1_loss(teacher_real: dict[str, torch.Tensor], student: dict[str, torch.Tensor],
+                cfg: StageConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Direct distillation: teacher activations of the real image vs the student's own tensors."""
+    return distill_loss(teacher_real, student, cfg, "stage1")
+
+
+def stage2_loss(teacher_real: dict[str, torch.Tensor], teacher_generated: dict[str, torch.Tensor],
+                cfg: StageConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Indirect distillation: teacher on the real image vs the teacher on the generated image."""
+    return distill_loss(teacher_real, teacher_generated, cfg, "stage2")

@@ -1,0 +1,291 @@
+"""Fast tier: teacher, student, losses, weights loading, teacher training, model table (CPU, seconds).
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_model.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from sdn_dist.config import PRESETS, StageConfig, load_config
+from sdn_dist.errors import ConfigError, WeightsError
+from sdn_dist.losses import stage1_loss, stage2_loss
+from sdn_dist.modelinfo import format_table, model_table
+from sdn_dist.student import Student
+from sdn_dist.teacher import TEACHER_FORMAT, Teacher, build_teacher, load_teacher_weights
+from sdn_dist.vgg import POINTS, point_shapes
+
+
+def _cfg(preset="debug", *overrides):
+    return load_config(preset, overrides=list(overrides))
+
+
+def _models(cfg, device="cpu", text_dim=None):
+    with torch.device(device):
+        student = Student(cfg.model, text_dim or cfg.text.dim)
+        teacher = build_teacher(cfg.model, cfg.teacher)
+    return student, teacher
+
+
+# ------------------------------------------------------------------------------- structure
+
+def test_points():
+    assert len(POINTS) == 22 and POINTS[0] == "image" and POINTS[-1] == "pool5"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_student_shapes_match_teacher(preset):
+    cfg = _cfg(preset)
+    # The paper size (143.8 M parameters) is checked on the meta device: shapes, no allocation.
+    device = "meta" if preset == "paper" else "cpu"
+    student, teacher = _models(cfg, device)
+    s = cfg.model.image_size
+    with torch.device(device):
+        g = student(torch.randn(2, cfg.text.dim))
+        t = teacher(torch.rand(2, 3, s, s))
+    shapes = point_shapes(cfg.model)
+    assert list(g) == list(t) == list(POINTS)
+    for p in POINTS:
+        assert tuple(g[p].shape) == tuple(t[p].shape) == (2, *shapes[p]), p
+    assert shapes["pool5"][1] == s // 32
+
+
+def test_paper_param_count():
+    cfg = _cfg("paper")
+    assert cfg.text.dim == 1024
+    with torch.device("meta"):
+        student = Student(cfg.model, 1024)
+    n = sum(p.numel() for p in student.parameters())
+    assert abs(n - 143.8e6) / 143.8e6 < 0.005, n
+    assert student.fc_pool5.weight.numel() + student.fc_pool5.bias.numel() == 4096 * 7 * 7 * 512 + 7 * 7 * 512
+    table = model_table(cfg)
+    assert table["totals"]["student_params"] == n
+    assert [r["point"] for r in table["rows"]] == list(POINTS)
+    assert all(r["teacher_shape"] == r["student_shape"] for r in table["rows"])
+    text = format_table(table)
+    assert "pool5" in text and f"{n:,}" in text
+    json.dumps(table)
+
+
+def test_student_options():
+    cfg = _cfg("debug", "model.noise_dim=5", "model.init=kaiming", "model.distill_fc7=true",
+               "model.pool=max")
+    student, teacher = _models(cfg)
+    g = student(torch.randn(3, cfg.text.dim))                     # noise drawn inside
+    g2 = student(torch.randn(3, cfg.text.dim), noise=torch.zeros(3, 5))
+    t = teacher(torch.rand(3, 3, 32, 32))
+    assert g["fc7"].shape == t["fc7"].shape == g2["fc7"].shape == (3, cfg.model.fc_dim)
+    assert isinstance(teacher.features[4], torch.nn.MaxPool2d)
+    assert isinstance(build_teacher(_cfg().model, _cfg().teacher).features[4], torch.nn.AvgPool2d)
+
+
+# ------------------------------------------------------------------------------- teacher
+
+def test_teacher_image_point_is_input_and_gradient_reaches_input():
+    cfg = _cfg()
+    teacher = build_teacher(cfg.model, cfg.teacher)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = teacher(x)
+    assert out["image"] is x
+    out["pool5"].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_frozen_through_stage2_steps():
+    cfg = _cfg()
+    torch.manual_seed(0)
+    student, teacher = _models(cfg)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    teacher.check_not_in(opt)
+    student.train()
+    teacher.train()                       # a trainer calling train() must not unfreeze it
+    assert not teacher.training and teacher.frozen
+    assert not any(p.requires_grad for p in teacher.parameters())
+    real = torch.rand(4, 3, 32, 32)
+    text = torch.randn(4, cfg.text.dim)
+    losses = []
+    for _ in range(3):
+        with torch.no_grad():
+            t_real = teacher(real)
+        t_gen = teacher(student(text)["image"])
+        loss, per_point = stage2_loss(t_real, t_gen, cfg.stage2)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in student.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert set(per_point) == set(POINTS)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in teacher.parameters())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not any(id(p) in teacher_ids for g in opt.param_groups for p in g["params"])
+    with pytest.raises(RuntimeError):
+        teacher.check_not_in(torch.optim.SGD(list(teacher.parameters()), lr=0.1))
+
+
+# ------------------------------------------------------------------------------- weights
+
+def test_torchvision_key_layout_at_width_1():
+    # The real vgg19 (with classifier) on the meta device: keys and shapes, no allocation.
+    with torch.device("meta"):
+        ref = torchvision.models.vgg19().state_dict()
+        ours = Teacher(_cfg("paper").model, num_classes=1000).state_dict()
+    assert list(ours) == list(ref)
+    assert all(ours[k].shape == ref[k].shape for k in ref)
+
+
+def test_real_torchvision_state_dict_loads(tmp_path):
+    # One real torchvision vgg19 state dict (trunk only: 80 MB) through the fsspec loader.
+    sd = {k: v for k, v in torchvision.models.vgg19().state_dict().items() if k.startswith("features.")}
+    path = tmp_path / "vgg19.pth"
+    torch.save(sd, path)
+    cfg = _cfg("debug", "model.width=1.0", f"teacher.weights=file://{path}")
+    teacher = build_teacher(cfg.model, cfg.teacher)
+    assert torch.equal(teacher.features[0].weight, sd["features.0.weight"])
+    assert torch.allclose(teacher.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+
+
+def _debug_weights(tmp_path, mutate=None, name="w.pt"):
+    cfg = _cfg()
+    sd = Teacher(cfg.model).state_dict()
+    if mutate:
+        mutate(sd)
+    path = tmp_path / name
+    torch.save(sd, path)
+    return cfg, str(path)
+
+
+def test_debug_width_state_dict_loads(tmp_path):
+    cfg, path = _debug_weights(tmp_path)
+    sd, meta = load_teacher_weights(path)
+    assert meta["format"] == "torchvision"
+    teacher = build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": path}))
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_missing_key_raises(tmp_path):
+    cfg, path = _debug_weights(tmp_path, lambda sd: sd.pop("features.10.weight"))
+    with pytest.raises(WeightsError, match=r"features\.10\.weight"):
+        build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": path}))
+
+
+def test_wrong_shape_raises(tmp_path):
+    def mutate(sd):
+        sd["features.2.weight"] = torch.zeros(5, 4, 3, 3)
+    cfg, path = _debug_weights(tmp_path, mutate)
+    with pytest.raises(WeightsError, match=r"features\.2\.weight.*\(5, 4, 3, 3\).*\(4, 4, 3, 3\)"):
+        build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": path}))
+
+
+def test_unexpected_features_key_raises(tmp_path):
+    def mutate(sd):
+        sd["features.1.running_mean"] = torch.zeros(4)
+    cfg, path = _debug_weights(tmp_path, mutate)
+    with pytest.raises(WeightsError, match=r"features\.1\.running_mean"):
+        build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": path}))
+
+
+def test_fc7_needs_classifier_keys(tmp_path):
+    cfg, path = _debug_weights(tmp_path)
+    cfg = _cfg("debug", "model.distill_fc7=true")
+    with pytest.raises(WeightsError, match="classifier"):
+        build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": path}))
+
+
+@pytest.mark.parametrize("content", [b"not a torch file at all \x00\x01", b""])
+def test_non_torch_file_raises(tmp_path, content):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match="junk.pt") as e:
+        load_teacher_weights(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_truncated_and_missing_files_raise(tmp_path):
+    cfg, path = _debug_weights(tmp_path)
+    data = open(path, "rb").read()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="trunc.pt"):
+        load_teacher_weights(str(trunc))
+    with pytest.raises(WeightsError, match="nope.pt"):
+        load_teacher_weights(str(tmp_path / "nope.pt"))
+
+
+# ------------------------------------------------------------------------------- losses
+
+def test_losses_zero_when_equal_positive_otherwise():
+    cfg = _cfg()
+    student, teacher = _models(cfg)
+    t = {k: v.detach() for k, v in teacher(torch.rand(2, 3, 32, 32)).items()}
+    for loss_name in ("l1", "l2"):
+        sc = StageConfig(loss=loss_name)
+        for fn in (stage1_loss, stage2_loss):
+            total, per = fn(t, {k: v.clone() for k, v in t.items()}, sc)
+            assert total.item() == 0.0 and set(per) == set(POINTS)
+        g = student(torch.randn(2, cfg.text.dim))
+        total, per = stage1_loss(t, g, sc)
+        assert total.item() > 0 and total.requires_grad
+        assert all(not v.requires_grad for v in per.values())
+        weighted, _ = stage1_loss(t, g, StageConfig(loss=loss_name, point_weights={"image": 3.0}))
+        assert torch.isclose(weighted, total + 2 * per["image"])
+
+
+def test_unknown_point_weight_names_key():
+    t = {p: torch.zeros(1) for p in POINTS}
+    with pytest.raises(ConfigError, match=r"stage2\.point_weights\.conv6_1"):
+        stage2_loss(t, t, StageConfig(point_weights={"conv6_1": 1.0}))
+
+
+# ------------------------------------------------------------------------------- teacher training
+
+def _fake_batches(n=60, size=32, batch=8):
+    """A stand-in for sdn_dist.data.pipeline.iter_batches: red squares on the left, blue on the
+    right; attributes colour/side, plus a float attribute that must not become a head."""
+    def gen(urls, *, image_size, batch_size, text_encoder=None, shuffle=True, seed=0, epochs=None, caption="random"):
+        assert image_size == size
+        g = torch.Generator().manual_seed(seed)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+            for s in range(0, n, batch_size):
+                idx = order[s:s + batch_size]
+                imgs, metas = [], []
+                for i in idx:
+                    colour, side = ("red", "blue")[i % 2], ("left", "right")[(i // 2) % 2]
+                    img = torch.zeros(3, size, size)
+                    c0 = 0 if side == "left" else size // 2
+                    img[0 if colour == "red" else 2, 4:-4, c0:c0 + size // 2] = 1.0
+                    imgs.append(img)
+                    metas.append({"attributes": {"colour": colour, "side": side, "x": 0.5}})
+                yield {"image": torch.stack(imgs), "text": None, "captions": [""] * len(idx),
+                       "meta": metas, "key": [f"s{i:05d}" for i in idx]}
+            epoch += 1
+    return gen
+
+
+def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
+    import sdn_dist.teacher_train as tt
+    monkeypatch.setattr(tt, "_batches", _fake_batches())
+    cfg = _cfg("debug", "teacher.train.steps=30", "teacher.train.lr=3e-3", "teacher.train.batch_size=16")
+    out = tmp_path / "sub" / "teacher.pt"
+    res = tt.train_teacher(cfg, "fake://shards", str(out), progress=False)
+    assert res["path"] == str(out) and out.exists()
+    assert set(res["accuracy"]) == {"colour", "side"} and res["heldout_samples"] > 0
+    assert not list(out.parent.glob("*.tmp-*"))
+    obj = torch.load(out, weights_only=True)
+    assert obj["format"] == TEACHER_FORMAT
+    assert obj["meta"]["heads"]["classes"] == {"colour": ["blue", "red"], "side": ["left", "right"]}
+    assert all(k.startswith("features.") for k in obj["state_dict"])
+    sd, meta = load_teacher_weights(str(out))
+    assert meta["width"] == cfg.model.width and meta["pool"] == "avg"
+    teacher = build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": str(out)}))
+    assert teacher.frozen and torch.equal(teacher.features[0].weight, sd["features.0.weight"])
