@@ -161,7 +161,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "debug": {
         "out": "runs/debug",
         "text": {"encoder": "hash", "dim": 32},
-        "model": {"image_size": 32, "width": 1 / 16, "fc_dim": 64},
+        "model": {"image_size": 32, "width": 1 / 16, "fc_dim": 64, "init": "kaiming"},
         "data": {"batch_size": 8, "shuffle_buffer": 16, "prefetch": 2},
         "teacher": {"train": {"steps": 30, "batch_size": 16}},
         "stage1": {"steps": 8, "lr": 1e-3},

@@ -1,0 +1,79 @@
+"""Run-directory I/O through fsspec, so `out` can be a local path, file://, s3:// ...
+
+Writes that a reader must never see half-done go through :func:`atomic_write`: local files are
+written beside the target and renamed (atomic on POSIX); object stores only show an object once
+its upload completes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+def url_to_fs(url: str):
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(url: str) -> bool:
+    return isinstance(url_to_fs(url)[0], LocalFileSystem)
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path of a URL, or None if it is remote."""
+    fs, path = url_to_fs(url)
+    return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_text(url: str) -> str:
+    with fsspec.open(url, "r") as f:
+        return f.read()
+
+
+def atomic_write(url: str, data: bytes | str) -> None:
+    if isinstance(data, str):
+        data = data.encode()
+    fs, path = url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def append_lines(url: str, lines: list[str]) -> None:
+    if not lines:
+        return
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        with open(path, "a") as f:
+            f.write("".join(l + "\n" for l in lines))
+    else:  # object stores cannot append: rewrite (metrics files stay small)
+        old = fs.cat_file(path).decode() if fs.exists(path) else ""
+        with fs.open(path, "w") as f:
+            f.write(old + "".join(l + "\n" for l in lines))

@@ -1,0 +1,52 @@
+"""PNG grids of generated vs real images, written to ``<out>/samples/`` during training.
+
+Row 1: images generated from fixed test captions; row 2: the real images those captions describe.
+The captions go beside the grid as ``step-NNNNNNNN.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from . import fsio
+
+
+def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes:
+    """[N,3,S,S] in [0,1] (and the paired reals) -> PNG bytes; generated on top, real below."""
+    rows = [generated.clamp(0, 1)] + ([real.clamp(0, 1)] if real is not None else [])
+    grid = make_grid(torch.cat(rows), nrow=generated.shape[0], padding=2, pad_value=1.0)
+    buf = io.BytesIO()
+    save_image(grid, buf, format="png")
+    return buf.getvalue()
+
+
+class SampleGrid:
+    def __init__(self, cfg, text_spec: dict, device):
+        from .data.pipeline import iter_batches
+        from .data.text import encoder_from_record
+        self.out = fsio.join(cfg.out, "samples")
+        self.device = device
+        urls = cfg.data.test or cfg.data.train
+        encoder = encoder_from_record(text_spec)
+        batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
+                                       text_encoder=encoder, shuffle=False, seed=cfg.seed, epochs=1,
+                                       caption="first")))
+        self.real = batch["image"]
+        self.text = torch.as_tensor(batch["text"]).float()
+        self.captions = batch["captions"]
+
+    @torch.no_grad()
+    def write(self, student, step: int, stage: int) -> str:
+        was_training = student.training
+        student.eval()
+        dtype = next(student.parameters()).dtype
+        gen = student(self.text.to(self.device, dtype))["image"].float().cpu()
+        student.train(was_training)
+        url = fsio.join(self.out, f"step-{step:08d}.png")
+        fsio.atomic_write(url, grid_png(gen, self.real))
+        fsio.atomic_write(url[:-4] + ".json", json.dumps({"step": step, "stage": stage, "captions": self.captions}))
+        return url

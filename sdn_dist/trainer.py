@@ -1,0 +1,212 @@
+"""The per-worker training loop: frozen teacher beside a DeepSpeed-wrapped student, two stages.
+
+Runs inside a Ray Train worker (``launch.py`` starts ``workers`` of them); reads top to bottom:
+build -> resume -> loop(step, log, checkpoint, sample, switch stage) -> export.
+The teacher is built here, outside the engine and every optimizer, and never saved as trainable state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import fsio
+from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .config import Config, StageConfig
+from .losses import stage1_loss, stage2_loss
+from .student import Student
+from .teacher import build_teacher
+
+
+def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
+    """The DeepSpeed JSON for one stage (a user JSON in deepspeed.config overrides keys)."""
+    ds = cfg.deepspeed
+    conf = {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        # torch_adam: torch's own Adam, no 2-minute JIT build of DeepSpeed's fused Adam on CPU.
+        "optimizer": {"type": "Adam", "params": {
+            "lr": stage.lr, "betas": list(stage.betas), "weight_decay": stage.weight_decay,
+            "torch_adam": True, "adam_w_mode": stage.weight_decay > 0}},
+        "zero_optimization": {"stage": ds.zero_stage},
+        "gradient_clipping": ds.grad_clip,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config:
+        from .config import deep_merge
+        conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
+    return conf
+
+
+def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
+    """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method says)."""
+    import deepspeed
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+    student = Student(cfg.model, text_dim).to(device)
+    engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
+                                           config=deepspeed_config(cfg, stage_cfg))
+    return engine
+
+
+def student_state_dict(engine, cfg: Config) -> dict:
+    """Full-precision student weights on every rank (ZeRO-3 gathers its partitions)."""
+    if cfg.deepspeed.zero_stage == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict()
+    return {k: v.detach().float().cpu().clone() for k, v in (sd or {}).items()}
+
+
+def _digest(state_dict: dict) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].numpy().tobytes())
+    return h.hexdigest()
+
+
+def train_worker(config: dict) -> None:
+    import ray.train
+
+    from .readers import DataFeed
+    from .samples import SampleGrid
+
+    cfg = Config.model_validate(config["cfg"])
+    coord = config["coordinator"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    attempt = int(os.environ.get("SDN_ATTEMPT", "0"))
+
+    torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
+    teacher = build_teacher(cfg.model, cfg.teacher).to(device)
+    ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank)
+    if rank == 0:
+        ckpt.clean_incomplete()
+    dist.barrier()
+    resume = ckpt.latest()
+
+    step = resume["step"] if resume else 0
+    switch_step = resume.get("switch_step", cfg.stage1.steps) if resume else cfg.stage1.steps
+    stage = 1 if step < switch_step else 2
+    end = switch_step + cfg.stage2.steps
+    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    engine = build_engine(cfg, stage_cfg, config["text_dim"], device)
+    if resume:
+        # A checkpoint taken in stage 1 but loaded for stage 2 (the switch) brings weights only.
+        state = ckpt.load(engine, resume["tag"], module_only=resume["stage"] != stage)
+        set_rng_state(state.get("tensors", {}).get("rng"))
+        if rank == 0:
+            coord.event.remote(f"resumed from {resume['tag']} in stage {stage} (attempt {attempt})")
+
+    spec = dict(config["data_spec"], rank=rank, world_size=world, micro_batch=cfg.micro_batch)
+    per_step = cfg.micro_batch * cfg.deepspeed.grad_accum   # samples this rank consumes per step
+    feed = DataFeed(spec, start_sample=step * per_step, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
+    grid = SampleGrid(cfg, config["text_spec"], device) if rank == 0 else None
+    dtype = next(engine.module.parameters()).dtype
+
+    last_saved = resume["step"] if resume else -1
+
+    def save(tag_step: int) -> None:
+        nonlocal last_saved
+        if tag_step == last_saved:
+            return
+        last_saved = tag_step
+        ckpt.save(engine, tag_step, {"stage": stage, "switch_step": switch_step, "data_samples": tag_step * per_step,
+                                     "attempt": attempt, "world_size": world},
+                  {"rng": rng_state()})
+        if rank == 0:
+            coord.event.remote(f"checkpoint step {tag_step} saved in {ckpt.last_save_seconds:.2f}s")
+            coord.report.remote([{"event": "checkpoint", "step": tag_step, "stage": stage, "rank": 0,
+                                  "checkpoint_seconds": ckpt.last_save_seconds, "time": time.time()}])
+
+    window_t, window_n, wait0 = time.time(), 0, feed.wait_seconds
+    pending: list[dict] = []
+    while step < end:
+        if stage == 1 and step >= switch_step:
+            # The switch: stage-1 checkpoint, then the same weights under a fresh optimizer.
+            save(step)
+            stage, stage_cfg = 2, cfg.stage2
+            tag = ckpt.latest()["tag"]
+            engine = build_engine(cfg, stage_cfg, config["text_dim"], device)
+            ckpt.load(engine, tag, module_only=True)
+            if rank == 0:
+                coord.event.remote(f"switched to stage 2 at step {step}")
+
+        engine.train()
+        parts_sum: dict[str, float] = {}
+        loss_sum = 0.0
+        for _ in range(cfg.deepspeed.grad_accum):
+            b = feed.next()
+            if not b["captions"]:
+                # Every sample of this micro-batch was skipped as bad: still take part in the
+                # gradient all-reduce (with zero gradients) so the ranks stay in step.
+                out = engine(torch.zeros(1, config["text_dim"], device=device, dtype=dtype))
+                engine.backward(sum(v.float().sum() for v in out.values()) * 0.0)
+                engine.step()
+                continue
+            real = torch.from_numpy(b["image"]).to(device)
+            text = torch.from_numpy(b["text"]).to(device, dtype)
+            with torch.no_grad():
+                t_real = teacher(real)
+            out = engine(text)
+            if stage == 1:
+                loss, parts = stage1_loss(t_real, {k: v.float() for k, v in out.items()}, cfg.stage1)
+            else:
+                t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
+                loss, parts = stage2_loss(t_real, t_gen, cfg.stage2)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach()) / cfg.deepspeed.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.deepspeed.grad_accum
+            window_n += len(b["captions"])
+        step += 1
+
+        if step % cfg.metrics.log_every == 0 or step == end or step == switch_step:
+            dt = time.time() - window_t
+            rec = {"step": step, "stage": stage, "rank": rank, "attempt": attempt, "pid": os.getpid(), "loss": loss_sum,
+                   "samples_per_sec": window_n * world / max(dt, 1e-9),
+                   "data_wait_seconds": feed.wait_seconds - wait0, "step_seconds": dt / max(1, cfg.metrics.log_every),
+                   "samples": step * per_step * world, "skipped": feed.skipped, "time": time.time(),
+                   **{f"loss/{k}": v for k, v in parts_sum.items()}}
+            pending.append(rec)
+            ref = coord.report.remote(pending)
+            new_switch = ray.get(ref) if rank == 0 and cfg.stage1.plateau.patience else None
+            pending = []
+            if cfg.stage1.plateau.patience and stage == 1:
+                t = torch.tensor([new_switch if rank == 0 else 0], dtype=torch.long)
+                dist.broadcast(t, src=0)   # all ranks switch at the same step
+                if int(t) != switch_step:
+                    switch_step = max(int(t), step)
+                    end = switch_step + cfg.stage2.steps
+            window_t, window_n, wait0 = time.time(), 0, feed.wait_seconds
+
+        if grid is not None and cfg.samples.every and step % cfg.samples.every == 0:
+            grid.write(engine.module, step, stage)
+        if step % cfg.checkpoint.every == 0 or step == end or (stage == 1 and step == switch_step):
+            save(step)
+        if stage == 1 and step == switch_step and grid is not None:
+            grid.write(engine.module, step, stage)
+
+    if grid is not None:
+        grid.write(engine.module, step, stage)
+    sd = student_state_dict(engine, cfg)
+    # Data parallelism check made visible: every rank reports a digest of its final weights.
+    coord.report.remote([{"event": "final", "rank": rank, "step": step, "stage": stage, "pid": os.getpid(),
+                          "param_sha256": _digest(sd), "skipped": feed.skipped}])
+    if rank == 0:
+        from .export import export_student
+        export_student(cfg, sd, config["text_spec"], step)
+    feed.close()
+    dist.barrier()
