@@ -118,6 +118,7 @@ class Checkpointer:
             dst = os.path.join(load_dir, tag)
             shutil.rmtree(dst, ignore_errors=True)
             self.fs.get(f"{self.path}/{tag}", dst, recursive=True)
+        verify_safe(os.path.join(load_dir, tag))
         path, client = engine.load_checkpoint(
             load_dir, tag=tag, load_module_only=module_only,
             load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
@@ -125,6 +126,37 @@ class Checkpointer:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
         client = client or {}
         return dict(client.get("sdn", {}), tensors=client.get("sdn_tensors", {}))
+
+
+def _deepspeed_safe_globals() -> list:
+    """The few DeepSpeed classes its ZeRO checkpoints pickle besides tensors and plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_safe(directory: str) -> None:
+    """DeepSpeed loads checkpoints with ``weights_only=False``, which would run any code a hostile
+    file carries. Every file is first opened with torch's restricted unpickler (tensors, plain data
+    and the allow-listed DeepSpeed classes only); anything else is refused before DeepSpeed sees it."""
+    import pickle
+    allowed = _deepspeed_safe_globals()
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".pt"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            try:
+                allowed_names = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+                bad = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed_names]
+                why = f"it references {', '.join(bad[:3])}" if bad else type(e).__name__
+            except Exception:  # noqa: BLE001 - not even a torch file: say so
+                why = "not a readable torch file"
+            raise UserError(f"refusing checkpoint file {path}: {why} (only tensors and plain data are loaded)") from None
 
 
 def rng_state() -> dict:

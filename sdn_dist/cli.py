@@ -65,10 +65,19 @@ def cmd_teacher_train(args) -> int:
     return 0
 
 
+def _embedder(name: str | None):
+    """--embed NAME: store caption embeddings of this encoder in the shards (KEY.emb.npy)."""
+    if not name or name == "none":
+        return None
+    from .config import TextConfig
+    from .data.text import build_text_encoder
+    return build_text_encoder(TextConfig(encoder=name, dim=384 if name == "minilm" else 32))
+
+
 def cmd_shards_synth(args) -> int:
     from .data.synth import write_synth
     res = write_synth(out=args.out, train=args.train, test=args.test, size=args.size,
-                      per_shard=args.per_shard, seed=args.seed)
+                      per_shard=args.per_shard, seed=args.seed, embed=_embedder(args.embed))
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
     return 0
 
@@ -76,7 +85,8 @@ def cmd_shards_synth(args) -> int:
 def cmd_shards_convert_folder(args) -> int:
     from .data.convert import convert_folder
     res = convert_folder(images=args.images, captions=args.captions, out=args.out,
-                         test_fraction=args.test_fraction, per_shard=args.per_shard, seed=args.seed)
+                         test_fraction=args.test_fraction, per_shard=args.per_shard, seed=args.seed,
+                         embed=_embedder(args.embed))
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
     return 0
 
@@ -84,7 +94,7 @@ def cmd_shards_convert_folder(args) -> int:
 def cmd_shards_convert_stackgan(args) -> int:
     from .data.convert import convert_stackgan
     res = convert_stackgan(kind=args.kind, root=args.root, out=args.out, images=args.images,
-                           per_shard=args.per_shard)
+                           per_shard=args.per_shard, seed=args.seed, embeddings=not args.no_embeddings)
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
     return 0
 
@@ -151,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=64, help="image side in pixels")
     q.add_argument("--per-shard", type=int, default=500, help="samples per tar")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--embed", choices=["none", "minilm", "hash"], default="none",
+                   help="also store each caption's embedding (KEY.emb.npy) so training need not encode text")
     q.set_defaults(fn=cmd_shards_synth)
     q = ss.add_parser("convert", help="convert an existing data set to shards")
     cs = q.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
@@ -161,13 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--test-fraction", type=float, default=0.1)
     r.add_argument("--per-shard", type=int, default=1000)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--embed", choices=["none", "minilm", "hash"], default="none",
+                   help="also store each caption's embedding (KEY.emb.npy)")
     r.set_defaults(fn=cmd_shards_convert_folder)
     for kind in ("cub", "flowers"):
         r = cs.add_parser(kind, help=f"StackGAN-layout {'CUB-200-2011' if kind == 'cub' else 'Oxford-102'} (reads its Python-2 pickles)")
         r.add_argument("--root", required=True, help="StackGAN data dir (train/, test/, text_c10/)")
-        r.add_argument("--images", default=None, help="image directory (default: ROOT/images)")
+        r.add_argument("--images", default=None, help="image directory (default: the first of ROOT/CUB_200_2011/images, "
+                                                      "ROOT/images, ROOT/jpg that exists)")
         r.add_argument("--out", required=True)
         r.add_argument("--per-shard", type=int, default=1000)
+        r.add_argument("--seed", type=int, default=0)
+        r.add_argument("--no-embeddings", action="store_true",
+                       help="ignore char-CNN-RNN-embeddings.pickle (no KEY.emb.npy)")
         r.set_defaults(fn=cmd_shards_convert_stackgan, kind=kind)
     q = ss.add_parser("inspect", help="sample count, keys, example caption")
     q.add_argument("url")

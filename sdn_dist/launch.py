@@ -89,7 +89,9 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     cfg = resolve_config(cfg)
     data_spec, text_spec, text_dim = _data_spec(cfg)
     prepare_run_dir(cfg)
-    attempt = int(os.environ.get("SDN_ATTEMPT", "0"))
+    # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
+    # events and names Ray Train's own run state, so retries never overwrite each other's.
+    attempt = os.environ.get("SDN_ATTEMPT") or time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     init_ray(cfg, quiet=progress)
     sink = MetricsSink(cfg.out, cfg.metrics, cfg.run_id, attempt)
     coord = Coordinator.remote(cfg.stage1.steps, cfg.stage1.plateau.patience, cfg.stage1.plateau.min_delta)
@@ -98,13 +100,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coord, "data_spec": data_spec,
-                           "text_spec": text_spec, "text_dim": text_dim},
+                           "text_spec": text_spec, "text_dim": text_dim, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
-        run_config=RunConfig(name=f"{cfg.run_id}-attempt{attempt}", storage_path=storage,
+        run_config=RunConfig(name=f"{cfg.run_id}-{attempt}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.threads_per_worker),
-                                                              "SDN_ATTEMPT": str(attempt)}}),
+                                                              "SDN_ATTEMPT": attempt}}),
     )
     outcome: dict = {}
 

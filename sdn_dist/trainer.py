@@ -86,7 +86,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    attempt = int(os.environ.get("SDN_ATTEMPT", "0"))
+    attempt = config["attempt"]
 
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
     teacher = build_teacher(cfg.model, cfg.teacher).to(device)

@@ -1,0 +1,498 @@
+"""Deterministic, resumable, exactly-once reading of caption shards into micro-batches.
+
+    from sdn_dist.data.pipeline import iter_batches
+    for batch in iter_batches("shards/synth/train-{000000..000003}.tar", image_size=64,
+                              batch_size=16, text_encoder=enc, epochs=1):
+        batch["image"]   # float [B,3,S,S] in [0,1]
+
+The design the trainer relies on:
+
+* :func:`plan_epoch` is pure: from the shard sample counts, the epoch, the seed and the world size
+  it gives every rank its list of ``(shard_index, start, stop)`` sample ranges. Shards are permuted
+  per epoch; the concatenated sample sequence is cut into ``world_size`` contiguous parts whose
+  sizes differ by at most one, and which ranks get the +1 rotates with the epoch so that no rank
+  ever gets more than one sample ahead of another over any number of epochs.
+* :class:`RankStream` is one rank's infinite sample sequence over epochs 0, 1, 2, ...: each epoch's
+  ranges in order, each range optionally shuffled by a seeded shuffle buffer. A *position* in the
+  stream counts samples as they sit in the tars, good or bad, so positions never depend on decoding.
+* ``RankStream.iter_samples(start_sample, worker, num_workers, batch_size)`` resumes at an absolute
+  position (skipped shards are not opened, and the skipped part of a shard is not decoded). Micro-
+  batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)``; loader worker ``w`` of ``n`` yields
+  the batches with ``i % n == w``, so a torch DataLoader (round-robin over workers) returns them in
+  exactly the single-process order. Resume offset after ``k`` micro-batches: ``start + k*B``.
+* Bad samples are skipped and counted by reason (:class:`SkipCounter`), so a batch can be short,
+  even empty; its ``index`` and the positions of every later batch are unaffected.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+from .shards import expand_urls, iter_shard, shard_counts
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
+EMB_EXT = "emb.npy"
+
+# Reasons a sample is skipped: the label values of sdn_data_samples_skipped_total{reason}.
+SKIP_REASONS = (
+    "missing_image",      # no KEY.png / KEY.jpg ...
+    "not_image",          # image member whose bytes are not an image format PIL knows
+    "bad_image",          # an image that does not decode (truncated, corrupt)
+    "missing_caption",    # no KEY.txt
+    "empty_caption",      # KEY.txt with no non-blank line
+    "bad_caption",        # KEY.txt not UTF-8 or binary
+    "bad_meta",           # KEY.json not a JSON object
+    "missing_embedding",  # text.encoder=precomputed and no KEY.emb.npy
+    "bad_embedding",      # not a plain .npy (pickles refused), wrong shape / rows / dim
+    "nan_embedding",      # NaN or inf in the embedding row
+)
+
+
+class SkipCounter(collections.Counter):
+    """Skipped samples by reason (a dict reason -> count). Export with ``as_dict()``."""
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self[reason] += n
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: int(v) for k, v in sorted(self.items()) if v}
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.values()))
+
+
+def seed_int(*parts: Any) -> int:
+    """A stable 63-bit seed from any printable parts (the same in every process and Python run,
+    unlike ``hash()``)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning (pure)
+# ----------------------------------------------------------------------------------------------
+
+def _epoch_sizes(total: int, epoch: int, world_size: int) -> list[int]:
+    base, rem = divmod(total, world_size)
+    # The +1s go to the next `rem` ranks after the previous epoch's, cyclically: over any span of
+    # epochs every rank's total is within one of every other's.
+    first = (epoch * rem) % world_size
+    return [base + (1 if (r - first) % world_size < rem else 0) for r in range(world_size)]
+
+
+def shard_order(n_shards: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
+    order = list(range(n_shards))
+    if shuffle:
+        random.Random(seed_int(seed, "shards", epoch)).shuffle(order)
+    return order
+
+
+def plan_epoch(counts: Sequence[int], epoch: int, seed: int, world_size: int,
+               shuffle: bool) -> list[list[tuple[int, int, int]]]:
+    """Per rank, the ``(shard_index, start, stop)`` sample ranges it reads in ``epoch``.
+
+    Shards are visited in a per-epoch permutation (seeded by ``(seed, epoch)``; identity when
+    ``shuffle`` is False); the concatenated samples are split into ``world_size`` contiguous parts
+    of sizes ``total // world_size`` or one more. Every sample appears in exactly one range.
+    """
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    sizes = _epoch_sizes(int(sum(counts)), epoch, world_size)
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(world_size)]
+    rank, left = 0, sizes[0]
+    for k in shard_order(len(counts), epoch, seed, shuffle):
+        pos, n = 0, int(counts[k])
+        while pos < n:
+            while left == 0:
+                rank += 1
+                left = sizes[rank]
+            take = min(left, n - pos)
+            plan[rank].append((k, pos, pos + take))
+            pos += take
+            left -= take
+    return plan
+
+
+def buffer_order(n: int, buffer: int, rng: random.Random) -> list[int]:
+    """The output order of a shuffle buffer of ``buffer`` items over inputs 0..n-1 (webdataset's
+    algorithm run on indices). Output j never needs an input later than j + buffer - 1, so
+    reading sequentially holds at most ~``buffer`` samples."""
+    out, buf = [], []
+    for i in range(n):
+        buf.append(i)
+        if len(buf) >= buffer:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            out.append(buf.pop())
+    rng.shuffle(buf)
+    return out + buf
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+class _Skip(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> uint8 [size, size, 3] RGB (alpha composited on white, antialiased resize of
+    the whole image, no crop). Raises _Skip('not_image' | 'bad_image')."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise _Skip("not_image", "not a recognised image format") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on hostile input
+        raise _Skip("bad_image", f"{type(e).__name__}: {e}") from None
+    try:
+        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much cheaper
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale -> 8-bit
+            a = np.asarray(img, dtype=np.float32)
+            a = a / 257.0 if a.max(initial=0) > 255 else a
+            img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001
+        raise _Skip("bad_image", f"{type(e).__name__}: {e}") from None
+
+
+def decode_captions(data: bytes) -> list[str]:
+    """KEY.txt bytes -> non-blank stripped lines. Raises _Skip('bad_caption' | 'empty_caption')."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Skip("bad_caption", "not UTF-8") from None
+    if "\0" in text or sum(1 for c in text if ord(c) < 32 and c not in "\t\r\n") > len(text) // 10:
+        raise _Skip("bad_caption", "binary data")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise _Skip("empty_caption", "no caption line")
+    return lines
+
+
+def decode_embedding(data: bytes, n_captions: int, dim: int) -> np.ndarray:
+    """KEY.emb.npy bytes -> float32 [n_captions, dim]; never unpickles."""
+    try:
+        emb = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise _Skip("bad_embedding", f"not a plain .npy array ({type(e).__name__})") from None
+    if emb.ndim == 1:
+        emb = emb[None]
+    if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] != n_captions or emb.dtype.kind not in "fiu":
+        raise _Skip("bad_embedding", f"shape {emb.shape} {emb.dtype}, expected ({n_captions}, {dim}) floats")
+    return emb.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The rank stream
+# ----------------------------------------------------------------------------------------------
+
+class RankStream:
+    """One rank's infinite, deterministic sample stream (see the module docstring).
+
+    Args:
+        urls, counts: the shards and their sample counts (``shard_counts(urls)``), same order.
+        rank, world_size: this rank among the data-parallel trainers.
+        seed, shuffle: shard permutation, shuffle buffer and caption choice seeds.
+        image_size: output side in pixels.
+        text_encoder: a :class:`~sdn_dist.data.text.TextEncoder` (``precomputed`` reads KEY.emb.npy)
+            or None (batches carry ``text=None``).
+        caption: "random" (seeded by (seed, epoch, key): same choice on every rerun) or "first".
+        shuffle_buffer: samples in the within-range shuffle buffer (1 = no shuffle within shards).
+        strict: a bad sample raises DataError naming shard and key instead of being skipped.
+        skips: the SkipCounter to add skips to (default: a new one, ``self.skips``).
+    """
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int], rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, *,
+                 image_size: int = 64, text_encoder=None, caption: str = "random",
+                 shuffle_buffer: int = 64, strict: bool = False, skips: SkipCounter | None = None):
+        if len(urls) != len(counts):
+            raise ValueError(f"{len(urls)} urls but {len(counts)} counts")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if caption not in ("random", "first"):
+            raise ValueError(f"caption must be 'random' or 'first', got {caption!r}")
+        self.urls, self.counts = list(urls), [int(c) for c in counts]
+        self.total = sum(self.counts)
+        if self.total == 0:
+            raise DataError(f"no samples in {len(self.urls)} shard(s) ({', '.join(self.urls[:3])}...)")
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.image_size, self.text_encoder, self.caption = image_size, text_encoder, caption
+        self.shuffle_buffer, self.strict = max(1, shuffle_buffer), strict
+        self.skips = skips if skips is not None else SkipCounter()
+        self._use_emb = bool(getattr(text_encoder, "precomputed", False))
+        self._plan_cache: tuple[int, list] | None = None
+
+    # -- positions ------------------------------------------------------------------------------
+    def epoch_length(self, epoch: int) -> int:
+        """Samples this rank reads in ``epoch``."""
+        return _epoch_sizes(self.total, epoch, self.world_size)[self.rank]
+
+    def _cycle(self) -> tuple[int, int]:
+        # Epoch lengths repeat with period world_size; one period holds this many samples.
+        return self.world_size, sum(self.epoch_length(e) for e in range(self.world_size))
+
+    def epoch_start(self, epoch: int) -> int:
+        """Absolute stream position of ``epoch``'s first sample."""
+        period, per = self._cycle()
+        q, r = divmod(epoch, period)
+        return q * per + sum(self.epoch_length(q * period + e) for e in range(r))
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """Absolute position -> (epoch, offset within that epoch)."""
+        period, per = self._cycle()
+        q = position // per
+        epoch, pos = q * period, position - q * per
+        while pos >= self.epoch_length(epoch):
+            pos -= self.epoch_length(epoch)
+            epoch += 1
+        return epoch, pos
+
+    def ranges(self, epoch: int) -> list[tuple[int, int, int]]:
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            plan = plan_epoch(self.counts, epoch, self.seed, self.world_size, self.shuffle)
+            self._plan_cache = (epoch, plan[self.rank])
+        return self._plan_cache[1]
+
+    # -- reading --------------------------------------------------------------------------------
+    def _range_order(self, epoch: int, ri: int, n: int) -> list[int]:
+        if not self.shuffle or self.shuffle_buffer <= 1:
+            return list(range(n))
+        rng = random.Random(seed_int(self.seed, "buffer", epoch, self.rank, ri))
+        return buffer_order(n, self.shuffle_buffer, rng)
+
+    def iter_raw(self, start: int = 0, stop: int | None = None,
+                 want=None) -> Iterator[tuple[int, int, dict]]:
+        """``(position, epoch, raw webdataset sample)`` for the positions in [start, stop) with
+        ``want(position)`` (default all), in stream order; nothing else is decoded."""
+        epoch, _ = self.locate(start)
+        while stop is None or self.epoch_start(epoch) < stop:
+            base = self.epoch_start(epoch)
+            for ri, (k, a, b) in enumerate(self.ranges(epoch)):
+                n = b - a
+                lo, hi = max(0, start - base), n if stop is None else min(n, stop - base)
+                if lo < hi:
+                    yield from self._iter_range(epoch, ri, k, a, n, base, lo, hi, want)
+                base += n
+                if stop is not None and base >= stop:
+                    return
+            epoch += 1
+
+    def _iter_range(self, epoch, ri, k, a, n, base, lo, hi, want):
+        order = self._range_order(epoch, ri, n)
+        need = [j for j in range(lo, hi) if want is None or want(base + j)]
+        if not need:
+            return
+        inputs = {order[j] for j in need}
+        held: dict[int, dict] = {}
+        it = iter(need)
+        j = next(it)
+        for idx, raw in iter_shard(self.urls[k], a + min(inputs), a + max(inputs) + 1,
+                                   want=lambda i: (i - a) in inputs):
+            if raw is None:
+                continue
+            held[idx - a] = raw
+            while j is not None and order[j] in held:
+                yield base + j, epoch, held.pop(order[j])
+                j = next(it, None)
+
+    def iter_samples(self, start_sample: int = 0, worker: int = 0, num_workers: int = 1,
+                     batch_size: int = 1, stop_sample: int | None = None) -> Iterator[dict]:
+        """Micro-batches of this rank's stream from absolute position ``start_sample``.
+
+        Batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)`` (clipped at ``stop_sample``);
+        this call yields only the batches with ``i % num_workers == worker``. Each batch is a dict:
+        ``image`` float [b,3,S,S] in [0,1]; ``text`` float [b,D] or None; ``captions`` list[str];
+        ``meta`` list[dict]; ``key`` list[str]; ``epoch`` list[int]; ``index`` (the absolute position
+        of the batch's first slot); ``size`` (positions covered, = B except at ``stop_sample``);
+        ``skipped`` {reason: n} for the bad samples in this batch's positions. ``b`` <= B when
+        samples were skipped (b may be 0).
+        """
+        if batch_size < 1 or not 0 <= worker < num_workers:
+            raise ValueError("need batch_size >= 1 and 0 <= worker < num_workers")
+        start, bs, nw = int(start_sample), int(batch_size), int(num_workers)
+
+        def want(p: int) -> bool:
+            return ((p - start) // bs) % nw == worker
+
+        cur, items, skipped, bad_streak = None, [], SkipCounter(), 0
+        for pos, epoch, raw in self.iter_raw(start, stop_sample, want):
+            i = (pos - start) // bs
+            if cur is not None and i != cur:
+                yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
+                items, skipped = [], SkipCounter()
+            cur = i
+            s = self._decode(raw, epoch, skipped)
+            if s is not None:
+                items.append(s)
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                # An endless stream of nothing but bad samples would spin forever: fail instead.
+                if bad_streak >= max(self.total, 1000):
+                    raise DataError(f"no usable sample in the last {bad_streak} read from "
+                                    f"{self.urls[0]} ... ({len(self.urls)} shards); skipped so far: "
+                                    f"{self.skips.as_dict()}")
+        if cur is not None:
+            yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
+
+    def _decode(self, raw: dict, epoch: int, skipped: SkipCounter) -> dict | None:
+        try:
+            img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+            if img_ext is None:
+                raise _Skip("missing_image", "no image member")
+            if "txt" not in raw:
+                raise _Skip("missing_caption", "no .txt member")
+            captions = decode_captions(raw["txt"])
+            meta: Any = {}
+            if "json" in raw:
+                try:
+                    meta = json.loads(raw["json"])
+                except ValueError:
+                    meta = None
+                if not isinstance(meta, dict):
+                    raise _Skip("bad_meta", "KEY.json is not a JSON object")
+            key = raw["__key__"]
+            c = 0 if self.caption == "first" else seed_int(self.seed, "caption", epoch, key) % len(captions)
+            emb = None
+            if self._use_emb:
+                if EMB_EXT not in raw:
+                    raise _Skip("missing_embedding", "no .emb.npy member")
+                emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
+                if not np.isfinite(emb).all():
+                    raise _Skip("nan_embedding", "NaN or inf in the embedding")
+            elif EMB_EXT in raw and self._stored_rows_match(meta.get("emb_encoder")):
+                # Rows this very encoder computed when the shard was written: no need to encode.
+                try:
+                    emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
+                except _Skip:
+                    emb = None
+                if emb is not None and not np.isfinite(emb).all():
+                    emb = None
+            image = decode_image(raw[img_ext], self.image_size)
+        except _Skip as s:
+            if self.strict:
+                raise DataError(f"shard {raw['__url__']} sample {raw['__key__']}: {s.reason} "
+                                f"({s.detail})") from None
+            self.skips.add(s.reason)
+            skipped.add(s.reason)
+            return None
+        return {"image": image, "caption": captions[c], "emb": emb, "meta": meta,
+                "key": key, "epoch": epoch}
+
+    def _stored_rows_match(self, record) -> bool:
+        matches = getattr(self.text_encoder, "matches", None)
+        return matches is not None and record is not None and matches(record)
+
+    def _collate(self, index: int, bs: int, items: list[dict], skipped: SkipCounter,
+                 stop: int | None) -> dict:
+        s = self.image_size
+        if items:
+            image = torch.from_numpy(np.stack([it["image"] for it in items]))
+            image = image.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # [b,S,S,3] -> [b,3,S,S]
+        else:
+            image = torch.zeros(0, 3, s, s)
+        captions = [it["caption"] for it in items]
+        text = None
+        if self.text_encoder is not None:
+            arr = np.zeros((len(items), self.text_encoder.dim), np.float32)
+            todo = [i for i, it in enumerate(items) if it["emb"] is None]
+            for i, it in enumerate(items):
+                if it["emb"] is not None:
+                    arr[i] = it["emb"]
+            if todo:  # never for precomputed: those samples were skipped without a row
+                arr[todo] = self.text_encoder.encode([captions[i] for i in todo])
+            text = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return {
+            "image": image, "text": text, "captions": captions,
+            "meta": [it["meta"] for it in items], "key": [it["key"] for it in items],
+            "epoch": [it["epoch"] for it in items], "index": index,
+            "size": bs if stop is None else max(0, min(bs, stop - index)),
+            "skipped": skipped.as_dict(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch and convenience wrappers
+# ----------------------------------------------------------------------------------------------
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """A RankStream as a torch IterableDataset yielding whole micro-batches.
+
+    Use with ``DataLoader(ds, batch_size=None, num_workers=n)`` (or :func:`make_loader`): worker w
+    yields batches i with i % n == w and the loader's round-robin puts them back in stream order.
+    Skips happen in the worker processes: aggregate each batch's ``skipped`` in the consumer.
+    """
+
+    def __init__(self, stream: RankStream, start_sample: int = 0, batch_size: int = 1,
+                 stop_sample: int | None = None):
+        super().__init__()
+        self.stream, self.start, self.batch_size, self.stop = stream, start_sample, batch_size, stop_sample
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.stream.iter_samples(self.start, w, n, self.batch_size, self.stop)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # on small machines every loader thread is a core the trainer loses
+
+
+def make_loader(stream: RankStream, *, start_sample: int = 0, batch_size: int,
+                num_workers: int = 0, stop_sample: int | None = None, prefetch: int = 2):
+    """A torch DataLoader over a RankStream; batches come back in exact stream order."""
+    ds = ShardDataset(stream, start_sample, batch_size, stop_sample)
+    kw = dict(prefetch_factor=prefetch, worker_init_fn=_worker_init) if num_workers else {}
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+
+
+def build_rank_stream(data_cfg, *, split: str = "train", image_size: int, rank: int = 0,
+                      world_size: int = 1, seed: int = 0, text_encoder=None,
+                      counts: Sequence[int] | None = None, skips: SkipCounter | None = None) -> RankStream:
+    """The RankStream for ``data_cfg.train`` (or ``.test``) with the config's shuffle, buffer,
+    caption and strict settings. Pass ``counts`` when they were computed once for all ranks."""
+    url = getattr(data_cfg, split)
+    urls = expand_urls(url)
+    counts = list(counts) if counts is not None else shard_counts(urls)
+    return RankStream(urls, counts, rank, world_size, seed, data_cfg.shuffle,
+                      image_size=image_size, text_encoder=text_encoder, caption=data_cfg.caption,
+                      shuffle_buffer=data_cfg.shuffle_buffer, strict=data_cfg.strict, skips=skips)
+
+
+def iter_batches(urls, *, image_size: int, batch_size: int, text_encoder=None, shuffle: bool = True,
+                 seed: int = 0, epochs: int | None = None, caption: str = "random", rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 64, strict: bool = False,
+                 skips: SkipCounter | None = None) -> Iterator[dict]:
+    """Micro-batches (the dict of :meth:`RankStream.iter_samples`) in one process.
+
+    ``epochs=None`` never ends; ``epochs=k`` stops after k epochs of this rank (the last batch may
+    be short). ``shuffle=False, epochs=1`` reads every sample once, in shard order (eval).
+    """
+    shard_list = expand_urls(urls)
+    stream = RankStream(shard_list, shard_counts(shard_list), rank, world_size, seed, shuffle,
+                        image_size=image_size, text_encoder=text_encoder, caption=caption,
+                        shuffle_buffer=shuffle_buffer, strict=strict, skips=skips)
+    stop = None if epochs is None else stream.epoch_start(epochs)
+    yield from stream.iter_samples(0, 0, 1, batch_size, stop)

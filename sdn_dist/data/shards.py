@@ -1,0 +1,403 @@
+"""Shard URLs, opening through fsspec, in-memory tar iteration, counting and inspection.
+
+    from sdn_dist.data.shards import expand_urls, shard_counts, inspect_shards
+    urls = expand_urls("shards/synth/train-{000000..000003}.tar")
+    counts = shard_counts(urls)          # tar headers only, no data read for local shards
+
+Shards follow the WebDataset / img2dataset convention: consecutive tar members that share a key
+(``KEY.png``, ``KEY.txt``, ``KEY.json``, ``KEY.emb.npy``) form one sample; the key is everything
+before the first dot of the file name (webdataset's ``base_plus_ext``). Members are only ever read
+into memory: nothing is extracted, so a member called ``../../etc/x`` is just a strange key.
+
+URLs are opened through fsspec, so local paths, ``file://``, ``http(s)://`` and ``s3://`` all work
+(webdataset 1.0.2 alone opens local files or shells out to curl; :func:`register_fsspec_gopen`
+points its ``gopen`` at fsspec too, for code that uses ``wds.WebDataset`` directly).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob as _glob
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import fsspec
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
+
+from ..errors import DataError
+
+# A member larger than this is refused rather than read into memory (a shard sample is an image,
+# a caption and a little metadata; gigabytes mean a broken or hostile shard).
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+_REMOTE_TIMEOUT_S = 60  # connect / read timeout for http(s): a stalled server fails, never hangs
+_GLOB_CHARS = "*?["
+_TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+
+
+# ----------------------------------------------------------------------------------------------
+# URLs
+# ----------------------------------------------------------------------------------------------
+
+def split_protocol(url: str) -> tuple[str | None, str]:
+    """'s3://b/k' -> ('s3', 'b/k'); 'file:///x' -> (None, '/x'); '/x' -> (None, '/x')."""
+    if "://" in url:
+        proto, rest = url.split("://", 1)
+        proto = proto.lower()
+        if proto == "file":
+            return None, rest
+        return proto, (url if proto in ("http", "https") else rest)
+    return None, url
+
+
+def is_local(url: str) -> bool:
+    return split_protocol(url)[0] is None
+
+
+def _filesystem(proto: str):
+    if proto in ("http", "https"):
+        import aiohttp
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_REMOTE_TIMEOUT_S,
+                                        sock_read=_REMOTE_TIMEOUT_S)
+        return fsspec.filesystem("http", client_kwargs={"timeout": timeout})
+    return fsspec.filesystem(proto)
+
+
+def _with_proto(proto: str, path: str) -> str:
+    if proto in ("http", "https") or "://" in path:
+        return path
+    return f"{proto}://{path}"
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand a shard URL (or a list of them) into the ordered list of shard URLs.
+
+    A directory gives all its ``*.tar`` files sorted; a glob its sorted matches; a brace pattern
+    (``train-{000000..000009}.tar``) its expansion (through ``braceexpand``, as webdataset does);
+    anything else is taken as one shard. Lists are expanded element by element, in order.
+    Raises DataError when a pattern matches nothing. Local results are plain paths.
+    """
+    if isinstance(urls, (list, tuple)):
+        out: list[str] = []
+        for u in urls:
+            out += expand_urls(u)
+        if not out:
+            raise DataError("no shard URL given (empty list)")
+        return out
+    if not isinstance(urls, str) or not urls.strip():
+        raise DataError("no shard URL given (set data.train / data.test or pass a URL)")
+    out = []
+    for part in braceexpand(urls.strip()):
+        out += _expand_one(part)
+    return out
+
+
+def _expand_one(url: str) -> list[str]:
+    proto, path = split_protocol(url)
+    if proto is None:
+        path = os.path.expanduser(path)
+        if any(c in path for c in _GLOB_CHARS):
+            found = sorted(p for p in _glob.glob(path) if os.path.isfile(p))
+            if not found:
+                raise DataError(f"no shards match {url}")
+            return found
+        if os.path.isdir(path):
+            found = sorted(p for p in _glob.glob(os.path.join(_glob.escape(path), "*.tar")))
+            if not found:
+                raise DataError(f"directory {url} holds no *.tar shards")
+            return found
+        return [path]
+    try:
+        fs = _filesystem(proto)
+        if "*" in path or (proto not in ("http", "https") and any(c in path for c in _GLOB_CHARS)):
+            found = sorted(_with_proto(proto, p) for p in fs.glob(path))
+            if not found:
+                raise DataError(f"no shards match {url}")
+            return found
+        # A name ending in .tar is a shard: no listing request per brace-expanded shard on s3.
+        if url.endswith("/") or (proto not in ("http", "https") and not path.endswith(_TAR_EXTS)
+                                 and fs.isdir(path)):
+            found = sorted(_with_proto(proto, p) for p in fs.ls(path, detail=False)
+                           if str(p).rstrip("/").endswith(".tar"))
+            if not found:
+                raise DataError(f"directory {url} holds no *.tar shards")
+            return found
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any backend failure is a bad URL for the user
+        raise DataError(f"cannot list {url}: {type(e).__name__}: {e}") from None
+    return [url]
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening
+# ----------------------------------------------------------------------------------------------
+
+def open_shard(url: str):
+    """Open a shard for binary reading. Returns (fileobj, seekable).
+
+    Local files are opened directly (seekable: tar headers can be read without the data);
+    remote ones through fsspec as a sequential stream (http: one streaming GET).
+    A missing or unreadable shard raises DataError naming it.
+    """
+    proto, path = split_protocol(url)
+    try:
+        if proto is None:
+            return open(path, "rb"), True
+        fs = _filesystem(proto)
+        if proto in ("http", "https"):
+            return fs.open(path, "rb", block_size=0), False
+        return fs.open(path, "rb"), False
+    except FileNotFoundError:
+        raise DataError(f"shard {url} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"shard {url} is a directory, not a tar file") from None
+    except PermissionError:
+        raise DataError(f"shard {url} cannot be read (permission denied)") from None
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"shard {url} cannot be opened: {type(e).__name__}: {e}") from None
+
+
+class _TailStream(io.RawIOBase):
+    """Sequential reader that remembers the last bytes read, to check the end-of-archive marker
+    of a stream that cannot seek back."""
+
+    def __init__(self, f, keep: int = 64 * 1024):
+        self.f, self.keep, self.pos, self.tail = f, keep, 0, b""
+
+    def readable(self):
+        return True
+
+    def read(self, n=-1):
+        b = self.f.read(n)
+        self.pos += len(b)
+        self.tail = (self.tail + b)[-self.keep:]
+        return b
+
+    def readinto(self, buf):
+        b = self.read(len(buf))
+        buf[:len(b)] = b
+        return len(b)
+
+    def bytes_at(self, offset: int, n: int) -> bytes | None:
+        start = self.pos - len(self.tail)
+        if offset < start:
+            return None
+        return self.tail[offset - start: offset - start + n]
+
+
+def _tar_error(url: str, e: BaseException) -> DataError:
+    msg = (str(e).splitlines() or [type(e).__name__])[0]
+    if "empty file" in str(e):
+        return DataError(f"shard {url} is empty (0 bytes or no tar header), not a tar archive")
+    if "could not be opened" in str(e) or "header" in msg or "checksum" in msg:
+        return DataError(f"shard {url} is not a tar archive or is corrupt ({msg})")
+    return DataError(f"shard {url} is truncated or corrupt ({msg})")
+
+
+def _sample_members(tf: tarfile.TarFile):
+    """(tarinfo, key, ext) for every member that belongs to a sample, in tar order."""
+    for ti in tf:
+        if not ti.isreg():
+            continue
+        name = ti.name
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("__") and base.endswith("__"):
+            continue  # webdataset metadata members
+        key, ext = base_plus_ext(name)
+        if key is None:
+            continue
+        yield ti, key, ext.lower()
+        tf.members = []  # keep memory flat on long shards (webdataset does the same)
+
+
+def iter_shard(url: str, start: int = 0, stop: int | None = None,
+               want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict | None]]:
+    """Yield ``(index, sample)`` for every sample ``start <= index < stop`` of one shard, in order.
+
+    ``sample`` is webdataset's dict ``{"__key__", "__url__", ext: bytes, ...}`` when ``want(index)``
+    (default: always), else None and the member data is not read (local shards skip it by seeking).
+    Everything stays in memory. Raises DataError naming the shard when it is missing, not a tar,
+    corrupt, or ends before ``stop``.
+    """
+    f, seekable = open_shard(url)
+    index, key, cur = -1, None, None
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:*" if seekable else "r|*")
+        for ti, k, ext in _sample_members(tf):
+            if k != key:
+                if index >= start:
+                    yield index, cur
+                index, key, cur = index + 1, k, None
+                if stop is not None and index >= stop:
+                    return
+                if index >= start and (want is None or want(index)):
+                    cur = {"__key__": k, "__url__": url}
+            if cur is not None:
+                if ti.size > MAX_MEMBER_BYTES:
+                    raise DataError(f"shard {url}: member {ti.name} is {ti.size} bytes, over the "
+                                    f"{MAX_MEMBER_BYTES}-byte limit")
+                cur[ext] = tf.extractfile(ti).read()
+        if key is not None and index >= start:
+            yield index, cur
+        if stop is not None and index + 1 < stop:
+            raise DataError(f"shard {url} ended after {index + 1} samples, expected {stop} "
+                            "(truncated, or changed since it was counted)")
+    except DataError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise _tar_error(url, e) from None
+    finally:
+        f.close()
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    samples: int
+    extensions: collections.Counter = field(default_factory=collections.Counter)
+    first_key: str | None = None
+
+
+def scan_shard(url: str) -> ShardInfo:
+    """Sample count and member extensions from the tar headers only, checking the archive is whole.
+
+    Raises DataError naming the shard when it is missing, empty (0 bytes), not a tar, truncated
+    (including a cut exactly between members: the end-of-archive marker must be there) or corrupt.
+    """
+    f, seekable = open_shard(url)
+    src = f if seekable else _TailStream(f)
+    info = ShardInfo(url, 0)
+    key = None
+    try:
+        tf = tarfile.open(fileobj=src, mode="r:*" if seekable else "r|*")
+        for ti, k, ext in _sample_members(tf):
+            if k != key:
+                info.samples += 1
+                key = k
+                if info.first_key is None:
+                    info.first_key = k
+            info.extensions[ext] += 1
+        # tarfile stops silently at a cut between members; the end-of-archive zero block that
+        # every writer puts there tells a whole archive from a truncated one.
+        end, block = tf.offset, None
+        if seekable:
+            tf.fileobj.seek(end)
+            block = tf.fileobj.read(512)
+        elif getattr(tf.fileobj, "comptype", "tar") == "tar":
+            block = src.bytes_at(end, 512)
+        if block is not None and (len(block) < 512 or block.strip(b"\0")):
+            raise DataError(f"shard {url} is truncated or corrupt (no end-of-archive marker "
+                            f"after {info.samples} samples at byte {end})")
+    except DataError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise _tar_error(url, e) from None
+    finally:
+        f.close()
+    return info
+
+
+def count_samples(urls: str | Sequence[str]) -> int:
+    """Total number of samples in the shards a URL expands to (tar headers only)."""
+    return sum(shard_counts(expand_urls(urls)))
+
+
+def shard_counts(urls: Sequence[str], threads: int = 8) -> list[int]:
+    """Samples per shard, in the order given (remote shards are scanned a few at a time)."""
+    urls = list(urls)
+    if all(is_local(u) for u in urls) or len(urls) < 2:
+        return [scan_shard(u).samples for u in urls]
+    with ThreadPoolExecutor(min(threads, len(urls))) as ex:
+        return [i.samples for i in ex.map(scan_shard, urls)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspection
+# ----------------------------------------------------------------------------------------------
+
+def inspect_shards(urls: str | Sequence[str]) -> dict:
+    """What ``sdn-dist shards inspect URL`` reports: counts, extensions, one example.
+
+    Returns ``{"url", "shards", "samples", "per_shard": [{"url", "samples"}], "extensions":
+    {ext: members}, "example": {"key", "captions", "meta", "members"}}``. Every shard is scanned;
+    a missing, empty, non-tar, truncated or sample-less shard raises DataError naming it.
+    """
+    shard_list = expand_urls(urls)
+    infos = [scan_shard(u) for u in shard_list]
+    for i in infos:
+        if i.samples == 0:
+            raise DataError(f"shard {i.url} is empty (a tar archive with no samples)")
+    ext = collections.Counter()
+    for i in infos:
+        ext.update(i.extensions)
+    example = None
+    for _, s in iter_shard(shard_list[0], 0, 1):
+        if s is None:
+            continue
+        captions = []
+        if "txt" in s:
+            captions = [c.strip() for c in s["txt"].decode("utf-8", "replace").splitlines() if c.strip()]
+        meta = None
+        if "json" in s:
+            try:
+                meta = json.loads(s["json"])
+            except ValueError:
+                meta = "<invalid JSON>"
+        example = {"key": s["__key__"], "captions": captions, "meta": meta,
+                   "members": sorted(k for k in s if not k.startswith("__"))}
+    return {
+        "url": urls if isinstance(urls, str) else list(urls),
+        "shards": len(infos),
+        "samples": sum(i.samples for i in infos),
+        "per_shard": [{"url": i.url, "samples": i.samples} for i in infos],
+        "extensions": dict(sorted(ext.items())),
+        "example": example,
+    }
+
+
+def format_inspection(info: dict) -> str:
+    """Human-readable form of :func:`inspect_shards` output."""
+    lines = [f"{info['samples']} samples in {info['shards']} shard(s)"]
+    for s in info["per_shard"][:10]:
+        lines.append(f"  {s['url']}: {s['samples']}")
+    if len(info["per_shard"]) > 10:
+        lines.append(f"  ... {len(info['per_shard']) - 10} more")
+    lines.append("members: " + ", ".join(f".{k} x{v}" for k, v in info["extensions"].items()))
+    ex = info.get("example")
+    if ex:
+        lines.append(f"example {ex['key']}: {', '.join('.' + m for m in ex['members'])}")
+        for c in ex["captions"][:3]:
+            lines.append(f"  caption: {c}")
+        if isinstance(ex.get("meta"), dict):
+            attrs = ex["meta"].get("attributes")
+            if attrs:
+                lines.append("  attributes: " + ", ".join(f"{k}={v}" for k, v in attrs.items()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# webdataset integration
+# ----------------------------------------------------------------------------------------------
+
+def _fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
+    if mode[0] == "r":
+        return open_shard(url)[0]
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_gopen(schemes: Sequence[str] = ("http", "https", "s3", "gs", "gcs", "az", "abfs")) -> None:
+    """Make webdataset's ``gopen`` (used by ``wds.WebDataset``, ``TarWriter`` on URLs) open these
+    schemes through fsspec instead of shelling out to curl / gsutil."""
+    from webdataset import gopen
+
+    for s in schemes:
+        gopen.gopen_schemes[s] = _fsspec_gopen
+
+
+format_inspect = format_inspection  # short alias

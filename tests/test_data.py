@@ -1,0 +1,518 @@
+"""Caption shards: synth, convert, inspect, the resumable exactly-once reading pipeline, encoders.
+
+    OMP_NUM_THREADS=1 pytest -q tests/test_data.py
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdn_dist.config import TextConfig
+from sdn_dist.data import (RankStream, SkipCounter, build_text_encoder, count_samples,
+                           encoder_from_record, expand_urls, inspect_shards, iter_batches,
+                           iter_shard, make_loader, plan_epoch, shard_counts)
+from sdn_dist.data.convert import convert_cub, convert_folder
+from sdn_dist.data.synth import HELDOUT_PAIRS, make_synth, synth_sample
+from sdn_dist.data.text import HashTextEncoder
+from sdn_dist.errors import ConfigError, DataError, UserError
+
+SIZE = 32
+N_TRAIN, N_TEST, PER_SHARD = 60, 20, 16
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    make_synth(str(out), train=N_TRAIN, test=N_TEST, size=SIZE, per_shard=PER_SHARD, seed=3,
+               progress=False)
+    return out
+
+
+def _png(colour=(200, 30, 30), size=(20, 12), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def _uneven_shards(root, sizes=(7, 3, 11, 5, 9)) -> list[str]:
+    urls, k = [], 0
+    for s, n in enumerate(sizes):
+        path = root / f"train-{s:06d}.tar"
+        members = []
+        for _ in range(n):
+            members += [(f"s{k:04d}.png", _png((k * 7 % 255, 10, 10))),
+                        (f"s{k:04d}.txt", f"caption {k}\nother {k}".encode())]
+            k += 1
+        _write_tar(path, members)
+        urls.append(str(path))
+    return urls
+
+
+# ---------------------------------------------------------------------------------------------
+# synth -> inspect -> read back
+# ---------------------------------------------------------------------------------------------
+
+def test_synth_inspect_and_roundtrip(synth_dir):
+    info = inspect_shards(str(synth_dir / "train-*.tar"))
+    assert info["samples"] == N_TRAIN and info["shards"] == 4
+    assert [s["samples"] for s in info["per_shard"]] == [16, 16, 16, 12]
+    assert info["extensions"] == {"json": N_TRAIN, "png": N_TRAIN, "txt": N_TRAIN}
+    assert info["example"]["captions"] and info["example"]["meta"]["attributes"]
+    assert count_samples(str(synth_dir)) == N_TRAIN + N_TEST  # a directory: every *.tar
+
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        seen = 0
+        for url in expand_urls(str(synth_dir / f"{split}-*.tar")):
+            for _, raw in iter_shard(url):
+                i = int(raw["__key__"][len(split):])
+                ref = synth_sample(split, i, size=SIZE, seed=3)
+                assert raw["__key__"] == ref["key"] and raw["png"] == ref["png"]
+                assert raw["txt"].decode().split("\n") == ref["captions"]
+                meta = json.loads(raw["json"])
+                assert meta["attributes"] == ref["meta"]["attributes"]
+                assert set(meta["attributes"]) == {"shape", "colour", "size", "position", "background"}
+                assert (meta.get("split_kind") in ("seen", "heldout")) == (split == "test")
+                seen += 1
+        assert seen == n
+
+    # The decoded pipeline gives the same pixels, every sample once, in order without shuffle.
+    batches = list(iter_batches(str(synth_dir / "train-*.tar"), image_size=SIZE, batch_size=7,
+                                shuffle=False, epochs=1, caption="first"))
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [f"train{i:07d}" for i in range(N_TRAIN)]
+    b = batches[1]
+    assert b["image"].shape == (7, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+    assert b["text"] is None and b["index"] == 7 and b["epoch"] == [0] * 7
+    ref = synth_sample("train", 8, size=SIZE, seed=3)
+    expect = torch.from_numpy(np.array(ref["image"])).permute(2, 0, 1).float() / 255
+    assert torch.allclose(b["image"][1], expect)
+    assert b["captions"][1] == ref["captions"][0] and b["meta"][1]["attributes"] == ref["meta"]["attributes"]
+
+
+def test_synth_deterministic_and_heldout(tmp_path, synth_dir):
+    again = tmp_path / "again"
+    make_synth(str(again), train=N_TRAIN, test=N_TEST, size=SIZE, per_shard=PER_SHARD, seed=3, progress=False)
+    for name in ("train-000000.tar", "train-000003.tar", "test-000001.tar"):
+        assert (again / name).read_bytes() == (synth_dir / name).read_bytes()
+    other = synth_sample("train", 0, size=SIZE, seed=4)
+    assert other["png"] != synth_sample("train", 0, size=SIZE, seed=3)["png"]
+
+    train = [synth_sample("train", i, size=SIZE, seed=3) for i in range(300)]
+    test = [synth_sample("test", i, size=SIZE, seed=3) for i in range(60)]
+    pair = lambda s: (s["meta"]["attributes"]["shape"], s["meta"]["attributes"]["colour"])  # noqa: E731
+    assert not any(pair(s) in HELDOUT_PAIRS for s in train)
+    kinds = [s["meta"]["split_kind"] for s in test]
+    assert kinds.count("heldout") == 30 and kinds.count("seen") == 30
+    assert all((pair(s) in HELDOUT_PAIRS) == (s["meta"]["split_kind"] == "heldout") for s in test)
+    train_caps = {c for s in train for c in s["captions"]}
+    seen_caps = [c for s in test if s["meta"]["split_kind"] == "seen" for c in s["captions"]]
+    assert seen_caps and not train_caps & set(seen_caps)
+    assert all(0.15 <= s["meta"]["area"] <= 0.4 for s in train)
+
+
+# ---------------------------------------------------------------------------------------------
+# fsspec: the same shards over HTTP
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def http_root(synth_dir):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Quiet, directory=str(synth_dir)))
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.timeout(60)
+def test_http_reads_same_samples_as_disk(synth_dir, http_root):
+    url = http_root + "/train-{000000..000003}.tar"
+    assert shard_counts(expand_urls(url)) == [16, 16, 16, 12]
+    assert inspect_shards(url)["samples"] == N_TRAIN
+    kw = dict(image_size=SIZE, batch_size=8, shuffle=True, seed=5, epochs=1)
+    remote = list(iter_batches(url, **kw))
+    local = list(iter_batches(str(synth_dir / "train-{000000..000003}.tar"), **kw))
+    assert [b["key"] for b in remote] == [b["key"] for b in local]
+    assert [b["captions"] for b in remote] == [b["captions"] for b in local]
+    assert all(torch.equal(r["image"], s["image"]) for r, s in zip(remote, local))
+    with pytest.raises(DataError, match="missing.tar"):
+        inspect_shards(http_root + "/missing.tar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning, exactly-once over ranks x loader workers, resume
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_plan_epoch_partitions_and_balances(world):
+    counts = [7, 3, 11, 0, 5, 9]
+    total = sum(counts)
+    cumulative = np.zeros(world, int)
+    orders = set()
+    for epoch in range(2 * world + 1):
+        plan = plan_epoch(counts, epoch, seed=1, world_size=world, shuffle=True)
+        assert plan == plan_epoch(counts, epoch, seed=1, world_size=world, shuffle=True)
+        got = sorted((k, i) for rng in plan for k, a, b in rng for i in range(a, b))
+        assert got == sorted((k, i) for k, c in enumerate(counts) for i in range(c))
+        sizes = [sum(b - a for _, a, b in rng) for rng in plan]
+        assert max(sizes) - min(sizes) <= 1 and sum(sizes) == total
+        cumulative += sizes
+        assert cumulative.max() - cumulative.min() <= 1  # nobody drifts
+        orders.add(tuple(k for rng in plan for k, _, _ in rng))
+    assert len(orders) > 1  # shards permuted per epoch
+    flat = plan_epoch(counts, 0, 1, world, shuffle=False)
+    assert list(dict.fromkeys(k for rng in flat for k, _, _ in rng)) == [0, 1, 2, 4, 5]
+
+
+@pytest.mark.timeout(120)
+def test_exactly_once_two_ranks_two_loader_workers(tmp_path):
+    urls = _uneven_shards(tmp_path)
+    counts = shard_counts(urls)
+    assert counts == [7, 3, 11, 5, 9]
+    all_keys = {f"s{k:04d}" for k in range(35)}
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(2):
+            stream = RankStream(urls, counts, rank, 2, seed=11, shuffle=True, image_size=8, shuffle_buffer=4)
+            lo, hi = stream.epoch_start(epoch), stream.epoch_start(epoch + 1)
+            loader = make_loader(stream, start_sample=lo, stop_sample=hi, batch_size=4, num_workers=2)
+            batches = list(loader)
+            ref = list(stream.iter_samples(lo, 0, 1, 4, hi))  # the single-process order
+            assert [b["key"] for b in batches] == [b["key"] for b in ref]
+            assert [b["index"] for b in batches] == list(range(lo, hi, 4))
+            keys = [k for b in batches for k in b["key"]]
+            assert all(e == epoch for b in batches for e in b["epoch"])
+            per_rank.append(keys)
+        both = per_rank[0] + per_rank[1]
+        assert len(both) == len(set(both)) and set(both) == all_keys
+        assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+
+
+def test_resume_gives_same_continuation(tmp_path):
+    urls = _uneven_shards(tmp_path)
+    counts = shard_counts(urls)
+    stream = RankStream(urls, counts, 1, 2, seed=2, shuffle=True, image_size=8, caption="random",
+                        shuffle_buffer=5)
+    full = []
+    for b in stream.iter_samples(0, batch_size=3):
+        full.append(b)
+        if len(full) == 20:  # 60 samples: crosses three epoch boundaries (17-18 per epoch)
+            break
+    for k in (1, 5, 6, 13):
+        resumed = stream.iter_samples(start_sample=3 * k, batch_size=3)
+        for want in full[k:k + 4]:
+            got = next(resumed)
+            assert got["key"] == want["key"] and got["captions"] == want["captions"]
+            assert got["index"] == want["index"] and torch.equal(got["image"], want["image"])
+    # a resume offset that is not a multiple of the batch size still continues the same sequence
+    seq = [(k, c) for b in full for k, c in zip(b["key"], b["captions"])]
+    odd = [(k, c) for b in stream.iter_samples(start_sample=8, batch_size=5, stop_sample=38)
+           for k, c in zip(b["key"], b["captions"])]
+    assert odd == seq[8:38]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_bad_samples_skipped_and_counted(tmp_path):
+    good = _png()
+    path = tmp_path / "bad-000000.tar"
+    _write_tar(path, [
+        ("a.png", good), ("a.txt", b"first good"),
+        ("b.png", good[: len(good) // 2]), ("b.txt", b"truncated image"),
+        ("c.png", b"this is not an image at all"), ("c.txt", b"not an image"),
+        ("d.png", good), ("d.json", b"{}"),  # no caption
+        ("e.png", good), ("e.txt", b"last good"),
+    ])
+    skips = SkipCounter()
+    batches = list(iter_batches(str(path), image_size=16, batch_size=2, shuffle=False, epochs=1, skips=skips))
+    assert [k for b in batches for k in b["key"]] == ["a", "e"]
+    assert skips.as_dict() == {"bad_image": 1, "missing_caption": 1, "not_image": 1}
+    assert [b["index"] for b in batches] == [0, 2, 4]  # short (even empty) batches keep positions
+    assert [len(b["key"]) for b in batches] == [1, 0, 1] and batches[1]["image"].shape == (0, 3, 16, 16)
+    assert sum((SkipCounter(b["skipped"]) for b in batches), SkipCounter()) == skips
+    with pytest.raises(DataError, match=r"bad-000000\.tar sample b: bad_image"):
+        list(iter_batches(str(path), image_size=16, batch_size=2, shuffle=False, epochs=1, strict=True))
+    # an endless stream of nothing but bad samples fails instead of spinning
+    allbad = tmp_path / "allbad.tar"
+    _write_tar(allbad, [("x.png", b"junk"), ("x.txt", b"c")])
+    with pytest.raises(DataError, match="no usable sample"):
+        for _ in iter_batches(str(allbad), image_size=16, batch_size=1):  # infinite epochs
+            pass
+
+
+@pytest.mark.timeout(30)
+def test_bad_captions_and_embeddings(tmp_path):
+    good = _png()
+
+    def emb(rows, dim=4):
+        return _npy(np.ones((rows, dim), np.float32))
+
+    nan = np.ones((1, 4), np.float32)
+    nan[0, 2] = np.nan
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    path = tmp_path / "emb-000000.tar"
+    _write_tar(path, [
+        ("a.png", good), ("a.txt", b"ok"), ("a.emb.npy", emb(1)),
+        ("b.png", good), ("b.txt", b" \n \n"), ("b.emb.npy", emb(1)),
+        ("c.png", good), ("c.txt", b"\x00\x01\x02\xff\xfe"), ("c.emb.npy", emb(1)),
+        ("d.png", good), ("d.txt", b"ok"), ("d.emb.npy", emb(1, 5)),
+        ("e.png", good), ("e.txt", b"ok"), ("e.emb.npy", _npy(nan)),
+        ("f.png", good), ("f.txt", b"ok"), ("f.emb.npy", pickled.getvalue()),
+        ("g.png", good), ("g.txt", b"ok"),
+        ("h.txt", b"caption without image"),
+        ("i.png", good), ("i.txt", b"ok"), ("i.json", b"[1, 2]"),
+        ("j.png", _png(mode="RGBA", colour=(0, 0, 0, 0))), ("j.txt", b"ok\nsecond"),
+        ("j.emb.npy", _npy(np.stack([np.zeros(4), np.ones(4)]).astype(np.float32))),
+    ])
+    enc = build_text_encoder(TextConfig(encoder="precomputed", dim=4))
+    skips = SkipCounter()
+    out = list(iter_batches(str(path), image_size=8, batch_size=4, text_encoder=enc, shuffle=False,
+                            epochs=1, caption="first", skips=skips))
+    assert [k for b in out for k in b["key"]] == ["a", "j"]
+    assert skips.as_dict() == {"bad_caption": 1, "bad_embedding": 2, "bad_meta": 1, "empty_caption": 1,
+                               "missing_embedding": 1, "missing_image": 1, "nan_embedding": 1}
+    j = out[-1]
+    assert j["text"].shape == (1, 4) and torch.equal(j["text"][0], torch.zeros(4))
+    assert torch.allclose(j["image"], torch.ones_like(j["image"]))  # transparent -> white
+    with pytest.raises(UserError, match="precomputed"):
+        enc.encode(["free text"])
+
+
+def _npy(a) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_members_never_extracted(tmp_path, monkeypatch):
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    path = tmp_path / "evil.tar"
+    _write_tar(path, [("../../evil.png", _png()), ("../../evil.txt", b"hi"),
+                      ("/tmp/abs_evil_sdn.txt", b"x"), ("ok.png", _png()), ("ok.txt", b"fine")])
+    before = {p for p in tmp_path.rglob("*")}
+    batches = list(iter_batches(str(path), image_size=8, batch_size=4, shuffle=False, epochs=1))
+    assert batches[0]["key"] == ["../../evil", "ok"]  # just odd keys, read in memory
+    assert {p for p in tmp_path.rglob("*")} == before
+    assert not os.path.exists("/tmp/abs_evil_sdn.txt")
+
+
+@pytest.mark.timeout(30)
+def test_inspect_bad_shards_name_them(tmp_path, synth_dir):
+    nontar = tmp_path / "nontar.tar"
+    nontar.write_bytes(b"hello, I am not a tar archive" * 40)
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    notar_members = tmp_path / "nosamples.tar"
+    _write_tar(notar_members, [])
+    whole = (synth_dir / "train-000000.tar").read_bytes()
+    cut_mid = tmp_path / "cutmid.tar"
+    cut_mid.write_bytes(whole[: len(whole) // 2 + 100])
+    cut_edge = tmp_path / "cutedge.tar"
+    with tarfile.open(synth_dir / "train-000000.tar") as tf:
+        third = tf.getmembers()[3]  # cut exactly at a member header: tarfile alone stops quietly
+    cut_edge.write_bytes(whole[: third.offset])
+    for bad in (nontar, empty, notar_members, cut_mid, cut_edge, tmp_path / "missing.tar"):
+        with pytest.raises(DataError, match=bad.name):
+            inspect_shards(str(bad))
+    with pytest.raises(DataError, match="cutmid.tar"):
+        list(iter_batches([str(synth_dir / "train-000001.tar"), str(cut_mid)], image_size=8,
+                          batch_size=4, shuffle=False, epochs=1))
+    # a shard that shrank after counting is an error when reading, never a hang
+    stream = RankStream([str(cut_edge)], [16], image_size=8, shuffle=False)
+    with pytest.raises(DataError, match="cutedge.tar ended after 1 samples"):
+        list(stream.iter_samples(0, batch_size=4, stop_sample=16))
+    with pytest.raises(DataError, match="no shards match"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+
+
+def test_expand_urls(synth_dir):
+    d = str(synth_dir)
+    train = [f"{d}/train-{i:06d}.tar" for i in range(4)]
+    assert expand_urls(f"{d}/train-{{000000..000003}}.tar") == train
+    assert expand_urls(f"{d}/train-*.tar") == train
+    assert expand_urls(f"file://{d}/train-*.tar") == train
+    assert expand_urls([train[2], f"{d}/test-*.tar"]) == [train[2], f"{d}/test-000000.tar", f"{d}/test-000001.tar"]
+    assert expand_urls(d) == sorted([f"{d}/test-000000.tar", f"{d}/test-000001.tar"] + train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters
+# ---------------------------------------------------------------------------------------------
+
+def test_folder_converter(tmp_path):
+    img = tmp_path / "imgs"
+    (img / "sub").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (10, 200, 10)).save(img / "a.png")
+    Image.new("L", (16, 16), 128).save(img / "sub" / "b.jpg")
+    Image.new("P", (12, 12), 3).save(img / "c.gif")
+    Image.new("RGBA", (12, 12), (200, 0, 0, 255)).save(img / "d.png")
+    lines = [{"image": "a.png", "caption": "a green box", "label": "plant"},
+             {"image": "sub/b.jpg", "captions": ["grey square", "a flat grey image"], "label": "rock"},
+             {"image": "c.gif", "caption": "palette image", "label": "plant", "source_url": "x"},
+             {"image": "d.png", "caption": "red", "label": "rock"}]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out"
+    res = convert_folder(img, caps, str(out), test_fraction=0.25, per_shard=2, progress=False)
+    assert res["counts"] == {"train": 3, "test": 1}
+    assert inspect_shards(str(out / "train-*.tar"))["samples"] == 3
+    got = {}
+    for b in iter_batches(str(out), image_size=16, batch_size=8, shuffle=False, epochs=1, caption="first"):
+        for c, m, im in zip(b["captions"], b["meta"], b["image"]):
+            got[m["source"]] = (c, m, im)
+    assert set(got) == {"a.png", "sub/b.jpg", "c.gif", "d.png"}
+    assert got["sub/b.jpg"][1]["label"] == 1 and got["sub/b.jpg"][1]["label_name"] == "rock"
+    assert got["c.gif"][1]["source_url"] == "x" and got["a.png"][1]["label"] == 0
+    assert torch.allclose(got["sub/b.jpg"][2], torch.full((3, 16, 16), 128 / 255), atol=0.02)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2"):
+        convert_folder(img, bad, str(tmp_path / "o2"), progress=False)
+    bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"image": "nope.png", "caption": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: image .*nope\.png does not exist"):
+        convert_folder(img, bad, str(tmp_path / "o3"), progress=False)
+    bad.write_text(json.dumps({"image": "a.png"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: needs \"caption\""):
+        convert_folder(img, bad, str(tmp_path / "o4"), progress=False)
+
+
+def _fake_stackgan(root, n_train=4, n_test=2, dim=1024):
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    rng = np.random.default_rng(0)
+    for split, n, off in (("train", n_train, 0), ("test", n_test, 100)):
+        names, cls, embs = [], [], []
+        for i in range(n):
+            c = i % 2
+            name = f"{classes[c]}/{classes[c].split('.')[1]}_{off + i:04d}_{i}"
+            (root / "CUB_200_2011" / "images" / classes[c]).mkdir(parents=True, exist_ok=True)
+            (root / "text_c10" / classes[c]).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (20 * i, 100, 50)).save(root / "CUB_200_2011" / "images" / f"{name}.jpg")
+            caps = [f"this bird number {off + i} has caption {j}" for j in range(10)]
+            (root / "text_c10" / f"{name}.txt").write_text("\n".join(caps) + "\n")
+            names.append(name)
+            cls.append(c + 1)
+            embs.append(rng.standard_normal((10, dim)).astype(np.float32))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for fname, obj in (("filenames.pickle", names), ("class_info.pickle", cls),
+                           ("char-CNN-RNN-embeddings.pickle", np.stack(embs))):
+            with open(root / split / fname, "wb") as f:
+                pickle.dump(obj, f, protocol=2)
+    return root
+
+
+def test_cub_converter_with_embeddings(tmp_path):
+    root = _fake_stackgan(tmp_path / "birds")
+    out = tmp_path / "cub"
+    res = convert_cub(root, str(out), per_shard=3, progress=False)
+    assert res["counts"] == {"train": 4, "test": 2} and len(res["train"]) == 2
+    info = inspect_shards(str(out / "train-*.tar"))
+    assert info["extensions"] == {"emb.npy": 4, "jpg": 4, "json": 4, "txt": 4}
+    with open(root / "train" / "char-CNN-RNN-embeddings.pickle", "rb") as f:
+        embs = pickle.load(f)
+    enc = build_text_encoder(TextConfig(encoder="precomputed", dim=1024))
+    n = 0
+    for b in iter_batches(str(out / "train-*.tar"), image_size=16, batch_size=3, text_encoder=enc,
+                          shuffle=False, epochs=1, caption="random", seed=1):
+        assert b["text"].shape == (len(b["key"]), 1024)
+        for t, c, m in zip(b["text"], b["captions"], b["meta"]):
+            i = int(c.split()[3])  # "this bird number {i} has caption {j}"
+            j = int(c.split()[-1])
+            assert torch.equal(t, torch.from_numpy(embs[i][j]))
+            assert m["class_id"] == i % 2 + 1 and m["label"] == i % 2
+            assert m["class_name"] in m["filename"]
+            n += 1
+    assert n == 4
+
+    # Only plain containers and numpy arrays are unpickled: anything else is refused, not run.
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(root / "test" / "filenames.pickle", "wb") as f:
+        pickle.dump(Evil(), f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load"):
+        convert_cub(root, str(tmp_path / "cub2"), progress=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders
+# ---------------------------------------------------------------------------------------------
+
+def test_embeddings_stored_at_write_time_are_reused(tmp_path, monkeypatch):
+    out = tmp_path / "emb"
+    make_synth(str(out), train=10, test=0, size=16, per_shard=4, seed=1, progress=False,
+               embed=HashTextEncoder(16))
+    assert inspect_shards(str(out))["extensions"]["emb.npy"] == 10
+    enc = HashTextEncoder(16)
+    monkeypatch.setattr(enc, "encode", lambda texts: pytest.fail("stored rows should be used"))
+    pre = build_text_encoder(TextConfig(encoder="precomputed", dim=16))
+    for e in (enc, pre):
+        for b in iter_batches(str(out), image_size=16, batch_size=4, text_encoder=e, epochs=1, seed=2):
+            assert b["meta"][0]["emb_encoder"] == {"encoder": "hash", "dim": 16, "version": 1}
+            assert np.allclose(b["text"].numpy(), HashTextEncoder(16).encode(b["captions"]), atol=1e-6)
+    other = HashTextEncoder(8)  # a different encoder: stored rows ignored, captions encoded
+    b = next(iter_batches(str(out), image_size=16, batch_size=4, text_encoder=other, epochs=1))
+    assert b["text"].shape == (4, 8)
+
+
+def test_hash_encoder():
+    enc = build_text_encoder(TextConfig(encoder="hash", dim=64))
+    caps = ["a large red circle in the top left on a white background",
+            "large red circle, top left corner, white background",
+            "a small blue square in the bottom right on a black background"]
+    v = enc.encode(caps)
+    assert v.shape == (3, 64) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert np.array_equal(v, encoder_from_record(enc.record()).encode(caps))
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2
+    assert enc.name == "hash" and enc.dim == 64
+
+
+@pytest.mark.timeout(120)
+def test_minilm_encoder_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    enc = build_text_encoder(TextConfig(encoder="minilm", dim=384))
+    caps = ["a red circle on white", "a red disc on a light background", "a red circle on white"]
+    v = enc.encode(caps)
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+    assert np.array_equal(v[0], v[2]) and len(enc._cache) == 2
+    with pytest.raises(ConfigError, match="text.dim=32"):
+        build_text_encoder(TextConfig(encoder="minilm", dim=32))
+    rec = enc.record()
+    assert rec["encoder"] == "minilm" and rec["dim"] == 384
+    assert encoder_from_record(rec).dim == 384
