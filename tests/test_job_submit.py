@@ -1,0 +1,83 @@
+"""The README's `ray job submit` path end to end: a real local Ray head with its dashboard on
+127.0.0.1, launchers/submit.sh on the debug preset, SUCCEEDED, both stages in the run directory."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=2", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                    break
+            except OSError:
+                assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+                time.sleep(1)
+        else:
+            raise AssertionError("the Ray dashboard never came up:\n" + (tmp_path / "head.log").read_text()[-3000:])
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)   # the head and everything it started, nothing else
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def test_ray_job_submit_debug_run(ray_head, tmp_path):
+    from sdn_dist.data.synth import make_synth
+    address, env = ray_head
+    shards = tmp_path / "shards"
+    make_synth(out=str(shards), train=32, test=8, size=32, per_shard=16, seed=0, progress=False)
+    out = tmp_path / "run"
+    r = subprocess.run(
+        ["bash", "launchers/submit.sh", "--preset", "debug", "--run-id", "e2e", "--attempt", "a1",
+         "--out", str(out), "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
+         "--set", "metrics.port=0"],
+        cwd=REPO, env=dict(env, RAY_ADDRESS=address), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    # as a user checks it, with the same token-auth environment submit.sh uses
+    auth = {"RAY_AUTH_MODE": "token"} if Path.home().joinpath(".ray", "auth_token").exists() else {}
+    st = subprocess.run([str(BIN / "ray"), "job", "status", "e2e--a1"], env=dict(env, RAY_ADDRESS=address, **auth),
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 0 and "Job 'e2e--a1' succeeded" in st.stdout, st.stdout + st.stderr
+
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in recs} == {1, 2}
+    assert max(r["step"] for r in recs) == 16
+    assert (out / "export" / "student.pt").exists()
+    assert (out / "checkpoints" / "step-00000016" / "COMPLETE").exists()
+    assert all(r["attempt"] == "a1" for r in recs)
