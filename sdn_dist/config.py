@@ -103,6 +103,7 @@ class MetricsConfig(Section):
     port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint port (0 = off).")
     host: str = Field("127.0.0.1", description="Bind address of the endpoint (loopback by default; 0.0.0.0 in Kubernetes).")
     log_every: int = Field(10, ge=1, description="Write metrics.jsonl / update gauges every N steps.")
+    linger_seconds: float = Field(0.0, ge=0, le=3600, description="After the run, keep serving the final metric values this long so Prometheus scrapes them (at least one scrape interval; 0 = stop at once).")
 
 
 class SamplesConfig(Section):

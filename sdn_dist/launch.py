@@ -54,7 +54,7 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=show_workers or not quiet)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.threads_per_worker),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.threads_per_worker),
                  include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=show_workers,
                  runtime_env={"env_vars": env}, configure_logging=False)

@@ -1,80 +1,194 @@
 """One ``log(records)`` interface on the driver; backends fan out: metrics.jsonl always, Prometheus
 when ``metrics.port`` is set. Workers never open ports: they send records to the coordinator, the
-driver drains it. Metric names and labels: docs/metrics.md.
+driver drains it (every 0.5 s) and updates the metrics here, served at ``metrics.host:metrics.port``.
+Metric names, types and labels: docs/metrics.md (keep it in step: tests/test_metrics.py checks).
+
+Label cardinality is bounded by construction: ``run_id`` and ``attempt`` are constant for the
+process; ``rank`` < ``workers``; ``stage`` in {1, 2}; ``level`` is one of the model's matched points
+(at most ``MAX_LEVELS``); ``reason`` is one of ``SKIP_REASONS`` or ``other``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
+import sys
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from . import fsio
 from .config import MetricsConfig
+from .errors import ConfigError
+
+try:  # the label values of sdn_data_samples_skipped_total{reason}
+    from .data.pipeline import SKIP_REASONS
+except Exception:  # noqa: BLE001 - the data package is optional for the exporter itself
+    SKIP_REASONS = ()
+OTHER_REASON = "other"
+MAX_LEVELS = 64   # loss levels: 22 matched points + image + total in the paper model
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CHECKPOINT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _Worker:
+    """What the exporter remembers about one rank's current process (a restart = a new pid)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.step: int | None = None
+        self.skipped: dict[str, int] = {}
 
 
 class PrometheusExporter:
-    def __init__(self, cfg: MetricsConfig, run_id: str, attempt: int):
-        self.registry = r = CollectorRegistry()
-        self.const = {"run_id": run_id, "attempt": str(attempt)}
-        c = list(self.const)
-        self.stage = Gauge("sdn_train_stage", "Current training stage (1 = direct distillation, 2 = through the teacher).", c, registry=r)
-        self.step = Gauge("sdn_train_step", "Optimizer steps completed over the whole run.", c, registry=r)
-        self.samples = Counter("sdn_train_samples", "Training samples consumed (all workers).", c, registry=r)
-        self.loss = Gauge("sdn_train_loss", "Distillation loss by stage and matched point (level=total for the sum), rank 0.", c + ["stage", "level"], registry=r)
-        self.throughput = Gauge("sdn_train_samples_per_second", "Training throughput over the last logging window.", c + ["rank"], registry=r)
-        self.step_time = Histogram("sdn_train_step_seconds", "Wall time of one optimizer step.", c + ["rank"], registry=r,
-                                   buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.skipped = Counter("sdn_data_samples_skipped", "Samples skipped as unusable, by reason.", c + ["reason"], registry=r)
-        self.wait = Counter("sdn_data_wait_seconds", "Seconds training workers waited for data.", c + ["rank"], registry=r)
-        self.ckpt_time = Gauge("sdn_checkpoint_last_success_timestamp_seconds", "Unix time of the last complete checkpoint.", c, registry=r)
-        self.ckpt_dur = Gauge("sdn_checkpoint_duration_seconds", "Seconds the last checkpoint took to write.", c, registry=r)
-        self._samples_seen = 0
-        self._skipped_seen: dict[tuple, int] = {}
-        self.server = None
-        if cfg.port:
-            self.server, _ = start_http_server(cfg.port, addr=cfg.host, registry=r)
+    """prometheus_client metrics in a private registry, fed with the trainers' records.
 
+    ``log(record)`` takes the records of ``trainer.py``: per logged step (``step``, ``stage``,
+    ``rank``, ``loss``, ``loss/<point>``, ``samples_per_sec``, ``data_wait_seconds``,
+    ``step_seconds``, ``window_steps``, ``samples``, ``skipped``, ``pid``) and events
+    (``checkpoint``, ``final``). Serves over HTTP when ``cfg.port`` is set (or after ``serve()``).
+    """
+
+    def __init__(self, cfg: MetricsConfig, run_id: str, attempt: str | int):
+        self.cfg = cfg
+        self.registry = r = CollectorRegistry()
+        self.const = {"run_id": str(run_id), "attempt": str(attempt)}
+        c = list(self.const)
+        self.stage = Gauge("sdn_train_stage", "Current training stage: 1 = direct distillation, 2 = distillation through the teacher.", c, registry=r)
+        self.step = Gauge("sdn_train_step", "Optimizer steps completed over the whole run (stage 2 continues the count of stage 1).", c, registry=r)
+        self.samples = Counter("sdn_train_samples", "Training samples drawn by all workers (global batch x optimizer steps) in this attempt.", c, registry=r)
+        self.throughput = Gauge("sdn_train_samples_per_second", "Training throughput of the whole job over the last logging window (samples trained on per second, rank 0's measurement).", c, registry=r)
+        self.loss = Gauge("sdn_train_loss", "Last logged distillation loss of rank 0, by stage and matched point (level=total: the weighted sum that is optimized).", c + ["stage", "level"], registry=r)
+        self.step_time = Histogram("sdn_train_step_seconds", "Wall time of one optimizer step (mean over each logging window, observed once per step).", c + ["rank"], registry=r,
+                                   buckets=STEP_BUCKETS)
+        self.wait = Counter("sdn_data_wait_seconds", "Seconds the training worker waited for its next micro-batch from the shard readers.", c + ["rank"], registry=r)
+        self.skipped = Counter("sdn_data_samples_skipped", "Samples skipped as unusable, by reason (all workers).", c + ["reason"], registry=r)
+        self.ckpt_time = Gauge("sdn_checkpoint_last_success_timestamp_seconds", "Unix time at which the last checkpoint was completely written.", c, registry=r)
+        self.ckpt_step = Gauge("sdn_checkpoint_last_success_step", "Optimizer step of the last complete checkpoint.", c, registry=r)
+        self.ckpt_dur = Histogram("sdn_checkpoint_duration_seconds", "Wall time to write one checkpoint (all ranks, until complete).", c, registry=r,
+                                  buckets=CHECKPOINT_BUCKETS)
+        for reason in (*SKIP_REASONS, OTHER_REASON):   # 0 from the start: rate()/increase() see the first skip
+            self.skipped.labels(**self.const, reason=reason)
+        self._workers: dict[str, _Worker] = {}
+        self._levels: set[str] = set()
+        self.server = None
+        self.thread = None
+        if cfg.port:
+            self.serve(cfg.port, cfg.host)
+
+    # -- serving -------------------------------------------------------------------------------
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Start the HTTP endpoint (``/metrics``); port 0 picks a free one (see ``self.port``)."""
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except socket.gaierror as e:
+            raise ConfigError(f"metrics.host={host!r}: not an address this machine can listen on ({e.strerror})") from e
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"metrics.host={host!r}: not an address of this machine ({e.strerror})") from e
+            why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ConfigError(f"metrics.port={port}: cannot serve Prometheus metrics on {host}:{port}: {why}") from e
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self.server is None else self.server.server_address[:2]
+
+    @property
+    def url(self) -> str | None:
+        if self.server is None:
+            return None
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+    # -- records -------------------------------------------------------------------------------
     def log(self, rec: dict) -> None:
         L = self.const
-        if rec.get("event") == "checkpoint":
-            self.ckpt_time.labels(**L).set(rec["time"])
-            self.ckpt_dur.labels(**L).set(rec["checkpoint_seconds"])
-        if rec.get("event"):
+        event = rec.get("event")
+        if event == "checkpoint":
+            self.ckpt_time.labels(**L).set(rec.get("time", time.time()))
+            self.ckpt_step.labels(**L).set(rec.get("step", 0))
+            self.ckpt_dur.labels(**L).observe(max(0.0, rec.get("checkpoint_seconds", 0.0)))
             return
+        if event == "final":   # the final cumulative skip counts (deduplicated like any other)
+            self._skips(self._worker(rec), rec.get("skipped"))
+            return
+        if event is not None or "step" not in rec:
+            return
+        w = self._worker(rec)
         rank = str(rec.get("rank", 0))
+        step = int(rec["step"])
+        n = rec.get("window_steps") or (step - w.step if w.step is not None and step > w.step else 1)
+        w.step = step
+        for _ in range(max(1, int(n))):
+            self.step_time.labels(**L, rank=rank).observe(max(0.0, rec.get("step_seconds", 0.0)))
         self.wait.labels(**L, rank=rank).inc(max(0.0, rec.get("data_wait_seconds", 0.0)))
-        self.throughput.labels(**L, rank=rank).set(rec.get("samples_per_sec", 0.0))
-        self.step_time.labels(**L, rank=rank).observe(rec.get("step_seconds", 0.0))
-        for reason, n in (rec.get("skipped") or {}).items():
-            key = (rank, reason)
-            delta = n - self._skipped_seen.get(key, 0)
-            if delta > 0:
-                self.skipped.labels(**L, reason=reason).inc(delta)
-            self._skipped_seen[key] = n
+        self._skips(w, rec.get("skipped"))
         if rec.get("rank", 0) != 0:
             return
-        stage = str(rec["stage"])
         self.stage.labels(**L).set(rec["stage"])
-        self.step.labels(**L).set(rec["step"])
-        if rec["samples"] > self._samples_seen:
-            self.samples.labels(**L).inc(rec["samples"] - self._samples_seen)
-        self._samples_seen = rec["samples"]
-        self.loss.labels(**L, stage=stage, level="total").set(rec["loss"])
+        self.step.labels(**L).set(step)
+        if step > 0 and rec.get("samples"):
+            self.samples.labels(**L).inc(max(1, int(n)) * rec["samples"] / step)   # samples/step = global batch
+        if "samples_per_sec" in rec:
+            self.throughput.labels(**L).set(rec["samples_per_sec"])
+        stage = str(rec["stage"])
+        if "loss" in rec:
+            self.loss.labels(**L, stage=stage, level="total").set(rec["loss"])
         for k, v in rec.items():
-            if k.startswith("loss/"):
+            if k.startswith("loss/") and self._level_ok(k[5:]):
                 self.loss.labels(**L, stage=stage, level=k[5:]).set(v)
 
-    def close(self) -> None:
-        if self.server is not None:
+    def _worker(self, rec: dict) -> _Worker:
+        """Per-rank state; a new pid for a rank (a worker-group restart) starts its counts afresh."""
+        rank, pid = str(rec.get("rank", 0)), rec.get("pid")
+        w = self._workers.get(rank)
+        if w is None or (pid is not None and pid != w.pid):
+            w = self._workers[rank] = _Worker(pid)
+        return w
+
+    def _skips(self, w: _Worker, skipped: dict | None) -> None:
+        """Records carry each rank's cumulative counts: add only what is new since the last one."""
+        for reason, n in (skipped or {}).items():
+            delta = int(n) - w.skipped.get(reason, 0)
+            if delta > 0:
+                label = reason if reason in SKIP_REASONS else OTHER_REASON
+                self.skipped.labels(**self.const, reason=label).inc(delta)
+            w.skipped[reason] = max(int(n), w.skipped.get(reason, 0))
+
+    def _level_ok(self, level: str) -> bool:
+        if level in self._levels:
+            return True
+        if len(self._levels) >= MAX_LEVELS:
+            return False
+        self._levels.add(level)
+        return True
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close(self, linger_seconds: float = 0.0) -> None:
+        """Stop serving; with ``linger_seconds``, keep serving the final values that long first so
+        that Prometheus scrapes them (Ctrl-C ends the wait)."""
+        if self.server is None:
+            return
+        try:
+            if linger_seconds > 0:
+                print(f"metrics: serving the final values at {self.url} for {linger_seconds:g}s "
+                      "(metrics.linger_seconds)", file=sys.stderr, flush=True)
+                time.sleep(linger_seconds)
+        except KeyboardInterrupt:
+            pass
+        finally:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
 
 
 class MetricsSink:
-    """Driver-side: records -> ``<out>/metrics.jsonl`` (+ Prometheus)."""
+    """Driver-side: records -> ``<out>/metrics.jsonl`` and ``events.jsonl`` (+ Prometheus)."""
 
-    def __init__(self, out: str, cfg: MetricsConfig, run_id: str, attempt: int):
+    def __init__(self, out: str, cfg: MetricsConfig, run_id: str, attempt: str | int):
+        self.cfg = cfg
         self.path = fsio.join(out, "metrics.jsonl")
         self.events = fsio.join(out, "events.jsonl")
         self.prom = PrometheusExporter(cfg, run_id, attempt) if cfg.port else None
@@ -88,4 +202,4 @@ class MetricsSink:
 
     def close(self) -> None:
         if self.prom:
-            self.prom.close()
+            self.prom.close(getattr(self.cfg, "linger_seconds", 0.0))

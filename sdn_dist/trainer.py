@@ -130,7 +130,7 @@ def train_worker(config: dict) -> None:
             coord.report.remote([{"event": "checkpoint", "step": tag_step, "stage": stage, "rank": 0,
                                   "checkpoint_seconds": ckpt.last_save_seconds, "time": time.time()}])
 
-    window_t, window_n, wait0 = time.time(), 0, feed.wait_seconds
+    window_t, window_n, wait0, window_s0 = time.time(), 0, feed.wait_seconds, step
     pending: list[dict] = []
     while step < end:
         if stage == 1 and step >= switch_step:
@@ -177,7 +177,7 @@ def train_worker(config: dict) -> None:
             dt = time.time() - window_t
             rec = {"step": step, "stage": stage, "rank": rank, "attempt": attempt, "pid": os.getpid(), "loss": loss_sum,
                    "samples_per_sec": window_n * world / max(dt, 1e-9),
-                   "data_wait_seconds": feed.wait_seconds - wait0, "step_seconds": dt / max(1, cfg.metrics.log_every),
+                   "data_wait_seconds": feed.wait_seconds - wait0, "step_seconds": dt / max(1, step - window_s0), "window_steps": step - window_s0,
                    "samples": step * per_step * world, "skipped": feed.skipped, "time": time.time(),
                    **{f"loss/{k}": v for k, v in parts_sum.items()}}
             pending.append(rec)
@@ -190,7 +190,7 @@ def train_worker(config: dict) -> None:
                 if int(t) != switch_step:
                     switch_step = max(int(t), step)
                     end = switch_step + cfg.stage2.steps
-            window_t, window_n, wait0 = time.time(), 0, feed.wait_seconds
+            window_t, window_n, wait0, window_s0 = time.time(), 0, feed.wait_seconds, step
 
         if grid is not None and cfg.samples.every and step % cfg.samples.every == 0:
             grid.write(engine.module, step, stage)
