@@ -122,9 +122,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    report = evaluate(args.checkpoint, args.shards, args.out, limit=args.limit)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+    from .evaluate import evaluate, format_report
+    report = evaluate(args.checkpoint, args.shards, args.out, limit=args.limit,
+                      evaluator=args.evaluator, inception_weights=args.inception_weights,
+                      evaluator_steps=args.evaluator_steps, grid=args.grid, batch_size=args.batch_size)
+    print(format_report(report), end="")
+    print(f"report: {args.out}")
     return 0
 
 
@@ -232,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="test shard URL")
     p.add_argument("--out", required=True, help="report.json path")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples (0 = all)")
+    p.add_argument("--evaluator", default=None, metavar="URL",
+                   help="attribute evaluator file (default: RUN/evaluator.pt, trained on the run's training shards when missing)")
+    p.add_argument("--evaluator-steps", type=int, default=None,
+                   help="training steps when the evaluator must be trained (default: ~10 epochs, 60-400)")
+    p.add_argument("--inception-weights", default=None, metavar="URL",
+                   help="torchvision Inception-v3 state dict: adds the Inception Score")
+    p.add_argument("--grid", type=int, default=8, help="samples in the generated-vs-real grid PNG")
+    p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("bench", help="the performance benchmark")

@@ -1,0 +1,433 @@
+"""`sdn-dist eval`: the quality report of a trained student on test shards.
+
+    sdn-dist eval --checkpoint runs/demo --shards 'shards/synth/test-*.tar' --out report.json
+    from sdn_dist.evaluate import evaluate
+    report = evaluate("runs/demo", "shards/synth/test-*.tar", "report.json", limit=0)
+
+For every test sample (in shard order, up to ``limit``): its *first* caption (deterministic) is
+encoded with the run's text encoder (or its stored embedding row, for ``precomputed`` runs), the
+student generates one image at the model's resolution, and that image is compared with the
+sample's own real image, read at the same resolution. Outputs, beside each other:
+
+* ``out`` (``report.json``): the numbers (see docs/evaluation.md for exactly what each means);
+* ``<out stem>.txt``: the same as a short table for people;
+* ``<out stem>-grid.png``: generated (top row) vs real (bottom row) for the first ``grid`` samples.
+
+Metrics: SSIM and FSIM (piq, data range 1, on the 0..1 images at the model's native size; mean
+over images); on data with labels, per-attribute accuracy of an independent evaluator
+(:mod:`sdn_dist.evaluator`, never the teacher) on the generated images and, as the ceiling, on
+the real test images, overall and per ``meta["split_kind"]`` (the benchmark's ``seen`` /
+``heldout``); optionally the Inception Score of the generated images with Inception-v3 weights
+the user supplies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import fsio
+from .errors import DataError, UserError
+
+REPORT_FORMAT = "sdn-dist-eval/1"
+INCEPTION_SIZE = 299
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IS_MAX_SPLITS = 10
+IS_MIN_PER_SPLIT = 50
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------------
+
+def report_paths(out: str) -> dict[str, str]:
+    """report.json -> {"report": report.json, "summary": report.txt, "grid": report-grid.png}."""
+    stem = out[:-5] if out.lower().endswith(".json") else out
+    return {"report": out, "summary": stem + ".txt", "grid": stem + "-grid.png"}
+
+
+def run_dir_of(checkpoint: str) -> str:
+    """Where the run's evaluator cache lives: the run directory (``RUN/export/student.pt`` ->
+    ``RUN``), or the folder of a loose exported file."""
+    url = checkpoint.rstrip("/")
+    if not url.endswith(".pt"):
+        return url
+    parent = url.rsplit("/", 1)[0] if "/" in url else "."
+    if parent.rsplit("/", 1)[-1] == "export":
+        return parent.rsplit("/", 1)[0] if "/" in parent else "."
+    return parent
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception Score
+# ----------------------------------------------------------------------------------------------
+
+def load_inception(url: str, device="cpu"):
+    """torchvision Inception-v3 with the state dict at ``url`` (``weights_only=True``), in eval
+    mode, ``transform_input=True`` (it takes ImageNet-normalised input, as torchvision's own
+    ImageNet weights do). Accepts the state dict with or without the auxiliary classifier, with
+    or without a ``module.`` prefix, or wrapped as {"state_dict": ...}."""
+    import fsspec
+    from torchvision.models import inception_v3
+
+    if not fsio.exists(url):
+        raise UserError(f"no Inception-v3 weights at {url}")
+    try:
+        with fsspec.open(url, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the user's file
+        raise UserError(f"cannot load Inception-v3 weights {url}: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "fc.weight" not in {k.removeprefix("module.") for k in state}:
+        raise UserError(f"{url} is not a torchvision Inception-v3 state dict (no fc.weight)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    aux = any(k.startswith("AuxLogits.") for k in state)
+    model = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=True,
+                         num_classes=int(state["fc.weight"].shape[0]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{url}: not torchvision Inception-v3 weights: {str(e).splitlines()[0][:300]}") from None
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def inception_probs(model, images: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """images [B,3,H,W] in [0,1] -> softmax class probabilities [B, K] (float64, CPU)."""
+    device = next(model.parameters()).device
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    out = []
+    for s in range(0, images.shape[0], chunk):
+        x = images[s:s + chunk].to(device).float()
+        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        logits = model((x - mean) / std)
+        out.append(torch.softmax(logits.double(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def inception_score(probs: torch.Tensor, splits: int | None = None) -> tuple[float, float, int]:
+    """IS = exp(E_x KL(p(y|x) || p(y))) per split, p(y) the split's mean prediction -> (mean over
+    splits, std over splits, splits). Default splits: 10, fewer so that each holds >= 50 images."""
+    n = probs.shape[0]
+    if n == 0:
+        raise ValueError("no images")
+    if splits is None:
+        splits = max(1, min(IS_MAX_SPLITS, n // IS_MIN_PER_SPLIT))
+    scores = []
+    for part in torch.tensor_split(probs.double(), splits):
+        p = part.clamp_min(1e-12)
+        py = p.mean(dim=0, keepdim=True)
+        kl = (p * (p.log() - py.log())).sum(dim=1).mean().clamp_min(0.0)  # >= 0; no rounding below
+        scores.append(float(torch.exp(kl)))
+    arr = np.asarray(scores)
+    return float(arr.mean()), float(arr.std()), int(splits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Accumulation
+# ----------------------------------------------------------------------------------------------
+
+class _Tally:
+    """Sums for one group of samples (all, or one split kind)."""
+
+    def __init__(self, names: list[str]):
+        self.n = 0
+        self.ssim = 0.0
+        self.fsim = 0.0
+        self.correct_gen = {a: 0 for a in names}
+        self.correct_real = {a: 0 for a in names}
+        self.scored = {a: 0 for a in names}
+        self.counts: dict[str, dict[int, int]] = {a: {} for a in names}
+
+    def metrics(self, classes: dict[str, list[str]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_images": self.n,
+                               "ssim": _r(self.ssim / self.n) if self.n else None,
+                               "fsim": _r(self.fsim / self.n) if self.n else None}
+        if classes:
+            scored = [a for a in classes if self.scored[a]]
+            out["attribute_accuracy"] = {a: _r(self.correct_gen[a] / self.scored[a]) for a in scored}
+            out["attribute_accuracy_real"] = {a: _r(self.correct_real[a] / self.scored[a]) for a in scored}
+            out["attribute_n"] = {a: self.scored[a] for a in scored}
+            out["attribute_accuracy_mean"] = _mean(out["attribute_accuracy"])
+            out["attribute_accuracy_real_mean"] = _mean(out["attribute_accuracy_real"])
+        return out
+
+
+def _r(x: float, nd: int = 4) -> float:
+    return round(float(x), nd)
+
+
+def _mean(d: dict[str, float]) -> float | None:
+    return _r(sum(d.values()) / len(d)) if d else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluator: given, cached next to the run, or trained now
+# ----------------------------------------------------------------------------------------------
+
+def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_size: int,
+                   steps: int | None, progress: bool, notes: list[str]):
+    from .evaluator import MAX_SIDE, evaluator_matches, load_evaluator, train_evaluator
+
+    if evaluator:
+        return load_evaluator(evaluator), False
+    train_urls = (blob.get("data") or {}).get("train")
+    if not train_urls:
+        notes.append("attribute accuracy skipped: the checkpoint records no training shards to "
+                     "train an evaluator on; pass an evaluator file (evaluator=URL)")
+        return None, False
+    size = min(int(image_size), MAX_SIDE)
+    cache = fsio.join(run_dir_of(checkpoint), "evaluator.pt")
+    if fsio.exists(cache):
+        try:
+            ev = load_evaluator(cache)
+            if evaluator_matches(ev, train_urls, size) and steps in (None, ev.meta.get("steps")):
+                return ev, False
+            notes.append(f"cached evaluator {cache} was trained on other shards, at another size "
+                         f"or for another number of steps: retrained")
+        except UserError as e:
+            notes.append(f"cached evaluator unusable ({e}): retrained")
+    if progress:
+        import sys
+        print(f"training the attribute evaluator on {train_urls} at {size} px (cached as {cache})",
+              file=sys.stderr)
+    try:
+        res = train_evaluator(train_urls, size, None, steps=steps, progress=progress)
+    except DataError as e:
+        raise UserError(f"cannot train the attribute evaluator on the run's training shards "
+                        f"{train_urls!r} ({e}); make them reachable from here or pass an "
+                        f"evaluator file") from None
+    ev = res["evaluator"]
+    try:
+        from .evaluator import save_evaluator
+        ev.path = cache
+        save_evaluator(ev, cache)
+    except Exception as e:  # noqa: BLE001 - a read-only run directory must not fail the eval
+        ev.path = ""
+        notes.append(f"could not cache the evaluator at {cache}: {type(e).__name__}: {e}")
+    return ev, True
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: str | None = None,
+             inception_weights: str | None = None, evaluator_steps: int | None = None,
+             batch_size: int = 64, grid: int = 8, seed: int = 0, device=None,
+             progress: bool = True) -> dict:
+    """Evaluate ``checkpoint`` (run directory or exported .pt) on the test ``shards``; write
+    ``out`` (report.json), its ``.txt`` summary and ``-grid.png``. Returns the report dict.
+
+    ``limit``: evaluate the first N samples only (0 = all). ``evaluator``: URL of an evaluator
+    file (:mod:`sdn_dist.evaluator`); without one, on labelled data, the run's cached
+    ``evaluator.pt`` is used or trained from the run's training shards. ``inception_weights``:
+    URL of a torchvision Inception-v3 state dict; the Inception Score is computed only then.
+    """
+    import piq
+    from tqdm import tqdm
+
+    from .data.pipeline import iter_batches
+    from .data.shards import expand_urls
+    from .data.text import encoder_from_record
+    from .evaluator import describe, sample_labels
+    from .export import load_student, resolve
+    from .generate import default_device, render
+    from .samples import grid_png
+
+    t0 = time.time()
+    if limit is None:
+        limit = 0
+    if limit < 0:
+        raise UserError(f"--limit must be >= 0 (0 = all), got {limit}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    dev = torch.device(device) if device is not None else default_device()
+    student, blob = load_student(checkpoint, device=dev)
+    encoder = encoder_from_record(blob["text"])
+    image_size = int(blob["model"]["image_size"])
+    urls = expand_urls(shards)
+    paths = report_paths(out)
+    inception = load_inception(inception_weights, dev) if inception_weights else None
+    notes: list[str] = []
+
+    batches = iter_batches(urls, image_size=image_size, batch_size=batch_size, text_encoder=encoder,
+                           shuffle=False, seed=0, epochs=1, caption="first")
+    first = next((b for b in batches if b["key"]), None)
+    if first is None:
+        raise DataError(f"no readable samples in {shards}")
+    labelled = any(sample_labels(m) for m in first["meta"])
+    ev, trained = None, False
+    if evaluator or labelled:
+        ev, trained = _get_evaluator(evaluator, blob, checkpoint, image_size, evaluator_steps,
+                                     progress, notes)
+    else:
+        notes.append("attribute accuracy skipped: the test samples carry no labels "
+                     "(meta 'attributes' or 'label')")
+    names = ev.names if ev is not None else []
+    classes = ev.classes if ev is not None else {}
+
+    tallies: dict[str, _Tally] = {"all": _Tally(names)}
+    gen_grid, real_grid, grid_captions = [], [], []
+    probs: list[torch.Tensor] = []
+    gen = torch.Generator().manual_seed(int(seed))
+    bar = tqdm(total=limit or None, desc="eval", unit="img", disable=not progress)
+
+    def consume(batch) -> bool:
+        n_all = tallies["all"].n
+        take = len(batch["key"]) if not limit else min(len(batch["key"]), limit - n_all)
+        if take <= 0:
+            return False
+        real = batch["image"][:take].float()
+        text = torch.as_tensor(batch["text"][:take]).float()
+        metas = batch["meta"][:take]
+        fake = render(student, text, generator=gen)
+        ssim = piq.ssim(fake, real, data_range=1.0, reduction="none").flatten()
+        fsim = piq.fsim(fake, real, data_range=1.0, reduction="none").flatten()
+        kinds = [m.get("split_kind") if isinstance(m, dict) else None for m in metas]
+        groups = [["all"] + ([str(k)] if k else []) for k in kinds]
+        for g in {k for gs in groups for k in gs}:
+            tallies.setdefault(g, _Tally(names))
+        for i, gs in enumerate(groups):
+            for g in gs:
+                tallies[g].n += 1
+                tallies[g].ssim += float(ssim[i])
+                tallies[g].fsim += float(fsim[i])
+        if ev is not None:
+            pg, pr, tg = ev.predict(fake), ev.predict(real), ev.targets(metas)
+            for a in names:
+                for i, gs in enumerate(groups):
+                    t = int(tg[a][i])
+                    if t < 0:
+                        continue
+                    for g in gs:
+                        tl = tallies[g]
+                        tl.scored[a] += 1
+                        tl.correct_gen[a] += int(pg[a][i] == t)
+                        tl.correct_real[a] += int(pr[a][i] == t)
+                        tl.counts[a][t] = tl.counts[a].get(t, 0) + 1
+        if inception is not None:
+            probs.append(inception_probs(inception, fake))
+        room = grid - len(gen_grid)
+        if room > 0:
+            gen_grid.extend(fake[:room])
+            real_grid.extend(real[:room])
+            grid_captions.extend(batch["captions"][:take][:room])
+        bar.update(take)
+        return not limit or tallies["all"].n < limit
+
+    go = consume(first)
+    for batch in (batches if go else ()):
+        if batch["key"] and not consume(batch):
+            break
+    bar.close()
+    n = tallies["all"].n
+    if n == 0:
+        raise DataError(f"no readable samples in {shards}")
+
+    overall = tallies["all"].metrics(classes)
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "checkpoint": resolve(checkpoint),
+        "step": blob.get("step"),
+        "preset": blob.get("preset"),
+        "shards": shards,
+        "n_images": n,
+        "limit": int(limit),
+        "image_size": image_size,
+        "caption": "first",
+        "ssim": overall["ssim"],
+        "fsim": overall["fsim"],
+    }
+    if ev is not None:
+        report["attribute_accuracy"] = overall.get("attribute_accuracy", {})
+        report["attribute_accuracy_real"] = overall.get("attribute_accuracy_real", {})
+        report["attribute_accuracy_mean"] = overall.get("attribute_accuracy_mean")
+        report["attribute_accuracy_real_mean"] = overall.get("attribute_accuracy_real_mean")
+        report["attribute_n"] = overall.get("attribute_n", {})
+        scored = list(report["attribute_accuracy"])
+        report["chance"] = {a: _r(1.0 / len(classes[a])) for a in scored}
+        allc = tallies["all"].counts
+        report["majority"] = {a: _r(max(allc[a].values()) / sum(allc[a].values())) for a in scored}
+        unscored = [a for a in names if a not in scored]
+        if unscored:
+            notes.append(f"not scored (no test sample has a value the evaluator knows): "
+                         f"{', '.join(unscored)}")
+        report["evaluator"] = {**describe(ev), "trained_now": trained}
+    kinds = sorted(k for k in tallies if k != "all")
+    if kinds:
+        report["by_split"] = {k: tallies[k].metrics(classes) for k in kinds}
+    if inception is not None:
+        is_mean, is_std, splits = inception_score(torch.cat(probs))
+        report["inception_score"] = _r(is_mean)
+        report["inception_score_std"] = _r(is_std)
+        report["inception_splits"] = splits
+        report["inception_weights"] = inception_weights
+    report["grid"] = paths["grid"] if gen_grid else None
+    report["summary"] = paths["summary"]
+    report["grid_captions"] = grid_captions
+    report["notes"] = notes
+    report["seconds"] = _r(time.time() - t0, 2)
+
+    if gen_grid:
+        fsio.atomic_write(paths["grid"], grid_png(torch.stack(gen_grid), torch.stack(real_grid)))
+    fsio.atomic_write(paths["summary"], format_report(report))
+    fsio.atomic_write(paths["report"], json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a short table for people."""
+    lines = [f"sdn-dist eval: {report['n_images']} test images from {report['shards']}",
+             f"checkpoint {report['checkpoint']} (step {report.get('step')}, "
+             f"{report['image_size']}x{report['image_size']} px, first caption of each sample)",
+             f"SSIM {report['ssim']:.4f}   FSIM {report['fsim']:.4f}   "
+             f"(generated vs paired real image, mean over images; 1 = identical)"]
+    by = report.get("by_split") or {}
+    for k, v in by.items():
+        lines.append(f"  {k:8s} n={v['n_images']:<6d} SSIM {v['ssim']:.4f}   FSIM {v['fsim']:.4f}")
+    acc = report.get("attribute_accuracy")
+    if acc is not None:
+        ev = report.get("evaluator") or {}
+        lines.append("")
+        lines.append(f"attribute accuracy by an independent evaluator ({ev.get('arch')}, trained on "
+                     f"real training images; not the teacher)")
+        head = f"  {'attribute':12s} {'generated':>9s} {'real':>6s} {'chance':>7s}"
+        for k in by:
+            head += f"   {k + ' gen/real':>17s}"
+        lines.append(head)
+        for a in acc:
+            row = (f"  {a:12s} {acc[a]:9.3f} {report['attribute_accuracy_real'][a]:6.3f} "
+                   f"{report['chance'][a]:7.3f}")
+            for k, v in by.items():
+                g = (v.get("attribute_accuracy") or {}).get(a)
+                r = (v.get("attribute_accuracy_real") or {}).get(a)
+                row += f"   {_fmt(g) + '/' + _fmt(r):>17s}"
+            lines.append(row)
+        if acc:
+            lines.append(f"  {'mean':12s} {report['attribute_accuracy_mean']:9.3f} "
+                         f"{report['attribute_accuracy_real_mean']:6.3f}")
+    if "inception_score" in report:
+        lines.append("")
+        lines.append(f"Inception Score {report['inception_score']:.3f} +- "
+                     f"{report['inception_score_std']:.3f} ({report['inception_splits']} splits, "
+                     f"weights {report['inception_weights']})")
+    for note in report.get("notes") or []:
+        lines.append(f"note: {note}")
+    if report.get("grid"):
+        lines.append(f"grid: {report['grid']}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+

@@ -1,0 +1,215 @@
+"""`sdn-dist generate` and `sdn-dist eval` on a real debug run (slow tier: it trains one).
+
+One module-scoped debug run (~30 s) and one CLI eval of it (~10 s, trains the attribute evaluator
+and caches it in the run) are shared by the tests below; the pure helpers are tested fast.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sdn_dist.errors import UserError
+from sdn_dist.evaluate import inception_score, report_paths, run_dir_of
+from sdn_dist.generate import file_names, slugify
+
+SDN = [sys.executable, "-m", "sdn_dist.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+N_TEST = 24
+
+
+def cli(*args, timeout=300):
+    return subprocess.run(SDN + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+# ---------------------------------------------------------------------------------- fast tier
+
+def test_slug_and_names():
+    assert slugify("A big, RED circle!") == "a-big-red-circle"
+    assert slugify("  ...  ") == "caption"
+    assert slugify("x" * 100) == "x" * 60
+    assert slugify("ab " * 40).endswith("ab") and len(slugify("ab " * 40)) <= 60
+    assert file_names(["b", "a"]) == ["0000-b.png", "0001-a.png"]
+    assert file_names(["c"] * 10001)[-1] == "10000-c.png"
+
+
+def test_inception_score_math():
+    k = 10
+    uniform = torch.full((40, k), 1.0 / k)
+    assert inception_score(uniform)[0] == pytest.approx(1.0)
+    onehot = torch.eye(k).repeat(4, 1)           # 40 confident predictions, all classes equally
+    mean, std, splits = inception_score(onehot, splits=1)
+    assert mean == pytest.approx(k, rel=1e-6) and splits == 1
+    assert inception_score(torch.eye(k).repeat(100, 1))[2] == 10   # 1000 images -> 10 splits
+    assert inception_score(torch.eye(k).repeat(6, 1))[2] == 1      # 60 images -> 1 split
+
+
+def test_paths():
+    assert report_paths("out/report.json") == {"report": "out/report.json", "summary": "out/report.txt",
+                                               "grid": "out/report-grid.png"}
+    assert run_dir_of("runs/a") == "runs/a"
+    assert run_dir_of("runs/a/export/student.pt") == "runs/a"
+    assert run_dir_of("s3://b/x/model.pt") == "s3://b/x"
+
+
+# ---------------------------------------------------------------------------------- slow tier
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from sdn_dist.data.synth import make_synth
+    d = tmp_path_factory.mktemp("ge-shards")
+    make_synth(out=str(d), train=160, test=N_TEST, size=32, per_shard=80, seed=3, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ge-run") / "run"
+    r = cli("train", "--preset", "debug", "--quiet", "--set", f"out={out}",
+            "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
+            timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "export" / "student.pt").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run, shards, tmp_path_factory):
+    """One CLI eval of the whole test split (trains + caches the evaluator in the run)."""
+    out = tmp_path_factory.mktemp("ge-eval") / "report.json"
+    r = cli("eval", "--checkpoint", run, "--shards", f"{shards}/test-*.tar", "--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_generate_names_order_and_pngs(run, tmp_path):
+    from sdn_dist.generate import generate
+    caps = ["a large red circle in the top left on a white background", "Small BLUE square?!",
+            "x" * 100, "a green cross", "a purple triangle in the bottom right"]
+    out = tmp_path / "gen" / "nested"                     # created
+    paths = generate(str(run), caps, str(out), batch_size=2)
+    names = [Path(p).name for p in paths]
+    assert names == ["0000-a-large-red-circle-in-the-top-left-on-a-white-background.png",
+                     "0001-small-blue-square.png", f"0002-{'x' * 60}.png", "0003-a-green-cross.png",
+                     "0004-a-purple-triangle-in-the-bottom-right.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for p in paths:
+        with Image.open(p) as im:
+            im.verify()
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (32, 32) and im.mode == "RGB"
+    # Same caption -> same image, whatever the batch it is in (deterministic).
+    again = generate(str(run), caps[:1], str(tmp_path / "again"), batch_size=1)
+    assert Path(again[0]).read_bytes() == Path(paths[0]).read_bytes()
+
+
+@pytest.mark.slow
+def test_generate_cli_from_exported_file_url(run, tmp_path):
+    f = tmp_path / "caps.txt"
+    f.write_text("a yellow square\n\n  a blue disc  \n")
+    ckpt = f"file://{run}/export/student.pt"
+    r = cli("generate", "--checkpoint", ckpt, "--text", "first one", "--text-file", f,
+            "--out", tmp_path / "g", "--batch-size", 2)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "0000-first-one.png", "0001-a-yellow-square.png", "0002-a-blue-disc.png"]
+
+
+@pytest.mark.slow
+def test_generate_refuses_precomputed_encoder(run, tmp_path):
+    from sdn_dist.generate import generate
+    blob = torch.load(run / "export" / "student.pt", weights_only=True)
+    blob["text"] = {"encoder": "precomputed", "dim": blob["text"]["dim"]}
+    ckpt = tmp_path / "pre.pt"
+    torch.save(blob, ckpt)
+    with pytest.raises(UserError, match="precomputed"):
+        generate(str(ckpt), ["a red circle"], str(tmp_path / "g"))
+    r = cli("generate", "--checkpoint", ckpt, "--text", "a red circle", "--out", tmp_path / "g")
+    assert r.returncode == 2 and "precomputed" in r.stderr and "free text" in r.stderr
+
+
+@pytest.mark.slow
+def test_missing_checkpoint_exits_2(shards, tmp_path):
+    missing = tmp_path / "no-such-run"
+    r = cli("generate", "--checkpoint", missing, "--text", "a", "--out", tmp_path / "g")
+    assert r.returncode == 2 and str(missing) in r.stderr and r.stderr.startswith("error:")
+    r = cli("eval", "--checkpoint", missing, "--shards", f"{shards}/test-*.tar", "--out", tmp_path / "r.json")
+    assert r.returncode == 2 and str(missing) in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_eval_report_fields_and_ranges(report, run):
+    out, rep = report
+    assert rep["n_images"] == N_TEST
+    assert 0 <= rep["ssim"] <= 1 and 0 <= rep["fsim"] <= 1
+    attrs = {"shape", "colour", "size", "position", "background"}
+    assert set(rep["attribute_accuracy"]) == attrs == set(rep["attribute_accuracy_real"]) == set(rep["chance"])
+    for d in (rep["attribute_accuracy"], rep["attribute_accuracy_real"], rep["chance"]):
+        assert all(0 <= v <= 1 for v in d.values())
+    assert rep["chance"]["colour"] == pytest.approx(1 / 6, abs=1e-3)
+    assert set(rep["by_split"]) == {"seen", "heldout"}
+    assert sum(v["n_images"] for v in rep["by_split"].values()) == N_TEST
+    for v in rep["by_split"].values():
+        assert 0 <= v["ssim"] <= 1 and 0 <= v["fsim"] <= 1
+        assert set(v["attribute_accuracy"]) == attrs
+        assert all(0 <= x <= 1 for x in {**v["attribute_accuracy"], **v["attribute_accuracy_real"]}.values())
+    assert "inception_score" not in rep                          # only with user-supplied weights
+    assert Path(rep["summary"]).read_text().count("SSIM") >= 1
+    with Image.open(rep["grid"]) as im:
+        assert im.format == "PNG" and im.size[0] > 8 * 32 and im.size[1] > 2 * 32
+    assert rep["evaluator"]["path"] == str(run / "evaluator.pt") and (run / "evaluator.pt").exists()
+
+
+@pytest.mark.slow
+def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
+    from torchvision.models.resnet import BasicBlock
+
+    from sdn_dist.evaluator import SmallResNet, load_evaluator
+    from sdn_dist.teacher import Teacher
+    _, rep = report
+    ev = load_evaluator(str(run / "evaluator.pt"))
+    assert isinstance(ev.model, SmallResNet) and not isinstance(ev.model, Teacher)
+    assert any(isinstance(m, BasicBlock) for m in ev.model.modules())        # residual, not VGG
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in ev.model.modules())
+    assert ev.meta["train"] == f"{shards}/train-*.tar"             # real training images only
+    # Its accuracy on the REAL test images is well above chance (the ceiling beside the
+    # generated images' accuracy); colour and background are easy even with 160 images.
+    real, chance = rep["attribute_accuracy_real"], rep["chance"]
+    assert rep["attribute_accuracy_real_mean"] > sum(chance.values()) / len(chance) + 0.2
+    for a in ("colour", "background"):
+        assert real[a] >= chance[a] + 0.3, (a, real[a])
+    # The evaluator file is not a student or teacher file, and those are not evaluators.
+    with pytest.raises(UserError, match="not an sdn-dist evaluator"):
+        load_evaluator(str(run / "export" / "student.pt"))
+
+
+@pytest.mark.slow
+def test_eval_limit_and_inception_weights(report, run, shards, tmp_path):
+    from torchvision.models import inception_v3
+
+    from sdn_dist.evaluate import evaluate
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pt"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    out = tmp_path / "sub" / "limited.json"
+    rep = evaluate(str(run), f"{shards}/test-*.tar", str(out), limit=5,
+                   evaluator=str(run / "evaluator.pt"), inception_weights=str(weights), progress=False)
+    assert rep["n_images"] == 5 == json.loads(out.read_text())["n_images"]
+    assert math.isfinite(rep["inception_score"]) and rep["inception_score"] >= 1
+    assert rep["inception_splits"] == 1
+    assert (tmp_path / "sub" / "limited.txt").exists() and (tmp_path / "sub" / "limited-grid.png").exists()
+    assert 0 <= rep["ssim"] <= 1 and not rep["evaluator"]["trained_now"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=str(bad)):
+        evaluate(str(run), f"{shards}/test-*.tar", str(tmp_path / "x.json"), limit=2,
+                 evaluator=str(run / "evaluator.pt"), inception_weights=str(bad), progress=False)
