@@ -94,12 +94,22 @@ class Checkpointer:
                 self.fs.put(os.path.join(save_dir, tag), f"{self.path}/{tag}", recursive=True)
                 shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
         except OSError as e:
+            # Free what the failed write took (a full disk stays full otherwise); the marker was
+            # never written, so nothing will resume from it either way.
+            try:
+                self.fs.rm(f"{self.path}/{tag}", recursive=True)
+            except OSError:
+                pass
             raise UserError(f"cannot write checkpoint {self.root}/{tag}: {e.strerror or e} "
                             f"(earlier checkpoints are intact)") from e
         _barrier()
         if self.rank == 0:
             marker = dict(client_state, step=step, time=time.time())
-            fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
+            try:
+                fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
+            except UserError as e:
+                self.fs.rm(f"{self.path}/{tag}", recursive=True)
+                raise UserError(f"{e} (earlier checkpoints are intact)") from e
             self._prune()
         _barrier()
         self.last_save_seconds = time.time() - t0
@@ -137,7 +147,7 @@ def _deepspeed_safe_globals() -> list:
 
 
 def verify_safe(directory: str) -> None:
-    """DeepSpeed loads checkpoints with ``weights_only=False``, which would run any code a hostile
+    """DeepSpeed loads checkpoints without torch's weights-only restriction, which would run any code a hostile
     file carries. Every file is first opened with torch's restricted unpickler (tensors, plain data
     and the allow-listed DeepSpeed classes only); anything else is refused before DeepSpeed sees it."""
     import pickle

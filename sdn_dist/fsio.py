@@ -10,8 +10,21 @@ from __future__ import annotations
 import os
 import uuid
 
+import contextlib
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def writing(url: str):
+    """A failed write (disk full, read-only, no permission) is the user's to fix: say which file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {url}: {e.strerror or e}") from e
 
 
 def url_to_fs(url: str):
@@ -49,6 +62,11 @@ def read_text(url: str) -> str:
 
 
 def atomic_write(url: str, data: bytes | str) -> None:
+    with writing(url):
+        _atomic_write(url, data)
+
+
+def _atomic_write(url: str, data: bytes | str) -> None:
     if isinstance(data, str):
         data = data.encode()
     fs, path = url_to_fs(url)
@@ -56,11 +74,15 @@ def atomic_write(url: str, data: bytes | str) -> None:
     fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:  # a failed write (disk full) leaves no half file behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
@@ -71,9 +93,9 @@ def append_lines(url: str, lines: list[str]) -> None:
         return
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
-        with open(path, "a") as f:
+        with writing(url), open(path, "a") as f:
             f.write("".join(l + "\n" for l in lines))
     else:  # object stores cannot append: rewrite (metrics files stay small)
         old = fs.cat_file(path).decode() if fs.exists(path) else ""
-        with fs.open(path, "w") as f:
+        with writing(url), fs.open(path, "w") as f:
             f.write(old + "".join(l + "\n" for l in lines))
