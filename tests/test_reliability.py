@@ -274,3 +274,34 @@ def test_disk_full_stops_with_clear_error_and_keeps_earlier_checkpoints(tmp_path
         assert line
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_odd_images_and_very_long_captions_are_read(tmp_path):
+    """1x1, large, grayscale and palette images decode to RGB at the model size; a 100 KB caption
+    is encoded, not fatal."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from sdn_dist.config import TextConfig
+    from sdn_dist.data.pipeline import iter_batches
+    from sdn_dist.data.text import build_text_encoder
+
+    def png(img):
+        b = io.BytesIO()
+        img.save(b, "PNG")
+        return b.getvalue()
+
+    path = tmp_path / "odd-000000.tar"
+    with wds.TarWriter(str(path)) as w:
+        w.write({"__key__": "tiny", "png": png(Image.new("RGB", (1, 1), (255, 0, 0))), "txt": b"a red dot"})
+        w.write({"__key__": "big", "png": png(Image.new("RGB", (3000, 2000), (0, 255, 0))), "txt": b"green"})
+        w.write({"__key__": "gray", "png": png(Image.new("L", (40, 40), 128)), "txt": b"gray"})
+        w.write({"__key__": "pal", "png": png(Image.new("P", (20, 20), 3)), "txt": ("word " * 20000).encode()})
+    enc = build_text_encoder(TextConfig(encoder="hash", dim=32))
+    b = next(iter(iter_batches(str(path), image_size=32, batch_size=4, text_encoder=enc, shuffle=False, epochs=1)))
+    assert b["key"] == ["tiny", "big", "gray", "pal"]
+    assert tuple(b["image"].shape) == (4, 3, 32, 32) and tuple(b["text"].shape) == (4, 32)
+    assert torch.isfinite(b["text"]).all()
+    assert torch.allclose(b["image"][0, 0], torch.ones(32, 32)) and float(b["image"][0, 1].max()) == 0.0
