@@ -61,8 +61,10 @@ class ModelConfig(Section):
 
 class TeacherTrainConfig(Section):
     steps: int = Field(600, ge=1, description="Optimizer steps of `sdn-dist teacher train`.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate for teacher training.")
+    lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate for teacher training (linear warm-up over 5 % of the steps, cosine decay to 0).")
     batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
+    heads: Literal["spatial", "pooled"] = Field("spatial", description="Input of the attribute heads: pool5 flattened (spatial: where and what colour is linearly readable) or averaged over height and width (pooled).")
+    rescale: bool = Field(True, description="After training, rescale each conv so every channel's mean activation on training images is 1 (Gatys et al. 2016; the function is unchanged), so that no level dominates SDN's sums of per-point L1 distances.")
 
 
 class TeacherConfig(Section):
@@ -208,17 +210,6 @@ def deep_merge(base: dict, upd: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, f in model.model_fields.items():
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _known_keys(ann, prefix + name + ".")
-        else:
-            keys.append(prefix + name)
-    return keys
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -73,17 +73,11 @@ def load_inception(url: str, device="cpu"):
     mode, ``transform_input=True`` (it takes ImageNet-normalised input, as torchvision's own
     ImageNet weights do). Accepts the state dict with or without the auxiliary classifier, with
     or without a ``module.`` prefix, or wrapped as {"state_dict": ...}."""
-    import fsspec
     from torchvision.models import inception_v3
 
     if not fsio.exists(url):
         raise UserError(f"no Inception-v3 weights at {url}")
-    try:
-        with fsspec.open(url, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the user's file
-        raise UserError(f"cannot load Inception-v3 weights {url}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}") from None
+    state = fsio.load_torch(url, "Inception-v3 weights")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or "fc.weight" not in {k.removeprefix("module.") for k in state}:

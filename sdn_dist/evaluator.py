@@ -215,13 +215,7 @@ def load_evaluator(url: str) -> Evaluator:
     unreadable or not an evaluator."""
     if not fsio.exists(url):
         raise UserError(f"no evaluator at {url}")
-    try:
-        import fsspec
-        with fsspec.open(url, "rb") as f:
-            blob = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the user's file
-        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0].split(". ")[0][:200]
-        raise UserError(f"cannot load evaluator {url}: {type(e).__name__}: {why}") from None
+    blob = fsio.load_torch(url, "evaluator")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{url} is not an sdn-dist evaluator (format {FORMAT}; "
                         f"the teacher or a student file cannot serve as one)")

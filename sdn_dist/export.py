@@ -42,11 +42,7 @@ def load_student(checkpoint: str, device="cpu"):
     url = resolve(checkpoint)
     if not fsio.exists(url):
         raise UserError(f"no exported student at {url} (is the run finished? `sdn-dist train` writes it at the end)")
-    try:
-        with fsio_open(url) as f:
-            blob = torch.load(f, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-        raise UserError(f"cannot load {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    blob = fsio.load_torch(url, "exported student", map_location=device)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{url} is not an sdn-dist exported student (format {FORMAT})")
     model_cfg = ModelConfig.model_validate(blob["model"])
@@ -56,8 +52,3 @@ def load_student(checkpoint: str, device="cpu"):
     except RuntimeError as e:
         raise UserError(f"{url}: weights do not match the recorded model: {str(e).splitlines()[0]}") from None
     return student.to(device).eval(), blob
-
-
-def fsio_open(url: str):
-    import fsspec
-    return fsspec.open(url, "rb")

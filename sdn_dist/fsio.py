@@ -56,6 +56,27 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
+def load_torch(url: str, what: str, error: type[UserError] = UserError, map_location="cpu"):
+    """``torch.load(weights_only=True)`` from any fsspec URL: tensors and plain data only, never
+    code. Any failure (missing, truncated, not torch, unsafe pickle) is ``error`` naming ``what``
+    and the file."""
+    import io
+    import re
+
+    import torch
+    try:
+        with fsspec.open(url, "rb") as f:
+            # torch.load needs random access; remote files that cannot seek are read whole.
+            src = f if f.seekable() else io.BytesIO(f.read())
+            return torch.load(src, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise error(f"{what} {url}: file not found") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, unsafe pickle, network error
+        lines = [l for l in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if l.strip()]
+        why = f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
+        raise error(f"{what} {url}: not a readable torch file ({why})") from None
+
+
 def read_text(url: str) -> str:
     with fsspec.open(url, "r") as f:
         return f.read()

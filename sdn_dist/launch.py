@@ -93,7 +93,6 @@ def _preflight(cfg: Config) -> None:
 
 
 def run_training(cfg: Config, progress: bool = True) -> dict:
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -19,16 +19,15 @@ its *input*, which stage 2 needs (generated image -> teacher -> loss -> student)
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 from torchvision.models.vgg import make_layers
 
+from . import fsio
 from .config import ModelConfig, TeacherConfig
 from .errors import WeightsError
 from .vgg import FC7, fc_dim, layer_plan, scaled_cfg
@@ -188,15 +187,7 @@ def load_teacher_weights(url: str) -> tuple[dict[str, torch.Tensor], dict[str, A
     {torchvision keys}, "heads": {...}, "meta": {width, image_size, pool, normalize, mean, std,
     heads, ...}}``. Raises WeightsError naming the file for anything else.
     """
-    try:
-        with fsspec.open(url, "rb") as f:
-            # torch.load needs random access; remote files that cannot seek are read whole.
-            src = f if f.seekable() else io.BytesIO(f.read())
-            obj = torch.load(src, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise WeightsError(f"teacher weights {url}: file not found") from None
-    except Exception as e:  # truncated, not a torch file, unsafe pickle, network error
-        raise WeightsError(f"teacher weights {url}: not a readable torch weights file ({_first_line(e)})") from None
+    obj = fsio.load_torch(url, "teacher weights", WeightsError)
 
     if isinstance(obj, dict) and "format" in obj:
         if obj["format"] != TEACHER_FORMAT:
