@@ -50,10 +50,58 @@ def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
     """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method says)."""
     import deepspeed
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
-    student = Student(cfg.model, text_dim).to(device)
+    student = prepare_student(Student(cfg.model, text_dim).to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
                                            config=deepspeed_config(cfg, stage_cfg))
     return engine
+
+
+# channels_last (NHWC): oneDNN on CPUs and cuDNN on GPUs run their convolutions in it without
+# reordering every activation; 1.2-1.3x per step at the demo size on 2 CPU cores
+# (docs/performance.md). Only the memory layout changes: values, keys and shapes stay the same.
+MEMORY_FORMAT = torch.channels_last
+
+
+def prepare_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
+    """The frozen teacher as the step runs it: 4-D weights in MEMORY_FORMAT."""
+    return teacher.to(memory_format=MEMORY_FORMAT)
+
+
+def _nhwc_input(module, args):
+    return (args[0].contiguous(memory_format=MEMORY_FORMAT), *args[1:])
+
+
+def prepare_student(student: torch.nn.Module) -> torch.nn.Module:
+    """The student as the step runs it: every convolution takes its input in MEMORY_FORMAT (its
+    outputs follow). Its weights stay NCHW: DeepSpeed's initial broadcast views each parameter as
+    bytes (needs a stride-1 last dimension) and ZeRO re-seats parameters in flat buffers."""
+    for m in student.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(_nhwc_input)
+    return student
+
+
+def prepare_batch(image, text, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reader's micro-batch (numpy or tensors) -> (real images, text embeddings) on ``device``."""
+    real = torch.as_tensor(image).to(device).contiguous(memory_format=MEMORY_FORMAT)
+    return real, torch.as_tensor(text).to(device, dtype)
+
+
+def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage: int,
+                 cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch forward -> (loss, {point: detached loss}); the caller does backward/step.
+
+    The teacher's pass over the real image is a constant target (no graph); in stage 2 the
+    generated image goes through the frozen teacher and the gradient flows through it to the
+    student. Shared with the benchmark's plain PyTorch loop (``sdn_dist.bench``): same work.
+    """
+    with torch.no_grad():
+        t_real = teacher(real)
+    out = student(text)
+    if stage == 1:
+        return stage1_loss(t_real, {k: v.float() for k, v in out.items()}, cfg.stage1)
+    t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
+    return stage2_loss(t_real, t_gen, cfg.stage2)
 
 
 def student_state_dict(engine, cfg: Config) -> dict:
@@ -74,12 +122,21 @@ def _digest(state_dict: dict) -> str:
     return h.hexdigest()
 
 
+def _host_values(loss_sum: torch.Tensor | None, parts_sum: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """The step's loss and per-point losses as Python floats, in one device-to-host copy."""
+    if loss_sum is None:   # every micro-batch of the step was empty (all samples skipped)
+        return 0.0, {}
+    values = torch.stack([loss_sum.float(), *(v.float() for v in parts_sum.values())]).tolist()
+    return values[0], dict(zip(parts_sum, values[1:]))
+
+
 def train_worker(config: dict) -> None:
     import ray.train
 
-    from .readers import DataFeed
+    from .readers import DataFeed, peak_rss_bytes, run_at_raylet_priority
     from .samples import SampleGrid
 
+    run_at_raylet_priority()
     cfg = Config.model_validate(config["cfg"])
     coord = config["coordinator"]
     ctx = ray.train.get_context()
@@ -89,7 +146,7 @@ def train_worker(config: dict) -> None:
     attempt = config["attempt"]
 
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
-    teacher = build_teacher(cfg.model, cfg.teacher).to(device)
+    teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank)
     if rank == 0:
         ckpt.clean_incomplete()
@@ -144,8 +201,10 @@ def train_worker(config: dict) -> None:
                 coord.event.remote(f"switched to stage 2 at step {step}")
 
         engine.train()
-        parts_sum: dict[str, float] = {}
-        loss_sum = 0.0
+        # Summed on the device and read back only at log steps: a float() per step would be a
+        # host sync per step (23 of them: the loss and each point's) on a GPU.
+        parts_sum: dict[str, torch.Tensor] = {}
+        loss_sum: torch.Tensor | None = None
         for _ in range(cfg.deepspeed.grad_accum):
             b = feed.next()
             if not b["captions"]:
@@ -155,31 +214,26 @@ def train_worker(config: dict) -> None:
                 engine.backward(sum(v.float().sum() for v in out.values()) * 0.0)
                 engine.step()
                 continue
-            real = torch.from_numpy(b["image"]).to(device)
-            text = torch.from_numpy(b["text"]).to(device, dtype)
-            with torch.no_grad():
-                t_real = teacher(real)
-            out = engine(text)
-            if stage == 1:
-                loss, parts = stage1_loss(t_real, {k: v.float() for k, v in out.items()}, cfg.stage1)
-            else:
-                t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
-                loss, parts = stage2_loss(t_real, t_gen, cfg.stage2)
+            real, text = prepare_batch(b["image"], b["text"], device, dtype)
+            loss, parts = distill_step(teacher, engine, real, text, stage, cfg)
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach()) / cfg.deepspeed.grad_accum
+            share = loss.detach() / cfg.deepspeed.grad_accum
+            loss_sum = share if loss_sum is None else loss_sum + share
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / cfg.deepspeed.grad_accum
+                parts_sum[k] = v / cfg.deepspeed.grad_accum + (parts_sum[k] if k in parts_sum else 0.0)
             window_n += len(b["captions"])
         step += 1
 
         if step % cfg.metrics.log_every == 0 or step == end or step == switch_step:
+            loss_value, parts_value = _host_values(loss_sum, parts_sum)   # the window's device work done
             dt = time.time() - window_t
-            rec = {"step": step, "stage": stage, "rank": rank, "attempt": attempt, "pid": os.getpid(), "loss": loss_sum,
+            rec = {"step": step, "stage": stage, "rank": rank, "attempt": attempt, "pid": os.getpid(), "loss": loss_value,
                    "samples_per_sec": window_n * world / max(dt, 1e-9),
                    "data_wait_seconds": feed.wait_seconds - wait0, "step_seconds": dt / max(1, step - window_s0), "window_steps": step - window_s0,
                    "samples": step * per_step * world, "skipped": feed.skipped, "time": time.time(),
-                   **{f"loss/{k}": v for k, v in parts_sum.items()}}
+                   "rss_peak_bytes": peak_rss_bytes(), "reader_rss_peak_bytes": feed.rss_peak_bytes,
+                   **{f"loss/{k}": v for k, v in parts_value.items()}}
             pending.append(rec)
             ref = coord.report.remote(pending)
             new_switch = ray.get(ref) if rank == 0 and cfg.stage1.plateau.patience else None
