@@ -9,20 +9,35 @@ run's teacher (cfg.model width / image size, average pooling), so the output loa
 
 Labels come from each sample's JSON metadata: every scalar entry of ``meta["attributes"]`` (the
 synthetic benchmark: shape, colour, ...) and/or ``meta["label"]`` (CUB-style class id). One linear
-head per label name on the globally averaged pool5 features (= the average of conv5_4 under
-average pooling). About 10 % of the samples, chosen by a hash of their key, are held out of
-training and measure the accuracy.
+head per label name on pool5 (``teacher.train.heads``: ``spatial`` = the whole pool5 map
+flattened, so where things are and what colour the object is (not the mean over object and
+background) can be read linearly; ``pooled`` = averaged over height and width). Adam with a
+linear warm-up over the first 5 % of the steps and a cosine decay to zero (a plain 16-conv VGG
+without normalisation layers trains from scratch far better so than at a constant rate). About
+10 % of the samples, chosen by a hash of their key, are held out of training and measure the
+accuracy.
+
+After training, ``teacher.train.rescale`` (default on) rescales the trunk as Gatys et al. (2016)
+did for VGG19 in style transfer: each conv's weights and bias are scaled so that the mean
+activation of each of its channels over (up to 512) training images and positions is 1, and the
+next layer's input weights (the heads, after conv5_4) undo the scale. The classifier computes
+exactly the same function; only the size of the activations changes. That matters to SDN, whose
+losses are *sums of per-point L1 distances*: trained from scratch, the deep points of this VGG
+(conv5_x, pool5) carry activations ~10x those of the shallow ones and dominate both stages;
+rescaled, every matched point speaks with a comparable voice, as with the paper's weights of 1.
 
 Output (``torch.save``, loadable with ``weights_only=True``)::
 
     {"format": "sdn-dist-teacher/1",
      "state_dict": {features.N.weight/bias ...},        # torchvision VGG19 keys
-     "heads": {"<i>.weight": [n_i, C5], "<i>.bias": [n_i]},
-     "meta": {"width", "image_size", "pool", "normalize", "mean", "std", "heads": {...}, ...}}
+     "heads": {"<i>.weight": [n_i, F], "<i>.bias": [n_i]},   # F = C5*h5*w5 (spatial) or C5 (pooled)
+     "meta": {"width", "image_size", "pool", "normalize", "mean", "std", "heads": {...},
+              "rescaled": {...} or absent, ...}}
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from typing import Any
@@ -41,6 +56,7 @@ from .vgg import scaled_cfg
 HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
 MAX_CLASSES = 1000        # an attribute with more distinct values is not a class label
+RESCALE_IMAGES = 512      # training images (at 64 px; fewer when larger) that set the activation scales
 
 
 def _batches(urls, **kw):
@@ -72,10 +88,11 @@ def _sort_key(v: str):
 
 
 class AttributeHeads(nn.Module):
-    """One linear classifier per label name on globally averaged pool5 features [B, C5]."""
+    """One linear classifier per label name on pool5 features [B, F] (flattened or averaged)."""
 
-    def __init__(self, in_features: int, classes: dict[str, list[str]]):
+    def __init__(self, in_features: int, classes: dict[str, list[str]], mode: str = "spatial"):
         super().__init__()
+        self.mode = mode
         self.names = list(classes)
         self.classes = classes
         self.index = {n: {v: i for i, v in enumerate(c)} for n, c in classes.items()}
@@ -95,8 +112,54 @@ class AttributeHeads(nn.Module):
         return t
 
 
-def _pooled(teacher: Teacher, images: torch.Tensor) -> torch.Tensor:
-    return teacher(images)["pool5"].mean(dim=(2, 3))  # [B, C5, h, w] -> [B, C5]
+def _head_input(pool5: torch.Tensor, mode: str) -> torch.Tensor:
+    """pool5 [B, C5, h, w] -> [B, C5*h*w] (spatial) or [B, C5] (pooled)."""
+    return pool5.flatten(1) if mode == "spatial" else pool5.mean(dim=(2, 3))
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over the first 5 % of the steps, then a cosine decay to 0."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+
+@torch.no_grad()
+def rescale_trunk(teacher: Teacher, heads: AttributeHeads | None, images: torch.Tensor,
+                  head_mode: str = "spatial", eps: float = 1e-6) -> list[float]:
+    """Scale each conv so that every output channel's mean activation over ``images`` and
+    positions is 1, compensating in the next conv's input weights (and, after the last conv, in
+    the heads): the network's output is unchanged (ReLU and average pooling commute with a
+    positive per-channel scale). A channel that never fires keeps its scale. Returns the mean
+    activation of each conv layer before rescaling (for the record)."""
+    convs = [m for m in teacher.features if isinstance(m, nn.Conv2d)]
+    x = teacher.normalize(images)
+    before, prev_scale = [], None
+    ci = 0
+    for m in teacher.features:
+        if isinstance(m, nn.Conv2d):
+            if prev_scale is not None:   # undo the previous layer's scale on this layer's input
+                m.weight.mul_(prev_scale.view(1, -1, 1, 1))
+            act = F.relu(m(x))
+            mean = act.mean(dim=(0, 2, 3))                       # [C]
+            before.append(round(float(mean.mean()), 4))
+            scale = torch.where(mean > eps, 1.0 / mean.clamp_min(eps), torch.ones_like(mean))
+            m.weight.mul_(scale.view(-1, 1, 1, 1))
+            m.bias.mul_(scale)
+            prev_scale = 1.0 / scale                              # next input is x * scale
+            ci += 1
+            x = m(x)
+        else:
+            x = m(x)
+    assert ci == len(convs)
+    if heads is not None and prev_scale is not None:
+        # pool5 channel c is now scaled by 1/prev_scale[c]: heads take [C5*h*w] (c-major) or [C5].
+        reps = 1 if head_mode == "pooled" else x.shape[2] * x.shape[3]
+        col = prev_scale.repeat_interleave(reps)
+        for h in heads.heads:
+            h.weight.mul_(col.view(1, -1))
+    return before
 
 
 def _scan(shards, image_size: int, batch_size: int, seed: int):
@@ -124,7 +187,7 @@ def _accuracy(teacher: Teacher, heads: AttributeHeads, images: list[torch.Tensor
     for s in range(0, len(images), batch_size):
         x = torch.stack(images[s:s + batch_size]).float() / 255
         t = heads.targets(metas[s:s + batch_size])
-        for j, logits in enumerate(heads(_pooled(teacher, x))):
+        for j, logits in enumerate(heads(_head_input(teacher(x)["pool5"], heads.mode))):
             ok = t[:, j] >= 0
             correct[j] += (logits.argmax(1)[ok] == t[ok, j]).sum()
             total[j] += ok.sum()
@@ -164,9 +227,14 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
 
     teacher = Teacher(model_cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # trainable, not frozen
     c5 = int(scaled_cfg(model_cfg.width)[-2])
-    heads = AttributeHeads(c5, classes)
+    s5 = size // 32
+    in_features = c5 * s5 * s5 if tcfg.heads == "spatial" else c5
+    heads = AttributeHeads(in_features, classes, tcfg.heads)
     params = list(teacher.parameters()) + list(heads.parameters())
     opt = torch.optim.Adam(params, lr=tcfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tcfg.steps))
+    calib: list[torch.Tensor] = []   # training images for the rescale (uint8)
+    n_calib = max(16, RESCALE_IMAGES * 64 * 64 // (size * size))   # 512 at 64 px, 41 at 224 px
     teacher.train()
     heads.train()
 
@@ -179,15 +247,19 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         if not keep:
             continue
         x = batch["image"][keep]
+        if tcfg.rescale and len(calib) < n_calib:
+            calib.extend((x[:n_calib - len(calib)] * 255).round().to(torch.uint8))
         t = heads.targets([batch["meta"][i] for i in keep])
         losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
-                  for j, logits in enumerate(heads(_pooled(teacher, x))) if (t[:, j] >= 0).any()]
+                  for j, logits in enumerate(heads(_head_input(teacher(x)["pool5"], tcfg.heads)))
+                  if (t[:, j] >= 0).any()]
         if not losses:
             continue
         loss = torch.stack(losses).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         step += 1
         loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
         bar.update(1)
@@ -199,6 +271,12 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         raise DataError(f"shards {shards}: no labelled training samples outside the held-out split")
 
     teacher.eval()
+    rescaled = None
+    if tcfg.rescale and calib:
+        before = rescale_trunk(teacher, heads, torch.stack(calib).float() / 255, tcfg.heads)
+        rescaled = {"method": "per-channel mean activation 1 over training images and positions "
+                              "(Gatys et al. 2016); next layer / heads compensate",
+                    "images": len(calib), "mean_activation_before": before}
     accuracy = _accuracy(teacher, heads, held_img, held_meta, tcfg.batch_size) if held_img else {}
     meta = {
         "width": model_cfg.width,
@@ -208,12 +286,15 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "heads": {
-            "input": "pool5 averaged over height and width -> [B, C5]",
-            "in_features": c5,
+            "input": ("pool5 flattened (channel-major) -> [B, C5*h5*w5]" if tcfg.heads == "spatial"
+                      else "pool5 averaged over height and width -> [B, C5]"),
+            "mode": tcfg.heads,
+            "in_features": in_features,
             "names": heads.names,
             "classes": classes,
-            "keys": "heads['<i>.weight'] [n_classes_i, C5], heads['<i>.bias'] [n_classes_i]; i = index in names",
+            "keys": "heads['<i>.weight'] [n_classes_i, in_features], heads['<i>.bias'] [n_classes_i]; i = index in names",
         },
+        "schedule": "Adam, linear warm-up 5 % of the steps, cosine decay to 0",
         "accuracy": {k: v for k, v in accuracy.items() if v is not None},
         "heldout_samples": len(held_img),
         "steps": step,
@@ -222,6 +303,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         "seed": cfg.seed,
         "shards": shards if isinstance(shards, (str, list)) else str(shards),
     }
+    if rescaled:
+        meta["rescaled"] = rescaled
     obj = {
         "format": TEACHER_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},

@@ -1,0 +1,183 @@
+"""The SDN ablation on the synthetic benchmark, with the `demo` preset and equal step budgets.
+
+    python benchmarks/ablation.py --out runs/ablation [--quick] [--from-demo runs/demo-pipeline]
+
+Every variant is a real `sdn-dist train --preset demo` run (2 DeepSpeed workers on an embedded
+Ray) followed by `sdn-dist eval` with one shared attribute evaluator, on the same shards and
+teacher; only the stage settings below differ. The step budget is the demo preset's
+stage1.steps + stage2.steps (--quick: a quarter of it) for every variant:
+
+    a  pixel L1 only   stage 1 with every point weight 0 but `image`, all steps (no teacher signal)
+    b  stage 1 only    direct distillation, all steps
+    c  stage 2 only    indirect distillation through the teacher, all steps, from the random init
+    d  SDN             stage 1 then stage 2 (the demo preset's split)
+    e  SDN, random     (d) with a random-init teacher (teacher.weights empty)
+
+Shards and teacher: made here exactly as `sdn-dist demo` makes them (same code, same sizes), or
+taken from a finished demo directory with --from-demo (its shards/ and teacher.pt, read only).
+Re-running reuses every finished run and report. Outputs under --out: one run directory per
+variant, `<variant>/report.json`, `table.md` (the table docs/results.md shows), `results.json`,
+and `grids/<variant>.png` (first 8 test captions; generated over real).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import yaml
+
+POINTS_BUT_IMAGE = None  # filled from sdn_dist.vgg.POINTS
+
+
+def variants(s1: int, s2: int) -> dict[str, dict]:
+    from sdn_dist.vgg import POINTS
+    total = s1 + s2
+    pixel_only = {p: 0.0 for p in POINTS if p != "image"}
+    return {
+        "a-pixel-l1": {"label": "(a) pixel L1 only, no teacher",
+                       "config": {"stage1": {"steps": total, "point_weights": pixel_only},
+                                  "stage2": {"steps": 0}}},
+        "b-stage1": {"label": "(b) stage 1 only", "config": {"stage1": {"steps": total}, "stage2": {"steps": 0}}},
+        "c-stage2": {"label": "(c) stage 2 only", "config": {"stage1": {"steps": 0}, "stage2": {"steps": total}}},
+        "d-sdn": {"label": "(d) SDN: stage 1 then stage 2", "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}}},
+        "e-sdn-random-teacher": {"label": "(e) SDN, random-init teacher",
+                                 "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}},
+                                 "random_teacher": True},
+    }
+
+
+def sh(cmd: list[str], log: str) -> float:
+    """Run a command, output appended to ``log``; raise on failure. Returns wall seconds."""
+    t = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc:
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)} (see {log})")
+    return time.time() - t
+
+
+def prepare_data(out: str, from_demo: str | None) -> tuple[str, str]:
+    """Shards + trained teacher: from a demo directory, or made here as the demo makes them."""
+    if from_demo:
+        shards, teacher = os.path.join(from_demo, "shards"), os.path.join(from_demo, "teacher.pt")
+        for p in (os.path.join(shards, "synth.json"), teacher):
+            if not os.path.exists(p):
+                raise SystemExit(f"--from-demo {from_demo}: {p} is missing (run `sdn-dist demo --out {from_demo}` first)")
+        return shards, teacher
+    from sdn_dist.config import load_config
+    from sdn_dist.data.synth import write_synth
+    from sdn_dist.demo import SHARDS, _shard_encoder
+    from sdn_dist.teacher_train import train_teacher
+    shards, teacher = os.path.join(out, "shards"), os.path.join(out, "teacher.pt")
+    cfg = load_config("demo")
+    if not os.path.exists(os.path.join(shards, "synth.json")):
+        write_synth(out=shards, **SHARDS, embed=_shard_encoder(cfg))
+    if not os.path.exists(teacher):
+        train_teacher(cfg, shards=f"{shards}/train-*.tar", out=teacher, progress=True)
+    return shards, teacher
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--quick", action="store_true", help="a quarter of the step budget")
+    ap.add_argument("--from-demo", default=None, metavar="DIR", help="reuse a demo directory's shards and teacher")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    args = ap.parse_args()
+
+    from sdn_dist.config import load_config
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "grids"), exist_ok=True)
+    log = os.path.join(out, "ablation.log")
+    demo = load_config("demo")
+    s1, s2 = demo.stage1.steps, demo.stage2.steps
+    if args.quick:
+        s1, s2 = s1 // 4, s2 // 4
+    shards, teacher = prepare_data(out, args.from_demo)
+    test = f"{shards}/test-*.tar"
+    exe = [sys.executable, "-m", "sdn_dist.cli"]
+
+    # One evaluator for every variant (trained once on the real training images).
+    evaluator = os.path.join(out, "evaluator.pt")
+    if not os.path.exists(evaluator):
+        from sdn_dist.evaluator import train_evaluator
+        train_evaluator(f"{shards}/train-*.tar", demo.model.image_size, evaluator, progress=False)
+
+    chosen = [v for v in args.only.split(",") if v] or None
+    rows = {}
+    for name, v in variants(s1, s2).items():
+        if chosen and name not in chosen:
+            continue
+        vdir = os.path.join(out, name)
+        run = os.path.join(vdir, "run")
+        report = os.path.join(vdir, "report.json")
+        os.makedirs(vdir, exist_ok=True)
+        conf = dict(v["config"], out=run,
+                    data={"train": f"{shards}/train-*.tar", "test": test},
+                    teacher={"weights": "" if v.get("random_teacher") else teacher})
+        conf_file = os.path.join(vdir, "variant.yaml")
+        with open(conf_file, "w") as f:
+            yaml.safe_dump(conf, f, sort_keys=False)
+        timing_file = os.path.join(vdir, "timing.json")
+        timing = json.load(open(timing_file)) if os.path.exists(timing_file) else {}
+        if not os.path.exists(os.path.join(run, "export", "student.pt")):
+            print(f"[{name}] training ({v['label']})", flush=True)
+            timing["train_seconds"] = round(sh(exe + ["train", "--preset", "demo", "--config", conf_file, "--quiet"], log), 1)
+            json.dump(timing, open(timing_file, "w"))
+        if not os.path.exists(report):
+            print(f"[{name}] evaluating", flush=True)
+            sh(exe + ["eval", "--checkpoint", run, "--shards", test, "--out", report,
+                      "--evaluator", evaluator], log)
+        rep = json.load(open(report))
+        grid = os.path.join(vdir, "report-grid.png")
+        if os.path.exists(grid):
+            shutil.copyfile(grid, os.path.join(out, "grids", f"{name}.png"))
+        by = rep.get("by_split", {})
+        rows[name] = {
+            "label": v["label"], "train_seconds": timing.get("train_seconds"),
+            "seen_gen": by.get("seen", {}).get("attribute_accuracy_mean"),
+            "seen_real": by.get("seen", {}).get("attribute_accuracy_real_mean"),
+            "heldout_gen": by.get("heldout", {}).get("attribute_accuracy_mean"),
+            "heldout_real": by.get("heldout", {}).get("attribute_accuracy_real_mean"),
+            "attribute_accuracy": rep.get("attribute_accuracy"),
+            "seen_attribute_accuracy": by.get("seen", {}).get("attribute_accuracy"),
+            "heldout_attribute_accuracy": by.get("heldout", {}).get("attribute_accuracy"),
+            "ssim": rep.get("ssim"), "fsim": rep.get("fsim"),
+        }
+        print(f"[{name}] seen {rows[name]['seen_gen']}  held-out {rows[name]['heldout_gen']}  "
+              f"SSIM {rows[name]['ssim']}  FSIM {rows[name]['fsim']}", flush=True)
+
+    attrs = ["background", "colour", "position", "shape", "size"]
+    lines = [f"Steps per variant: {s1 + s2} ({'quick: ' if args.quick else ''}demo preset {s1} + {s2}), "
+             f"batch {demo.data.batch_size}, {demo.workers} workers; evaluator accuracy on the "
+             f"800-image test split (real images: seen {next(iter(rows.values()))['seen_real'] if rows else '-'}, "
+             f"held-out {next(iter(rows.values()))['heldout_real'] if rows else '-'}).", "",
+             "| variant | seen acc. (mean) | held-out acc. (mean) | " + " | ".join(f"{a} (seen)" for a in attrs)
+             + " | SSIM | FSIM | train s |",
+             "|---|---|---|" + "---|" * len(attrs) + "---|---|---|"]
+    for name, r in rows.items():
+        per = r["seen_attribute_accuracy"] or {}
+        lines.append(f"| {r['label']} | {r['seen_gen']:.3f} | {r['heldout_gen']:.3f} | "
+                     + " | ".join(f"{per.get(a, float('nan')):.2f}" for a in attrs)
+                     + f" | {r['ssim']:.3f} | {r['fsim']:.3f} | {r['train_seconds'] or '-'} |")
+    table = "\n".join(lines) + "\n"
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"<!-- {' '.join(['python', 'benchmarks/ablation.py'] + sys.argv[1:])} -->\n{table}")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"command": ["python", "benchmarks/ablation.py"] + sys.argv[1:], "steps": [s1, s2],
+                   "machine": machine, "rows": rows}, f, indent=2)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
