@@ -203,9 +203,13 @@ def test_sigkill_data_actor_run_completes(tmp_path, shards):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: any(r["step"] >= 8 for r in records(out)), what="step 8")
-        pids = subprocess.run(["pgrep", "-f", "ray::ShardReader"], capture_output=True, text=True).stdout.split()
-        assert pids, "no reader actor process found"
-        os.kill(int(pids[0]), signal.SIGKILL)
+        import psutil
+        # this run's reader actors only: descendants of our driver (its embedded Ray), never
+        # another Ray's on the same machine
+        readers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "ray::ShardReader" in " ".join(p.cmdline())]
+        assert readers, "no reader actor process found"
+        os.kill(readers[0], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
