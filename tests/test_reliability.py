@@ -199,10 +199,12 @@ def test_endpoints_default_to_loopback():
 @pytest.mark.slow
 def test_sigkill_data_actor_run_completes(tmp_path, shards):
     out = tmp_path / "run"
-    proc = subprocess.Popen(SDN + base_args(out, shards) + sets("stage1.steps=30", "stage2.steps=10", "checkpoint.every=5"),
+    # A debug step takes ~20 ms: stage 1 is long enough (seconds) that the kill lands inside it
+    # even on a fast, quiet machine (with 30 steps the run could finish before the kill).
+    proc = subprocess.Popen(SDN + base_args(out, shards) + sets("stage1.steps=600", "stage2.steps=10", "checkpoint.every=10"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: any(r["step"] >= 8 for r in records(out)), what="step 8")
+        wait_for(lambda: any(r["step"] >= 12 for r in records(out)), what="step 12")
         import psutil
         # this run's reader actors only: descendants of our driver (its embedded Ray), never
         # another Ray's on the same machine
@@ -210,11 +212,13 @@ def test_sigkill_data_actor_run_completes(tmp_path, shards):
                    if "ray::ShardReader" in " ".join(p.cmdline())]
         assert readers, "no reader actor process found"
         os.kill(readers[0], signal.SIGKILL)
+        at_kill = max(r["step"] for r in records(out))
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
+    assert at_kill < 600, f"the kill landed after stage 1 (step {at_kill}): the test did not test anything"
     assert proc.returncode == 0, stderr[-3000:]
-    assert {e["step"] for e in finals(out)} == {40}
+    assert {e["step"] for e in finals(out)} == {610}
     assert any(e["event"] == "message" and "resumed from" in e["text"] for e in events(out))
 
 
