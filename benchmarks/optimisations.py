@@ -20,12 +20,15 @@ as the median over repetitions of its step time / the baseline's step time in th
     cl_bf16         channels_last + bf16
     current         exactly what the trainer runs now (trainer.prepare_teacher / prepare_student /
                     prepare_batch / distill_step, no per-step sync)
+    engine          current, with the student in the trainer's DeepSpeed engine (trainer.build_engine,
+                    ZeRO-0, torch Adam; a one-process gloo group): DeepSpeed's own cost
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,6 +64,17 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
     if name == "current":
         teacher, student = trainer.prepare_teacher(teacher), trainer.prepare_student(student)
     st = cfg.stage1 if stage == 1 else cfg.stage2
+    if name == "engine":
+        teacher = trainer.prepare_teacher(teacher)
+        cfg_e = cfg.model_copy(update={"workers": 1})
+        engine = trainer.build_engine(cfg_e, st, text.shape[1], torch.device("cpu"))
+
+        def engine_step():
+            r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
+            loss, _ = trainer.distill_step(teacher, engine, r, t, stage, cfg)
+            engine.backward(loss)
+            engine.step()
+        return engine_step
     opt = torch.optim.Adam(student.parameters(), lr=st.lr, betas=st.betas)
     bf16 = name in ("bf16", "cl_bf16")
     b = real.shape[0]
@@ -100,11 +114,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant per repetition")
-    ap.add_argument("--variants", default="baseline,no_host_sync,inference_mode,channels_last,cl_input,concat,bf16,cl_bf16,current")
+    ap.add_argument("--variants", default="baseline,no_host_sync,inference_mode,channels_last,cl_input,concat,bf16,cl_bf16,current,engine")
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = load_config(a.preset, overrides=["teacher.weights="])
+    if "engine" in a.variants.split(","):
+        import deepspeed
+        for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                     ("MASTER_PORT", "29561")):
+            os.environ.setdefault(k, v)
+        deepspeed.init_distributed(dist_backend="gloo")
     b, s = cfg.data.batch_size, cfg.model.image_size
     torch.manual_seed(1)
     real, text = torch.rand(b, 3, s, s), torch.randn(b, cfg.text.dim)

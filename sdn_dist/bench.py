@@ -12,7 +12,9 @@ one and records a run. In short:
   window of each stage, which holds start-up or the stage switch, is left out), divided by a plain
   single-process PyTorch loop (the same ``trainer.distill_step``, backward and torch Adam on the
   same micro-batches held in memory, the same thread count). The plain loop runs right before and
-  right after the trainer and the two are averaged: the machine is shared and noisy.
+  right after the trainer, timed in chunks as long as the trainer's logging windows; each side is
+  its median window / chunk, as the machine is shared and other jobs come in bursts (the means
+  are in the raw figures too).
 * ``data_ratio``: samples/s that one rank's reader actors deliver (decode + resize + embed, the
   default ``data.readers``, consumed as fast as possible) / samples/s one rank consumes in training
   (the fastest rank-stage measured). ``data_wait_fraction``: data_wait_seconds / step time from
@@ -72,14 +74,18 @@ class Plan:
     matmul_reps: int = 3
     pipeline_batches: int = 60
     act_image_size: int = 224  # image side for the paper activation measurement
+    # 2 OpenMP threads stall whenever one is preempted (10x slower at times on a busy 2-core
+    # machine): the 1 worker x 2 threads run gets fewer steps when a probe says it would be slow.
+    budget_1x2_seconds: float = 100.0
 
 
 PLANS = {
     "quick": Plan("quick"),
     "full": Plan("full", n_train=4000, steps=150, log_every=10, plain_steps=60, matmul_reps=8,
-                 pipeline_batches=200),
+                 pipeline_batches=200, budget_1x2_seconds=600.0),
     "tiny": Plan("tiny", preset="debug", overrides=(), n_train=64, steps=6, log_every=2, plain_steps=4,
-                 plain_warmup=1, matmul_n=512, matmul_reps=2, pipeline_batches=8, act_image_size=32),
+                 plain_warmup=1, matmul_n=512, matmul_reps=2, pipeline_batches=8, act_image_size=32,
+                 budget_1x2_seconds=1e9),
 }
 
 
@@ -195,9 +201,10 @@ def load_batches(cfg, n: int, batch: int) -> list[tuple[torch.Tensor, torch.Tens
     raise RuntimeError(f"fewer than {n} full batches of {batch} in {cfg.data.train}")
 
 
-def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int = 3) -> dict:
+def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int = 3, chunk: int = 5) -> dict:
     """A plain single-process PyTorch loop: the trainer's forward (``distill_step``), backward and
-    torch Adam (what DeepSpeed's torch_adam runs) on batches held in memory."""
+    torch Adam (what DeepSpeed's torch_adam runs) on batches held in memory. Timed in chunks of
+    ``chunk`` steps (the trainer's logging window); samples/s is the median chunk's."""
     from .trainer import distill_step, prepare_batch
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
     text_dim = batches[0][1].shape[1]
@@ -219,8 +226,10 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
         last = float(loss.detach())
     times = times[warmup:]
     batch = batches[0][0].shape[0]
+    chunks = [batch * len(c) / sum(c) for c in (times[i:i + chunk] for i in range(0, len(times), chunk))]
     return {"stage": stage, "threads": n_threads, "batch": batch, "steps": steps,
-            "samples_per_sec": batch * len(times) / sum(times),
+            "samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
+            "mean_samples_per_sec": batch * len(times) / sum(times),
             "step_seconds_median": statistics.median(times), "loss": last}
 
 
@@ -266,7 +275,8 @@ def steady_windows(records: list[dict], stage: int, rank: int | None = 0) -> lis
 
 
 def summarize_run(records: list[dict], batch: int) -> dict:
-    """Steady-state samples/s and data-wait share per stage from the trainer's records."""
+    """Steady-state samples/s (the median logging window's: robust to other jobs' bursts on a
+    shared machine) and data-wait share per stage from the trainer's records."""
     out: dict = {}
     for stage in (1, 2):
         r0 = steady_windows(records, stage, rank=0)
@@ -278,7 +288,8 @@ def summarize_run(records: list[dict], batch: int) -> dict:
         wait = sum(x["data_wait_seconds"] for x in allr)
         busy = sum(x["step_seconds"] * x["window_steps"] for x in allr)
         out[f"stage{stage}"] = {
-            "samples_per_sec": batch * steps / secs, "steps": steps, "windows": len(r0),
+            "samples_per_sec": statistics.median(batch / x["step_seconds"] for x in r0),
+            "mean_samples_per_sec": batch * steps / secs, "steps": steps, "windows": len(r0),
             "window_samples_per_sec": [round(x["samples_per_sec"], 2) for x in r0],
             "step_seconds": secs / steps, "data_wait_fraction": wait / busy}
     rss: dict[int, dict] = {}
@@ -296,15 +307,16 @@ def combine(s1: float, s2: float) -> float:
     return 2.0 / (1.0 / s1 + 1.0 / s2)
 
 
-def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan) -> dict:
+def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan, steps: int | None = None) -> dict:
     """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures."""
     from .launch import run_training
     out = workdir / f"run-{workers}x{n_threads}"
+    steps = steps or plan.steps
     cfg = base_cfg.model_copy(deep=True)
     cfg.out, cfg.workers, cfg.threads_per_worker = str(out), workers, n_threads
-    cfg.stage1.steps = cfg.stage2.steps = plan.steps
+    cfg.stage1.steps = cfg.stage2.steps = steps
     cfg.metrics.log_every, cfg.metrics.port = plan.log_every, 0
-    cfg.checkpoint.every = 10 * plan.steps      # checkpoints only at the switch and the end
+    cfg.checkpoint.every = 10 * steps           # checkpoints only at the switch and the end
     cfg.samples.every = 0
     cfg = type(cfg).model_validate(cfg.model_dump())   # re-check (batch divisible by workers ...)
     t = time.time()
@@ -313,7 +325,7 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     res = summarize_run([r for r in records if "loss" in r], cfg.data.batch_size)
     res.update(workers=workers, threads_per_worker=n_threads, batch=cfg.data.batch_size,
-               micro_batch=cfg.micro_batch, wall_seconds=time.time() - t, steps_per_stage=plan.steps)
+               micro_batch=cfg.micro_batch, wall_seconds=time.time() - t, steps_per_stage=steps)
     return res
 
 
@@ -451,11 +463,14 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    res: dict = {"mode": plan.mode, "command": "sdn-dist bench" + (" --quick" if quick else "") + f" --out {out}",
+    command = ("python -m sdn_dist.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else "")) + f" --out {out}"
+    res: dict = {"mode": plan.mode, "command": command,
                  "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
     raw: dict = {}
     with contextlib.ExitStack() as stack:
         work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdn-bench-")))
+        if started_ray:
+            stack.callback(ray.shutdown)   # before the directory goes; also when a measurement fails
         shards = work / "shards"
         cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
             f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights="])
@@ -480,17 +495,17 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         # overhead: plain loop, trainer, plain loop again (back to back; the machine is shared)
         batches = load_batches(cfg, 8, cfg.data.batch_size)
         _log("plain PyTorch loop, 1 thread (before)")
-        plain_a = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup) for s in (1, 2)}
+        plain_a = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         _log("sdn-dist train: 1 worker x 1 thread")
         run11 = train_run(cfg, work, 1, 1, plan)
         _log("plain PyTorch loop, 1 thread (after)")
-        plain_b = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup) for s in (1, 2)}
+        plain_b = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         plain = {}
         for s in (1, 2):
-            # mean step time of both sides -> samples/s
-            sps = 2.0 / (1.0 / plain_a[s]["samples_per_sec"] + 1.0 / plain_b[s]["samples_per_sec"])
-            plain[f"stage{s}"] = {"samples_per_sec": sps, "before": plain_a[s]["samples_per_sec"],
-                                  "after": plain_b[s]["samples_per_sec"]}
+            # the median chunk of both sides, as the trainer's median window
+            chunks = plain_a[s]["chunk_samples_per_sec"] + plain_b[s]["chunk_samples_per_sec"]
+            plain[f"stage{s}"] = {"samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
+                                  "before": plain_a[s]["samples_per_sec"], "after": plain_b[s]["samples_per_sec"]}
         plain["samples_per_sec"] = combine(plain["stage1"]["samples_per_sec"], plain["stage2"]["samples_per_sec"])
         raw["plain_1thread"] = plain
         raw["train_1x1"] = run11
@@ -504,8 +519,12 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         mm_a = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
         _log("sdn-dist train: 2 workers x 1 thread")
         run21 = train_run(cfg, work, 2, 1, plan)
-        _log("sdn-dist train: 1 worker x 2 threads")
-        run12 = train_run(cfg, work, 1, 2, plan)
+        probe = [plain_loop(cfg, batches, s, 2, 2, warmup=1)["step_seconds_median"] for s in (1, 2)]
+        fit = int(plan.budget_1x2_seconds / sum(probe)) // plan.log_every * plan.log_every
+        steps12 = max(3 * plan.log_every, min(plan.steps, fit))
+        raw["probe_2threads_step_seconds"] = {"stage1": probe[0], "stage2": probe[1], "steps_1x2": steps12}
+        _log(f"sdn-dist train: 1 worker x 2 threads ({steps12} steps per stage)")
+        run12 = train_run(cfg, work, 1, 2, plan, steps=steps12)
         _log(f"dense fp32 matmul {plan.matmul_n}^3, {all_threads} threads (after)")
         mm_b = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
         _log(f"dense fp32 matmul {plan.matmul_n}^3, 1 thread")
@@ -547,8 +566,6 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
             "paper_per_gpu": res["memory_paper"]["per_gpu"],
         }
         res["raw"] = raw
-        if started_ray:
-            ray.shutdown()
     res["goals"] = _goals(res)
     res["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["duration_seconds"] = time.time() - t_start
