@@ -133,10 +133,10 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
     print(f"  report:        {report}")
     print("  " + format_report(rep).rstrip().replace("\n", "\n  "))
     by = rep.get("by_split") or {}
-    for kind in ("seen", "heldout"):
+    for kind in ("seen", "heldout", "paraphrase"):
         v = by.get(kind) or {}
         if v.get("attribute_accuracy_mean") is not None and v.get("attribute_accuracy_real_mean"):
-            print(f"  {kind:8s} generated/real attribute accuracy: {v['attribute_accuracy_mean']:.3f} / "
+            print(f"  {kind:10s} generated/real attribute accuracy: {v['attribute_accuracy_mean']:.3f} / "
                   f"{v['attribute_accuracy_real_mean']:.3f} "
                   f"({v['attribute_accuracy_mean'] / v['attribute_accuracy_real_mean']:.0%} of real)")
     print(f"  sample grid:   {grid} (top: generated from the test captions, bottom: real)")

@@ -17,7 +17,7 @@ Metrics: SSIM and FSIM (piq, data range 1, on the 0..1 images at the model's nat
 over images); on data with labels, per-attribute accuracy of an independent evaluator
 (:mod:`sdn_dist.evaluator`, never the teacher) on the generated images and, as the ceiling, on
 the real test images, overall and per ``meta["split_kind"]`` (the benchmark's ``seen`` /
-``heldout``); optionally the Inception Score of the generated images with Inception-v3 weights
+``paraphrase`` / ``heldout``); optionally the Inception Score of the generated images with Inception-v3 weights
 the user supplies.
 """
 

@@ -9,6 +9,7 @@ import functools
 import http.server
 import io
 import json
+import re
 import os
 import pickle
 import tarfile
@@ -91,7 +92,7 @@ def test_synth_inspect_and_roundtrip(synth_dir):
                 meta = json.loads(raw["json"])
                 assert meta["attributes"] == ref["meta"]["attributes"]
                 assert set(meta["attributes"]) == {"shape", "colour", "size", "position", "background"}
-                assert (meta.get("split_kind") in ("seen", "heldout")) == (split == "test")
+                assert (meta.get("split_kind") in ("seen", "heldout", "paraphrase")) == (split == "test")
                 seen += 1
         assert seen == n
 
@@ -122,11 +123,16 @@ def test_synth_deterministic_and_heldout(tmp_path, synth_dir):
     pair = lambda s: (s["meta"]["attributes"]["shape"], s["meta"]["attributes"]["colour"])  # noqa: E731
     assert not any(pair(s) in HELDOUT_PAIRS for s in train)
     kinds = [s["meta"]["split_kind"] for s in test]
-    assert kinds.count("heldout") == 30 and kinds.count("seen") == 30
+    assert kinds.count("heldout") == 30 and kinds.count("seen") == 15 and kinds.count("paraphrase") == 15
     assert all((pair(s) in HELDOUT_PAIRS) == (s["meta"]["split_kind"] == "heldout") for s in test)
-    train_caps = {c for s in train for c in s["captions"]}
-    seen_caps = [c for s in test if s["meta"]["split_kind"] == "seen" for c in s["captions"]]
-    assert seen_caps and not train_caps & set(seen_caps)
+    # paraphrase captions use only test templates, seen and held-out ones only training templates
+    for s in test:
+        prefix = "test" if s["meta"]["split_kind"] == "paraphrase" else "train"
+        assert all(t.startswith(prefix) for t in s["meta"]["templates"])
+    train_words = {w for s in train for c in s["captions"] for w in re.findall(r"[a-z]+", c)}
+    para_words = {w for s in test if s["meta"]["split_kind"] == "paraphrase" for c in s["captions"]
+                  for w in re.findall(r"[a-z]+", c)}
+    assert {"backdrop", "quadrant", "region"} & para_words and not {"backdrop", "quadrant", "region"} & train_words
     assert all(0.15 <= s["meta"]["area"] <= 0.4 for s in train)
 
 

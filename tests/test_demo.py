@@ -52,10 +52,10 @@ def test_demo_debug_end_to_end_and_reuse(tmp_path):
     attrs = {"shape", "colour", "size", "position", "background"}
     assert set(rep["attribute_accuracy"]) == attrs == set(rep["attribute_accuracy_real"])
     assert all(0.0 <= v <= 1.0 for v in rep["attribute_accuracy"].values())
-    assert set(rep["by_split"]) == {"seen", "heldout"}
-    for kind in ("seen", "heldout"):
+    assert set(rep["by_split"]) == {"seen", "heldout", "paraphrase"}
+    for kind, n in (("heldout", 16), ("seen", 8), ("paraphrase", 8)):
         v = rep["by_split"][kind]
-        assert v["n_images"] == 16
+        assert v["n_images"] == n
         assert 0.0 <= v["attribute_accuracy_mean"] <= 1.0 and 0.0 < v["attribute_accuracy_real_mean"] <= 1.0
     info = json.loads((out / "demo.json").read_text())
     assert info["reused"] == [] and set(info["seconds"]) >= {"shards", "teacher", "train", "eval", "total"}

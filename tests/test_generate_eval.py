@@ -156,7 +156,7 @@ def test_eval_report_fields_and_ranges(report, run):
     for d in (rep["attribute_accuracy"], rep["attribute_accuracy_real"], rep["chance"]):
         assert all(0 <= v <= 1 for v in d.values())
     assert rep["chance"]["colour"] == pytest.approx(1 / 6, abs=1e-3)
-    assert set(rep["by_split"]) == {"seen", "heldout"}
+    assert set(rep["by_split"]) == {"seen", "heldout", "paraphrase"}
     assert sum(v["n_images"] for v in rep["by_split"].values()) == N_TEST
     for v in rep["by_split"].values():
         assert 0 <= v["ssim"] <= 1 and 0 <= v["fsim"] <= 1

@@ -18,9 +18,14 @@ large enough that a pixel loss cannot settle for the plain background.
 Held-out rule (fixed): shape number i (in the order above) is never shown in training in colour
 number i + 2: circle-blue, square-yellow, triangle-purple, cross-orange. Those 4 pairs, in every
 size, position and background (96 combinations), occur only in the test split. The test split
-alternates: even indices are held-out combinations (meta["split_kind"] = "heldout", captions from
-the training templates: only the composition is new), odd indices are seen combinations described
-by test-only caption templates (meta["split_kind"] = "seen": only the wording is new).
+separates the two kinds of novelty, by index modulo 4 (meta["split_kind"]):
+
+    0, 2  "heldout"     a held-out combination, training caption templates (only the composition
+                        is new: compositional generalisation); half the test split
+    1     "seen"        a combination seen in training, training caption templates (a new image
+                        of a known kind: the plain test)
+    3     "paraphrase"  a combination seen in training, described by test-only caption templates
+                        whose wording never occurs in training (only the wording is new)
 
 Deterministic: sample i of a split depends only on (seed, split, i), so the same seed gives
 byte-identical shards.
@@ -159,8 +164,10 @@ def synth_sample(split: str, index: int, *, size: int = 64, seed: int = 0) -> di
         combos, templates, kind = SEEN_COMBOS, TRAIN_TEMPLATES, None
     elif index % 2 == 0:
         combos, templates, kind = HELDOUT_COMBOS, TRAIN_TEMPLATES, "heldout"
+    elif index % 4 == 1:
+        combos, templates, kind = SEEN_COMBOS, TRAIN_TEMPLATES, "seen"
     else:
-        combos, templates, kind = SEEN_COMBOS, TEST_TEMPLATES, "seen"
+        combos, templates, kind = SEEN_COMBOS, TEST_TEMPLATES, "paraphrase"
     combo = combos[int(rng.integers(len(combos)))]
     attrs = dict(zip(ATTRIBUTES, combo))
     chosen = rng.permutation(len(templates))[:CAPTIONS_PER_IMAGE]
@@ -190,7 +197,9 @@ def describe() -> dict:
         "heldout_pairs": sorted([list(p) for p in HELDOUT_PAIRS]),
         "heldout_rule": "shape i never appears in training in colour i+2 (circle-blue, "
                         "square-yellow, triangle-purple, cross-orange); test: even index = "
-                        "held-out combination, odd index = seen combination with test-only captions",
+                        "held-out combination (training templates), index % 4 == 1: seen combination "
+                        "(training templates), index % 4 == 3: seen combination with test-only "
+                        "templates (paraphrase)",
         "label": "shape_id * 6 + colour_id",
         "captions_per_image": CAPTIONS_PER_IMAGE,
     }
