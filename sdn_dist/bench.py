@@ -29,7 +29,7 @@ one and records a run. In short:
   frozen teacher and activations measured on CPU at batch 1 and scaled to the micro-batch.
 
 Stage figures are combined as a run with equal steps per stage would see them (the harmonic mean of
-the two stages' samples/s), as the demo preset runs 1500 + 1500 steps.
+the two stages' samples/s), as the demo preset runs equal steps per stage.
 """
 
 from __future__ import annotations
