@@ -95,13 +95,17 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
     generated image goes through the frozen teacher and the gradient flows through it to the
     student. Shared with the benchmark's plain PyTorch loop (``sdn_dist.bench``): same work.
     """
-    with torch.no_grad():
-        t_real = teacher(real)
-    out = student(text)
+    # cfg.autocast: the forward passes in bf16, the losses (and all weights) in fp32.
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        with torch.no_grad():
+            t_real = teacher(real)
+        out = student(text)
+        if stage == 2:
+            t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
+    t_real = {k: v.float() for k, v in t_real.items()}
     if stage == 1:
         return stage1_loss(t_real, {k: v.float() for k, v in out.items()}, cfg.stage1)
-    t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
-    return stage2_loss(t_real, t_gen, cfg.stage2)
+    return stage2_loss(t_real, {k: v.float() for k, v in t_gen.items()}, cfg.stage2)
 
 
 def student_state_dict(engine, cfg: Config) -> dict:

@@ -239,6 +239,33 @@ def test_losses_zero_when_equal_positive_otherwise():
         assert torch.isclose(weighted, total + 2 * per["image"])
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage):
+    from sdn_dist.trainer import distill_step
+    torch.manual_seed(0)
+    cfg = _cfg("debug")
+    student, teacher = _models(cfg)
+    teacher.freeze()
+    real = torch.rand(4, 3, cfg.model.image_size, cfg.model.image_size)
+    text = torch.randn(4, cfg.text.dim)
+    dtypes = []
+    hook = student.convs["image"].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    results = {}
+    for mode in ("off", "bf16"):
+        cfg_m = cfg.model_copy(update={"autocast": mode})
+        student.zero_grad()
+        loss, parts = distill_step(teacher, student, real, text, stage, cfg_m)
+        loss.backward()
+        results[mode] = (loss.item(), loss.dtype, student.fc7.weight.grad.clone())
+    hook.remove()
+    assert dtypes == [torch.float32, torch.bfloat16]
+    (l32, d32, g32), (l16, d16, g16) = results["off"], results["bf16"]
+    assert d32 == d16 == torch.float32 and g16.dtype == torch.float32
+    assert l16 == pytest.approx(l32, rel=0.05)              # bf16 keeps ~3 significant digits
+    assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.9
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in teacher.parameters())
+
+
 def test_unknown_point_weight_names_key():
     t = {p: torch.zeros(1) for p in POINTS}
     with pytest.raises(ConfigError, match=r"stage2\.point_weights\.conv6_1"):
