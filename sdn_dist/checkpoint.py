@@ -93,7 +93,12 @@ class Checkpointer:
             if not self.local_root:
                 self.fs.put(os.path.join(save_dir, tag), f"{self.path}/{tag}", recursive=True)
                 shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError):   # torch's writer hides ENOSPC in a RuntimeError
+                oe = fsio.torch_write_error(e, save_dir)
+                if oe is None:
+                    raise
+                e = oe
             # Free what the failed write took (a full disk stays full otherwise); the marker was
             # never written, so nothing will resume from it either way.
             try:

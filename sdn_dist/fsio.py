@@ -18,6 +18,27 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import UserError
 
 
+def torch_write_error(e: RuntimeError, directory: str) -> OSError | None:
+    """torch.save's C++ writer reports a full disk as a RuntimeError ("unexpected pos ...",
+    "file write failed"), not as the OSError it is. Probe ``directory`` with a small write to learn
+    the real cause; None if the probe succeeds (then the RuntimeError is something else)."""
+    msg = str(e)
+    if not any(k in msg for k in ("inline_container", "PytorchStreamWriter", "file write failed")):
+        return None
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as oe:
+        return oe
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+    return None
+
+
 @contextlib.contextmanager
 def writing(url: str):
     """A failed write (disk full, read-only, no permission) is the user's to fix: say which file."""
@@ -25,6 +46,12 @@ def writing(url: str):
         yield
     except OSError as e:
         raise UserError(f"cannot write {url}: {e.strerror or e}") from e
+    except RuntimeError as e:
+        lp = local_path(url)
+        oe = torch_write_error(e, os.path.dirname(lp) or ".") if lp else None
+        if oe is None:
+            raise
+        raise UserError(f"cannot write {url}: {oe.strerror or oe}") from e
 
 
 def url_to_fs(url: str):

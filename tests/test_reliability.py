@@ -263,6 +263,26 @@ def test_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path, shards):
     assert json.loads((ck / "step-00000012" / "COMPLETE").read_text())["step"] == 12
 
 
+def test_torch_writer_full_disk_is_reported_as_no_space(tmp_path):
+    """torch.save's C++ writer turns ENOSPC into a RuntimeError ("unexpected pos ..."); the
+    product must still say "No space left on device" and name the file (a CI run once exited 1)."""
+    from sdn_dist import fsio
+    from sdn_dist.errors import UserError
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    assert m.returncode == 0, f"this test needs root to mount a small tmpfs: {m.stderr}"
+    try:
+        target = str(mnt / "big.pt")
+        with pytest.raises(UserError, match=f"cannot write {re.escape(target)}: No space left on device"):
+            with fsio.writing(target):
+                torch.save({"w": torch.zeros(1 << 19)}, target)
+        assert not list(mnt.glob(".write-probe-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.mark.slow
 def test_disk_full_stops_with_clear_error_and_keeps_earlier_checkpoints(tmp_path, shards):
     mnt = tmp_path / "small"
