@@ -93,12 +93,10 @@ class Checkpointer:
             if not self.local_root:
                 self.fs.put(os.path.join(save_dir, tag), f"{self.path}/{tag}", recursive=True)
                 shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError):   # torch's writer hides ENOSPC in a RuntimeError
-                oe = fsio.torch_write_error(e, save_dir)
-                if oe is None:
-                    raise
-                e = oe
+        except (OSError, RuntimeError) as err:
+            e = fsio.write_os_error(err, save_dir)   # torch's writer hides ENOSPC in a RuntimeError
+            if e is None:
+                raise
             # Free what the failed write took (a full disk stays full otherwise); the marker was
             # never written, so nothing will resume from it either way.
             try:
@@ -106,7 +104,7 @@ class Checkpointer:
             except OSError:
                 pass
             raise UserError(f"cannot write checkpoint {self.root}/{tag}: {e.strerror or e} "
-                            f"(earlier checkpoints are intact)") from e
+                            f"(earlier checkpoints are intact)") from err
         _barrier()
         if self.rank == 0:
             marker = dict(client_state, step=step, time=time.time())

@@ -18,12 +18,15 @@ from fsspec.implementations.local import LocalFileSystem
 from .errors import UserError
 
 
-def torch_write_error(e: RuntimeError, directory: str) -> OSError | None:
-    """torch.save's C++ writer reports a full disk as a RuntimeError ("unexpected pos ...",
-    "file write failed"), not as the OSError it is. Probe ``directory`` with a small write to learn
-    the real cause; None if the probe succeeds (then the RuntimeError is something else)."""
+def write_os_error(e: BaseException, directory: str | None) -> OSError | None:
+    """The OSError behind a failed write, or None if it was not one. torch.save's C++ writer
+    reports a full disk as a RuntimeError ("unexpected pos ...", "file write failed"); then the
+    local ``directory`` is probed with a small write to learn the real cause."""
+    if isinstance(e, OSError):
+        return e
     msg = str(e)
-    if not any(k in msg for k in ("inline_container", "PytorchStreamWriter", "file write failed")):
+    if directory is None or not isinstance(e, RuntimeError) or not any(
+            k in msg for k in ("inline_container", "PytorchStreamWriter", "file write failed")):
         return None
     probe = os.path.join(directory, f".write-probe-{os.getpid()}")
     try:
@@ -44,11 +47,9 @@ def writing(url: str):
     """A failed write (disk full, read-only, no permission) is the user's to fix: say which file."""
     try:
         yield
-    except OSError as e:
-        raise UserError(f"cannot write {url}: {e.strerror or e}") from e
-    except RuntimeError as e:
+    except (OSError, RuntimeError) as e:
         lp = local_path(url)
-        oe = torch_write_error(e, os.path.dirname(lp) or ".") if lp else None
+        oe = write_os_error(e, (os.path.dirname(lp) or ".") if lp else None)
         if oe is None:
             raise
         raise UserError(f"cannot write {url}: {oe.strerror or oe}") from e

@@ -9,9 +9,9 @@ import functools
 import http.server
 import io
 import json
-import re
 import os
 import pickle
+import re
 import tarfile
 import threading
 
