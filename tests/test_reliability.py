@@ -5,6 +5,7 @@ killed, interrupted or starved of disk, and must finish (or stop cleanly) with n
 steps.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -263,33 +264,36 @@ def test_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path, shards):
     assert json.loads((ck / "step-00000012" / "COMPLETE").read_text())["step"] == 12
 
 
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A real, tiny filesystem to fill: a tmpfs of ``size`` mounted at ``path`` (needs root)."""
+    path.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    assert m.returncode == 0, f"this test needs root to mount a small tmpfs: {m.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
 def test_torch_writer_full_disk_is_reported_as_no_space(tmp_path):
     """torch.save's C++ writer turns ENOSPC into a RuntimeError ("unexpected pos ..."); the
     product must still say "No space left on device" and name the file (a CI run once exited 1)."""
     from sdn_dist import fsio
     from sdn_dist.errors import UserError
 
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    assert m.returncode == 0, f"this test needs root to mount a small tmpfs: {m.stderr}"
-    try:
+    with small_tmpfs(tmp_path / "tiny", "1m") as mnt:
         target = str(mnt / "big.pt")
-        with pytest.raises(UserError, match=f"cannot write {re.escape(target)}: No space left on device"):
+        with pytest.raises(UserError, match=f"cannot write {re.escape(target)}: No space left on device") as ei:
             with fsio.writing(target):
                 torch.save({"w": torch.zeros(1 << 19)}, target)
+        assert isinstance(ei.value.__cause__, RuntimeError)   # the path under test, not a plain OSError
         assert not list(mnt.glob(".write-probe-*"))
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 @pytest.mark.slow
 def test_disk_full_stops_with_clear_error_and_keeps_earlier_checkpoints(tmp_path, shards):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    assert m.returncode == 0, f"this test needs root to mount a small tmpfs: {m.stderr}"
-    try:
+    with small_tmpfs(tmp_path / "small", "3m") as mnt:
         out = mnt / "run"
         r = cli(*base_args(out, shards), *sets("stage1.steps=4", "stage2.steps=40", "checkpoint.every=4",
                                              "checkpoint.keep=10", "ray.max_failures=0"))
@@ -300,8 +304,6 @@ def test_disk_full_stops_with_clear_error_and_keeps_earlier_checkpoints(tmp_path
             from sdn_dist.checkpoint import verify_safe
             verify_safe(str(out / "checkpoints" / tag))
         assert line
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_odd_images_and_very_long_captions_are_read(tmp_path):
