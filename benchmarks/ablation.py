@@ -33,11 +33,11 @@ import time
 
 import yaml
 
-POINTS_BUT_IMAGE = None  # filled from sdn_dist.vgg.POINTS
+POINTS_BUT_IMAGE = None  # filled from sdn_dist.model.plan.POINTS
 
 
 def variants(s1: int, s2: int) -> dict[str, dict]:
-    from sdn_dist.vgg import POINTS
+    from sdn_dist.model.plan import POINTS
     total = s1 + s2
     pixel_only = {p: 0.0 for p in POINTS if p != "image"}
     return {
@@ -103,8 +103,8 @@ def prepare_data(out: str, from_demo: str | None) -> tuple[str, str]:
         return shards, teacher
     from sdn_dist.config import load_config
     from sdn_dist.data.synth import write_synth
-    from sdn_dist.demo import SHARDS, _shard_encoder
-    from sdn_dist.teacher_train import train_teacher
+    from sdn_dist.commands.demo import SHARDS, _shard_encoder
+    from sdn_dist.commands.teacher_train import train_teacher
     shards, teacher = os.path.join(out, "shards"), os.path.join(out, "teacher.pt")
     cfg = load_config("demo")
     if not os.path.exists(os.path.join(shards, "synth.json")):
@@ -132,12 +132,12 @@ def main() -> None:
         s1, s2 = s1 // 4, s2 // 4
     shards, teacher = prepare_data(out, args.from_demo)
     test = f"{shards}/test-*.tar"
-    exe = [sys.executable, "-m", "sdn_dist.cli"]
+    exe = [sys.executable, "-m", "sdn_dist.commands.cli"]
 
     # One evaluator for every variant (trained once on the real training images).
     evaluator = os.path.join(out, "evaluator.pt")
     if not os.path.exists(evaluator):
-        from sdn_dist.evaluator import train_evaluator
+        from sdn_dist.evaluation.judge import train_evaluator
         train_evaluator(f"{shards}/train-*.tar", demo.model.image_size, evaluator, progress=False)
 
     chosen = [v for v in args.only.split(",") if v] or None

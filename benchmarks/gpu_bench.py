@@ -6,7 +6,7 @@
     python benchmarks/gpu_bench.py --device cpu --preset debug --steps 2 --out /tmp/g.json   # smoke test
 
 For each stage, one micro-batch of the paper's batch (12, at 224 px, full-width VGG19, 1024-d text)
-goes through exactly the trainer's step (``sdn_dist.trainer.distill_step``, backward, torch Adam as
+goes through exactly the trainer's step (``sdn_dist.training.loop.distill_step``, backward, torch Adam as
 DeepSpeed's ``torch_adam`` runs it) under:
 
 * precision ``default`` (what `sdn-dist train` gets today: PyTorch's defaults, cuDNN convolutions in
@@ -83,13 +83,13 @@ def tensor_bytes(tensors) -> int:
 
 
 def build(cfg, dev, channels_last: bool):
-    from sdn_dist.student import Student
-    from sdn_dist.teacher import build_teacher
+    from sdn_dist.model.student import Student
+    from sdn_dist.model.teacher import build_teacher
     torch.manual_seed(0)
     teacher = build_teacher(cfg.model, cfg.teacher).to(dev)
     student = Student(cfg.model, cfg.text.dim).to(dev)
     if channels_last:   # as the trainer lays them out
-        from sdn_dist.trainer import prepare_student, prepare_teacher
+        from sdn_dist.training.loop import prepare_student, prepare_teacher
         teacher, student = prepare_teacher(teacher), prepare_student(student)
     return teacher, student
 
@@ -105,7 +105,7 @@ def inputs(cfg, dev, batch: int, channels_last: bool):
 def step_flops(cfg, dev, stage: int, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sdn_dist.trainer import distill_step
+    from sdn_dist.training.loop import distill_step
     teacher, student = build(cfg, dev, False)
     real, text = inputs(cfg, dev, batch, False)
     with FlopCounterMode(display=False) as counter:
@@ -136,7 +136,7 @@ def peak_memory(dev) -> int | None:
 
 
 def run_plain(cfg, dev, stage: int, precision: str, channels_last: bool, batch: int, steps: int, warmup: int) -> dict:
-    from sdn_dist.trainer import distill_step
+    from sdn_dist.training.loop import distill_step
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
     reset_memory(dev)
     teacher, student = build(cfg, dev, channels_last)
@@ -167,8 +167,8 @@ def run_engine(cfg, dev, stage: int, batch: int, steps: int, warmup: int) -> dic
     """The trainer's own engine (DeepSpeed, ZeRO per the preset, one process) and layout."""
     import deepspeed
 
-    from sdn_dist.trainer import build_engine, distill_step, prepare_batch, prepare_teacher
-    from sdn_dist.teacher import build_teacher
+    from sdn_dist.training.loop import build_engine, distill_step, prepare_batch, prepare_teacher
+    from sdn_dist.model.teacher import build_teacher
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
     for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):

@@ -39,10 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdn_dist.config import load_config  # noqa: E402
-from sdn_dist.losses import stage1_loss, stage2_loss  # noqa: E402
-from sdn_dist.student import Student  # noqa: E402
-from sdn_dist.teacher import build_teacher  # noqa: E402
-from sdn_dist import trainer  # noqa: E402
+from sdn_dist.model.losses import stage1_loss, stage2_loss  # noqa: E402
+from sdn_dist.model.student import Student  # noqa: E402
+from sdn_dist.model.teacher import build_teacher  # noqa: E402
+from sdn_dist.training import loop as trainer  # noqa: E402
 
 
 def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):

@@ -15,7 +15,7 @@ import contextlib
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import UserError
+from sdn_dist.errors import UserError
 
 
 def write_os_error(e: BaseException, directory: str | None) -> OSError | None:

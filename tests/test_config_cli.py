@@ -6,10 +6,10 @@ import sys
 import pytest
 import yaml
 
-from sdn_dist.cli import main
+from sdn_dist.commands.cli import main
 from sdn_dist.config import PRESETS, ConfigError, describe, load_config
 
-SDN = [sys.executable, "-m", "sdn_dist.cli"]
+SDN = [sys.executable, "-m", "sdn_dist"]
 
 
 def run_cli(*args):

@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-SDN = [sys.executable, "-m", "sdn_dist.cli"]
+SDN = [sys.executable, "-m", "sdn_dist"]
 
 
 def demo(out, timeout=600):

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from sdn_dist.errors import UserError
-from sdn_dist.evaluate import inception_score, report_paths, run_dir_of
-from sdn_dist.generate import file_names, slugify
+from sdn_dist.evaluation.report import inception_score, report_paths, run_dir_of
+from sdn_dist.evaluation.generate import file_names, slugify
 
-SDN = [sys.executable, "-m", "sdn_dist.cli"]
+SDN = [sys.executable, "-m", "sdn_dist"]
 ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 N_TEST = 24
 
@@ -91,7 +91,7 @@ def report(run, shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_generate_names_order_and_pngs(run, tmp_path):
-    from sdn_dist.generate import generate
+    from sdn_dist.evaluation.generate import generate
     caps = ["a large red circle in the top left on a white background", "Small BLUE square?!",
             "x" * 100, "a green cross", "a purple triangle in the bottom right"]
     out = tmp_path / "gen" / "nested"                     # created
@@ -125,7 +125,7 @@ def test_generate_cli_from_exported_file_url(run, tmp_path):
 
 @pytest.mark.slow
 def test_generate_refuses_precomputed_encoder(run, tmp_path):
-    from sdn_dist.generate import generate
+    from sdn_dist.evaluation.generate import generate
     blob = torch.load(run / "export" / "student.pt", weights_only=True)
     blob["text"] = {"encoder": "precomputed", "dim": blob["text"]["dim"]}
     ckpt = tmp_path / "pre.pt"
@@ -173,8 +173,8 @@ def test_eval_report_fields_and_ranges(report, run):
 def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
     from torchvision.models.resnet import BasicBlock
 
-    from sdn_dist.evaluator import SmallResNet, load_evaluator
-    from sdn_dist.teacher import Teacher
+    from sdn_dist.evaluation.judge import SmallResNet, load_evaluator
+    from sdn_dist.model.teacher import Teacher
     _, rep = report
     ev = load_evaluator(str(run / "evaluator.pt"))
     assert isinstance(ev.model, SmallResNet) and not isinstance(ev.model, Teacher)
@@ -196,7 +196,7 @@ def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
 def test_eval_limit_and_inception_weights(report, run, shards, tmp_path):
     from torchvision.models import inception_v3
 
-    from sdn_dist.evaluate import evaluate
+    from sdn_dist.evaluation.report import evaluate
     torch.manual_seed(0)
     weights = tmp_path / "inception.pt"
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)

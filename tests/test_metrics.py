@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sdn_dist.config import MetricsConfig
 from sdn_dist.errors import ConfigError
-from sdn_dist.metrics import OTHER_REASON, SKIP_REASONS, MetricsSink, PrometheusExporter
-from sdn_dist.prometheus_config import scrape_config, scrape_config_yaml
+from sdn_dist.training.metrics import OTHER_REASON, SKIP_REASONS, MetricsSink, PrometheusExporter
+from sdn_dist.training.prometheus_config import scrape_config, scrape_config_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "k8s" / "grafana" / "sdn-dashboard.json"
@@ -259,7 +259,7 @@ def test_generated_scrape_config_passes_promtool(tmp_path):
 
 
 def test_prometheus_config_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sdn_dist.prometheus_config", "--sdn", "127.0.0.1:9400",
+    r = subprocess.run([sys.executable, "-m", "sdn_dist.training.prometheus_config", "--sdn", "127.0.0.1:9400",
                         "--ray", "127.0.0.1:8080", "--interval", "5s"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     conf = yaml.safe_load(r.stdout)
@@ -434,7 +434,7 @@ def grafana_to_promql(expr: str) -> str:
 def test_real_prometheus_scrapes_a_training_run(prometheus, shards, tmp_path):
     S1 = S2 = 200
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "sdn_dist.cli", "train", "--preset", "debug", "--quiet",
+    args = [sys.executable, "-m", "sdn_dist", "train", "--preset", "debug", "--quiet",
             "--set", f"out={out}", "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
             "--set", f"stage1.steps={S1}", "--set", f"stage2.steps={S2}", "--set", "checkpoint.every=50",
             "--set", "run_id=prom-it", "--set", f"metrics.port={prometheus.sdn_port}",

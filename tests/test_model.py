@@ -13,11 +13,11 @@ import torchvision
 
 from sdn_dist.config import PRESETS, StageConfig, load_config
 from sdn_dist.errors import ConfigError, WeightsError
-from sdn_dist.losses import stage1_loss, stage2_loss
-from sdn_dist.modelinfo import format_table, model_table
-from sdn_dist.student import Student
-from sdn_dist.teacher import TEACHER_FORMAT, Teacher, build_teacher, load_teacher_weights
-from sdn_dist.vgg import POINTS, point_shapes
+from sdn_dist.model.losses import stage1_loss, stage2_loss
+from sdn_dist.commands.model_table import format_table, model_table
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import TEACHER_FORMAT, Teacher, build_teacher, load_teacher_weights
+from sdn_dist.model.plan import POINTS, point_shapes
 
 
 def _cfg(preset="debug", *overrides):
@@ -241,7 +241,7 @@ def test_losses_zero_when_equal_positive_otherwise():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage):
-    from sdn_dist.trainer import distill_step
+    from sdn_dist.training.loop import distill_step
     torch.manual_seed(0)
     cfg = _cfg("debug")
     student, teacher = _models(cfg)
@@ -300,7 +300,7 @@ def _fake_batches(n=60, size=32, batch=8):
 
 
 def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
-    import sdn_dist.teacher_train as tt
+    import sdn_dist.commands.teacher_train as tt
     monkeypatch.setattr(tt, "_batches", _fake_batches())
     cfg = _cfg("debug", "teacher.train.steps=30", "teacher.train.lr=3e-3", "teacher.train.batch_size=16")
     out = tmp_path / "sub" / "teacher.pt"

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SDN = [sys.executable, "-m", "sdn_dist.cli"]
+SDN = [sys.executable, "-m", "sdn_dist"]
 
 
 def cli(*args, timeout=600, **kw):
@@ -148,7 +148,7 @@ class _Evil:
 
 
 def test_hostile_deepspeed_checkpoint_is_refused_before_deepspeed_loads_it(tmp_path):
-    from sdn_dist.checkpoint import verify_safe
+    from sdn_dist.training.checkpoint import verify_safe
     from sdn_dist.errors import UserError
     marker = tmp_path / "pwned"
     d = tmp_path / "step-00000004"
@@ -191,7 +191,7 @@ def test_endpoints_default_to_loopback():
     for preset in ("debug", "demo", "paper"):
         cfg = load_config(preset)
         assert cfg.metrics.host == "127.0.0.1"
-    src = (REPO / "sdn_dist" / "launch.py").read_text()
+    src = (REPO / "sdn_dist" / "training" / "driver.py").read_text()
     assert 'dashboard_host="127.0.0.1"' in src and '_node_ip_address="127.0.0.1"' in src
 
 
@@ -301,7 +301,7 @@ def test_disk_full_stops_with_clear_error_and_keeps_earlier_checkpoints(tmp_path
         done = sorted(p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE"))
         assert done and done[0] == "step-00000004", done
         for tag in done:   # every checkpoint that claims to be complete still loads
-            from sdn_dist.checkpoint import verify_safe
+            from sdn_dist.training.checkpoint import verify_safe
             verify_safe(str(out / "checkpoints" / tag))
         assert line
 

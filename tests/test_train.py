@@ -13,7 +13,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-SDN = [sys.executable, "-m", "sdn_dist.cli"]
+SDN = [sys.executable, "-m", "sdn_dist"]
 
 
 @pytest.fixture(scope="module")

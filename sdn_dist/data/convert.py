@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import DataError
-from .writer import shard_writer
+from sdn_dist.errors import DataError
+from sdn_dist.data.writer import shard_writer
 
 _KEEP_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
-from .shards import expand_urls, iter_shard, shard_counts
+from sdn_dist.errors import DataError
+from sdn_dist.data.shards import expand_urls, iter_shard, shard_counts
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 EMB_EXT = "emb.npy"

@@ -30,7 +30,7 @@ import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from ..errors import DataError
+from sdn_dist.errors import DataError
 
 # A member larger than this is refused rather than read into memory (a shard sample is an image,
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).

@@ -44,8 +44,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..errors import DataError
-from .writer import shard_writer
+from sdn_dist.errors import DataError
+from sdn_dist.data.writer import shard_writer
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230),

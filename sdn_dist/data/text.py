@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, UserError
+from sdn_dist.errors import ConfigError, UserError
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -21,8 +21,8 @@ import fsspec
 import numpy as np
 import webdataset as wds
 
-from ..errors import DataError
-from .shards import is_local, split_protocol
+from sdn_dist.errors import DataError
+from sdn_dist.data.shards import is_local, split_protocol
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member time makes the same samples give the same bytes
 

@@ -25,8 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import fsio
-from .errors import UserError
+from sdn_dist import fsio
+from sdn_dist.errors import UserError
 
 _TAG = re.compile(r"^step-(\d{8})$")
 

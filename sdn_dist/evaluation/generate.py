@@ -1,7 +1,7 @@
 """Captions -> PNGs with a trained student.
 
     sdn-dist generate --checkpoint runs/demo --text "a large red circle in the top left on a white background" --out gen/
-    from sdn_dist.generate import generate
+    from sdn_dist.evaluation.generate import generate
     paths = generate("runs/demo", ["a small blue square ..."], "gen/", batch_size=32)
 
 ``checkpoint`` is a run directory (its ``export/student.pt`` is used) or an exported ``.pt``
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import fsio
-from .errors import UserError
+from sdn_dist import fsio
+from sdn_dist.errors import UserError
 
 SLUG_MAX = 60
 
@@ -51,7 +51,7 @@ def to_png(image: torch.Tensor) -> bytes:
 
 def text_encoder_for(blob: dict, checkpoint: str):
     """The encoder the run recorded; UserError if it cannot encode free text."""
-    from .data.text import encoder_from_record
+    from sdn_dist.data.text import encoder_from_record
     record = blob.get("text")
     if not isinstance(record, dict):
         raise UserError(f"{checkpoint}: the exported student records no text encoder")
@@ -86,7 +86,7 @@ def generate(checkpoint: str, captions: list[str], out: str, batch_size: int = 3
     """Write one PNG per caption to ``out`` (created; any fsspec URL). Returns the file URLs in
     caption order. UserError (exit 2) for a missing/unreadable checkpoint, no captions, a bad
     batch size, or a run whose text encoder cannot encode free text."""
-    from .export import load_student
+    from sdn_dist.training.export import load_student
 
     captions = [str(c) for c in captions]
     if not captions:

@@ -1,6 +1,6 @@
 """The frozen VGG19 teacher: the 22 matched activations of an image.
 
-    from sdn_dist.teacher import build_teacher
+    from sdn_dist.model.teacher import build_teacher
     teacher = build_teacher(cfg.model, cfg.teacher)      # frozen, eval, weights loaded
     acts = teacher(images)                               # images [B,3,S,S] in [0, 1]
     acts["image"] is images; acts["pool5"].shape == (B, C5, S/32, S/32)
@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torchvision.models.vgg import make_layers
 
-from . import fsio
-from .config import ModelConfig, TeacherConfig
-from .errors import WeightsError
-from .vgg import FC7, fc_dim, layer_plan, scaled_cfg
+from sdn_dist import fsio
+from sdn_dist.config import ModelConfig, TeacherConfig
+from sdn_dist.errors import WeightsError
+from sdn_dist.model.plan import FC7, fc_dim, layer_plan, scaled_cfg
 
 # What torchvision's ImageNet weights expect after ToTensor() (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -18,12 +18,12 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from . import fsio
-from .config import MetricsConfig
-from .errors import ConfigError
+from sdn_dist import fsio
+from sdn_dist.config import MetricsConfig
+from sdn_dist.errors import ConfigError
 
 try:  # the label values of sdn_data_samples_skipped_total{reason}
-    from .data.pipeline import SKIP_REASONS
+    from sdn_dist.data.pipeline import SKIP_REASONS
 except Exception:  # noqa: BLE001 - the data package is optional for the exporter itself
     SKIP_REASONS = ()
 OTHER_REASON = "other"

@@ -1,6 +1,6 @@
 """The student: VGG19 run backwards, text embedding -> image, one tensor per matched point.
 
-    from sdn_dist.student import Student
+    from sdn_dist.model.student import Student
     student = Student(cfg.model, text_dim=cfg.text.dim)
     g = student(text)                  # text [B, D] -> {point: tensor}, g["image"] [B,3,S,S]
 
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .vgg import FC7, POINTS, fc_dim, layer_plan
+from sdn_dist.config import ModelConfig
+from sdn_dist.model.plan import FC7, POINTS, fc_dim, layer_plan
 
 
 class Student(nn.Module):

@@ -1,7 +1,7 @@
 """`sdn-dist eval`: the quality report of a trained student on test shards.
 
     sdn-dist eval --checkpoint runs/demo --shards 'shards/synth/test-*.tar' --out report.json
-    from sdn_dist.evaluate import evaluate
+    from sdn_dist.evaluation.report import evaluate
     report = evaluate("runs/demo", "shards/synth/test-*.tar", "report.json", limit=0)
 
 For every test sample (in shard order, up to ``limit``): its *first* caption (deterministic) is
@@ -15,7 +15,7 @@ sample's own real image, read at the same resolution. Outputs, beside each other
 
 Metrics: SSIM and FSIM (piq, data range 1, on the 0..1 images at the model's native size; mean
 over images); on data with labels, per-attribute accuracy of an independent evaluator
-(:mod:`sdn_dist.evaluator`, never the teacher) on the generated images and, as the ceiling, on
+(:mod:`sdn_dist.evaluation.judge`, never the teacher) on the generated images and, as the ceiling, on
 the real test images, overall and per ``meta["split_kind"]`` (the benchmark's ``seen`` /
 ``paraphrase`` / ``heldout``); optionally the Inception Score of the generated images with Inception-v3 weights
 the user supplies.
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fsio
-from .errors import DataError, UserError
+from sdn_dist import fsio
+from sdn_dist.errors import DataError, UserError
 
 REPORT_FORMAT = "sdn-dist-eval/1"
 INCEPTION_SIZE = 299
@@ -170,7 +170,7 @@ def _mean(d: dict[str, float]) -> float | None:
 
 def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_size: int,
                    steps: int | None, progress: bool, notes: list[str]):
-    from .evaluator import MAX_SIDE, evaluator_matches, load_evaluator, train_evaluator
+    from sdn_dist.evaluation.judge import MAX_SIDE, evaluator_matches, load_evaluator, train_evaluator
 
     if evaluator:
         return load_evaluator(evaluator), False
@@ -202,7 +202,7 @@ def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_siz
                         f"evaluator file") from None
     ev = res["evaluator"]
     try:
-        from .evaluator import save_evaluator
+        from sdn_dist.evaluation.judge import save_evaluator
         ev.path = cache
         save_evaluator(ev, cache)
     except Exception as e:  # noqa: BLE001 - a read-only run directory must not fail the eval
@@ -223,20 +223,20 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     ``out`` (report.json), its ``.txt`` summary and ``-grid.png``. Returns the report dict.
 
     ``limit``: evaluate the first N samples only (0 = all). ``evaluator``: URL of an evaluator
-    file (:mod:`sdn_dist.evaluator`); without one, on labelled data, the run's cached
+    file (:mod:`sdn_dist.evaluation.judge`); without one, on labelled data, the run's cached
     ``evaluator.pt`` is used or trained from the run's training shards. ``inception_weights``:
     URL of a torchvision Inception-v3 state dict; the Inception Score is computed only then.
     """
     import piq
     from tqdm import tqdm
 
-    from .data.pipeline import iter_batches
-    from .data.shards import expand_urls
-    from .data.text import encoder_from_record
-    from .evaluator import describe, sample_labels
-    from .export import load_student, resolve
-    from .generate import default_device, render
-    from .samples import grid_png
+    from sdn_dist.data.pipeline import iter_batches
+    from sdn_dist.data.shards import expand_urls
+    from sdn_dist.data.text import encoder_from_record
+    from sdn_dist.evaluation.judge import describe, sample_labels
+    from sdn_dist.training.export import load_student, resolve
+    from sdn_dist.evaluation.generate import default_device, render
+    from sdn_dist.training.grids import grid_png
 
     t0 = time.time()
     if limit is None:

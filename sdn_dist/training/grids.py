@@ -12,7 +12,7 @@ import json
 import torch
 from torchvision.utils import make_grid, save_image
 
-from . import fsio
+from sdn_dist import fsio
 
 
 def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes:
@@ -26,8 +26,8 @@ def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes
 
 class SampleGrid:
     def __init__(self, cfg, text_spec: dict, device):
-        from .data.pipeline import iter_batches
-        from .data.text import encoder_from_record
+        from sdn_dist.data.pipeline import iter_batches
+        from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
         urls = cfg.data.test or cfg.data.train

@@ -62,9 +62,9 @@ class ShardReader:
         # Decoding is single-threaded by design: every core a reader takes is one a trainer loses.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        from .data.pipeline import RankStream
-        from .data.text import build_text_encoder
-        from .config import DataConfig, TextConfig
+        from sdn_dist.data.pipeline import RankStream
+        from sdn_dist.data.text import build_text_encoder
+        from sdn_dist.config import DataConfig, TextConfig
 
         data_cfg = DataConfig.model_validate(spec["data"])
         encoder = build_text_encoder(TextConfig.model_validate(spec["text"]))

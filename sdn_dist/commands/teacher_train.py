@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config
-from .errors import DataError
-from .teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
-from .vgg import scaled_cfg
+from sdn_dist.config import Config
+from sdn_dist.errors import DataError
+from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
+from sdn_dist.model.plan import scaled_cfg
 
 HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
@@ -61,7 +61,7 @@ RESCALE_IMAGES = 512      # training images (at 64 px; fewer when larger) that s
 
 def _batches(urls, **kw):
     # Imported here: the data package (webdataset, PIL) is not needed to build or load models.
-    from .data.pipeline import iter_batches
+    from sdn_dist.data.pipeline import iter_batches
     return iter_batches(urls, **kw)
 
 

@@ -2,7 +2,7 @@
 
 Outside Kubernetes (there the PodMonitor in k8s/base/podmonitor.yaml does this job):
 
-    python -m sdn_dist.prometheus_config --sdn 127.0.0.1:9400 --ray 127.0.0.1:8080 > prometheus.yml
+    python -m sdn_dist.training.prometheus_config --sdn 127.0.0.1:9400 --ray 127.0.0.1:8080 > prometheus.yml
     prometheus --config.file=prometheus.yml
 
 Two jobs: ``sdn-dist`` scrapes the training driver's endpoint (``metrics.host:metrics.port``; the
@@ -93,12 +93,12 @@ def scrape_config(sdn_targets: Iterable[str], ray_targets: Iterable[str] = (), *
 
 def scrape_config_yaml(sdn_targets: Iterable[str], ray_targets: Iterable[str] = (), **kw) -> str:
     """``prometheus.yml`` text scraping the given targets (arguments as in ``scrape_config``)."""
-    head = "# Prometheus scrape config for sdn-dist (python -m sdn_dist.prometheus_config); see docs/metrics.md\n"
+    head = "# Prometheus scrape config for sdn-dist (python -m sdn_dist.training.prometheus_config); see docs/metrics.md\n"
     return head + yaml.safe_dump(scrape_config(sdn_targets, ray_targets, **kw), sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sdn_dist.prometheus_config",
+    p = argparse.ArgumentParser(prog="python -m sdn_dist.training.prometheus_config",
                                 description="Print a Prometheus scrape config for sdn-dist and Ray metrics.")
     p.add_argument("--sdn", action="append", default=[], metavar="HOST:PORT",
                    help="the training driver's endpoint (metrics.host:metrics.port); repeatable")

@@ -13,9 +13,9 @@ import os
 import threading
 import time
 
-from . import fsio
-from .config import Config, to_yaml
-from .errors import ConfigError, UserError
+from sdn_dist import fsio
+from sdn_dist.config import Config, to_yaml
+from sdn_dist.errors import ConfigError, UserError
 
 
 def _absolute(url):
@@ -62,8 +62,8 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
 
 def _data_spec(cfg: Config) -> tuple[dict, dict, int]:
     """Shard list + counts (read once, tar headers only), text encoder record and dimension."""
-    from .data.shards import expand_urls, shard_counts
-    from .data.text import build_text_encoder
+    from sdn_dist.data.shards import expand_urls, shard_counts
+    from sdn_dist.data.text import build_text_encoder
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                           "(make some with `sdn-dist shards synth --out shards/synth`)")
@@ -80,7 +80,7 @@ def _data_spec(cfg: Config) -> tuple[dict, dict, int]:
 def _preflight(cfg: Config) -> None:
     """Fail in seconds, before Ray starts, on what would otherwise fail inside every worker:
     teacher weights that do not fit, an output location that cannot be written."""
-    from .teacher import build_teacher
+    from sdn_dist.model.teacher import build_teacher
     build_teacher(cfg.model, cfg.teacher)
     try:
         fsio.makedirs(cfg.out)
@@ -96,9 +96,9 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .coordinator import Coordinator
-    from .metrics import MetricsSink
-    from .trainer import train_worker
+    from sdn_dist.training.coordinator import Coordinator
+    from sdn_dist.training.metrics import MetricsSink
+    from sdn_dist.training.loop import train_worker
 
     cfg = resolve_config(cfg)
     data_spec, text_spec, text_dim = _data_spec(cfg)

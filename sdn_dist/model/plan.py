@@ -1,6 +1,6 @@
 """VGG19 structure shared by the teacher, the student and the model table.
 
-    from sdn_dist.vgg import POINTS, point_shapes, layer_plan
+    from sdn_dist.model.plan import POINTS, point_shapes, layer_plan
     point_shapes(cfg.model)["pool5"]   # (512, 7, 7) at 224 px, width 1
 
 Only structure lives here (channel counts, the 22 matched points, their shapes); the layers
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torchvision.models.vgg import cfgs
 
-from .config import ModelConfig
+from sdn_dist.config import ModelConfig
 
 # torchvision's configuration "E" is VGG19: 16 convs (ints = output channels), 5 pools ("M").
 VGG19_CFG: list[int | str] = list(cfgs["E"])

@@ -1,6 +1,6 @@
 """The teacher/student layer table behind ``sdn-dist model --preset P [--json]``.
 
-    from sdn_dist.modelinfo import model_table, format_table
+    from sdn_dist.commands.model_table import model_table, format_table
     print(format_table(model_table(load_config("paper"))))
 
 Both networks are built on the ``meta`` device and run on a meta input: shapes and parameter
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config
-from .student import Student
-from .teacher import Teacher
-from .vgg import FC7
+from sdn_dist.config import Config
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import Teacher
+from sdn_dist.model.plan import FC7
 
 
 def _count(module: torch.nn.Module | None) -> int:

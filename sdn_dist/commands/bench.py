@@ -2,7 +2,7 @@
 
     sdn-dist bench --quick --out bench-quick.json       # < 10 minutes on 2 cores
     sdn-dist bench --out bench.json                     # longer windows, ~20 minutes
-    python -m sdn_dist.bench --tiny --out tiny.json     # the debug preset, ~1-2 minutes (tests)
+    python -m sdn_dist.commands.bench --tiny --out tiny.json     # the debug preset, ~1-2 minutes (tests)
 
 Every figure comes from running the real thing on this machine; docs/performance.md explains each
 one and records a run. In short:
@@ -162,9 +162,9 @@ def matmul_flops(n_threads: int, n: int = 4096, reps: int = 3) -> dict:
 
 
 def _models(cfg, text_dim: int, seed: int = 0):
-    from .student import Student
-    from .teacher import build_teacher
-    from .trainer import prepare_student, prepare_teacher
+    from sdn_dist.model.student import Student
+    from sdn_dist.model.teacher import build_teacher
+    from sdn_dist.training.loop import prepare_student, prepare_teacher
     torch.manual_seed(seed)
     teacher = build_teacher(cfg.model, cfg.teacher)
     student = Student(cfg.model, text_dim)
@@ -175,7 +175,7 @@ def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
     """FLOPs of one training step (forward + backward; Adam's elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .trainer import distill_step
+    from sdn_dist.training.loop import distill_step
     with threads(1):   # counting needs no speed, and 2 threads stall on a busy 2-core machine
         teacher, student = _models(cfg, text_dim)
         real = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size)
@@ -188,8 +188,8 @@ def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
 
 def load_batches(cfg, n: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` micro-batches of the training shards, decoded once and held in memory."""
-    from .data.pipeline import iter_batches
-    from .data.text import build_text_encoder
+    from sdn_dist.data.pipeline import iter_batches
+    from sdn_dist.data.text import build_text_encoder
     enc = build_text_encoder(cfg.text)
     out = []
     for b in iter_batches(cfg.data.train, image_size=cfg.model.image_size, batch_size=batch,
@@ -205,7 +205,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
     """A plain single-process PyTorch loop: the trainer's forward (``distill_step``), backward and
     torch Adam (what DeepSpeed's torch_adam runs) on batches held in memory. Timed in chunks of
     ``chunk`` steps (the trainer's logging window); samples/s is the median chunk's."""
-    from .trainer import distill_step, prepare_batch
+    from sdn_dist.training.loop import distill_step, prepare_batch
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
     text_dim = batches[0][1].shape[1]
     with threads(n_threads):
@@ -236,8 +236,8 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
 def pipeline_rate(cfg, n_batches: int) -> dict:
     """Samples/s one rank's reader actors deliver (the default ``data.readers``), drained as fast
     as possible by this process; Ray must be running. The first batch (actor start) is not timed."""
-    from .launch import _data_spec
-    from .readers import DataFeed
+    from sdn_dist.training.driver import _data_spec
+    from sdn_dist.data.readers import DataFeed
     spec, _, _ = _data_spec(cfg)
     spec = dict(spec, rank=0, world_size=1, micro_batch=cfg.data.batch_size)
     feed = DataFeed(spec, start_sample=0, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
@@ -309,7 +309,7 @@ def combine(s1: float, s2: float) -> float:
 
 def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan, steps: int | None = None) -> dict:
     """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures."""
-    from .launch import run_training
+    from sdn_dist.training.driver import run_training
     out = workdir / f"run-{workers}x{n_threads}"
     steps = steps or plan.steps
     cfg = base_cfg.model_copy(deep=True)
@@ -336,8 +336,8 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
 def activation_bytes(model_cfg, teacher_cfg, stage_cfgs, text_dim: int, batch: int = 1) -> dict:
     """Bytes autograd saves for backward (distinct storages, parameters excluded) plus the teacher's
     real-image targets, for one micro-batch of ``batch``, per stage, measured on CPU in fp32."""
-    from .config import Config
-    from .trainer import distill_step
+    from sdn_dist.config import Config
+    from sdn_dist.training.loop import distill_step
     cfg = Config(model=model_cfg, teacher=teacher_cfg, stage1=stage_cfgs[0], stage2=stage_cfgs[1])
     teacher, student = _models(cfg, text_dim)
     params = {p.untyped_storage().data_ptr() for m in (teacher, student) for p in m.parameters()}
@@ -381,9 +381,9 @@ def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
     from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
                                                       estimate_zero2_model_states_mem_needs_all_cold)
 
-    from .config import load_config
-    from .student import Student
-    from .teacher import build_teacher
+    from sdn_dist.config import load_config
+    from sdn_dist.model.student import Student
+    from sdn_dist.model.teacher import build_teacher
     cfg = load_config("paper")
     dim = cfg.text.dim
     with torch.device("meta"):   # counts only: no memory, no init
@@ -433,8 +433,8 @@ def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
 def make_shards(directory: Path, cfg, n_train: int) -> None:
     """Synthetic shards at the preset's image size with the run's caption embeddings stored, as
     `sdn-dist demo` writes them (readers then take the stored rows instead of encoding)."""
-    from .data.synth import make_synth
-    from .data.text import build_text_encoder
+    from sdn_dist.data.synth import make_synth
+    from sdn_dist.data.text import build_text_encoder
     make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size, per_shard=500,
                seed=0, progress=False, embed=build_text_encoder(cfg.text))
 
@@ -456,14 +456,14 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
     """Run the benchmark, print a summary and write the JSON to ``out``; returns the dict."""
     import ray
 
-    from .config import load_config
-    from .launch import init_ray
+    from sdn_dist.config import load_config
+    from sdn_dist.training.driver import init_ray
 
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    command = ("python -m sdn_dist.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else "")) + f" --out {out}"
+    command = ("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else "")) + f" --out {out}"
     res: dict = {"mode": plan.mode, "command": command,
                  "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
     raw: dict = {}
@@ -598,7 +598,7 @@ def summary(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m sdn_dist.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, metavar="FILE.json")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")

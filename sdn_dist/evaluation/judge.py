@@ -1,6 +1,6 @@
 """The attribute evaluator: an independent judge of what generated images show.
 
-    from sdn_dist.evaluator import train_evaluator, load_evaluator
+    from sdn_dist.evaluation.judge import train_evaluator, load_evaluator
     info = train_evaluator("shards/synth/train-*.tar", image_size=64, out="runs/demo/evaluator.pt")
     ev = load_evaluator("runs/demo/evaluator.pt")
     ev.predict(images)          # images [B,3,S,S] in [0,1] (any S) -> {attribute: class index [B]}
@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from . import fsio
-from .errors import DataError, UserError
+from sdn_dist import fsio
+from sdn_dist.errors import DataError, UserError
 
 FORMAT = "sdn-dist-evaluator/1"
 ARCH = "small-resnet"
@@ -242,7 +242,7 @@ def _load_split(train_urls, image_size: int, progress: bool):
     """Every training sample once, in shard order: uint8 images [N,3,S,S], label dicts, keys."""
     from tqdm import tqdm
 
-    from .data.pipeline import iter_batches
+    from sdn_dist.data.pipeline import iter_batches
     per_image = 3 * image_size * image_size
     imgs, labels, keys = [], [], []
     bar = tqdm(desc="evaluator: reading", unit="img", disable=not progress, leave=False)

@@ -14,12 +14,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import fsio
-from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .config import Config, StageConfig
-from .losses import stage1_loss, stage2_loss
-from .student import Student
-from .teacher import build_teacher
+from sdn_dist import fsio
+from sdn_dist.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from sdn_dist.config import Config, StageConfig
+from sdn_dist.model.losses import stage1_loss, stage2_loss
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import build_teacher
 
 
 def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
@@ -41,7 +41,7 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.config:
-        from .config import deep_merge
+        from sdn_dist.config import deep_merge
         conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
     return conf
 
@@ -93,7 +93,7 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
 
     The teacher's pass over the real image is a constant target (no graph); in stage 2 the
     generated image goes through the frozen teacher and the gradient flows through it to the
-    student. Shared with the benchmark's plain PyTorch loop (``sdn_dist.bench``): same work.
+    student. Shared with the benchmark's plain PyTorch loop (``sdn_dist.commands.bench``): same work.
     """
     # cfg.autocast: the forward passes in bf16, the losses (and all weights) in fp32.
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
@@ -137,8 +137,8 @@ def _host_values(loss_sum: torch.Tensor | None, parts_sum: dict[str, torch.Tenso
 def train_worker(config: dict) -> None:
     import ray.train
 
-    from .readers import DataFeed, peak_rss_bytes, run_at_raylet_priority
-    from .samples import SampleGrid
+    from sdn_dist.data.readers import DataFeed, peak_rss_bytes, run_at_raylet_priority
+    from sdn_dist.training.grids import SampleGrid
 
     run_at_raylet_priority()
     cfg = Config.model_validate(config["cfg"])
@@ -264,7 +264,7 @@ def train_worker(config: dict) -> None:
     coord.report.remote([{"event": "final", "rank": rank, "step": step, "stage": stage, "pid": os.getpid(),
                           "param_sha256": _digest(sd), "skipped": feed.skipped}])
     if rank == 0:
-        from .export import export_student
+        from sdn_dist.training.export import export_student
         export_student(cfg, sd, config["text_spec"], step)
     feed.close()
     dist.barrier()

@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import UserError
+from sdn_dist.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,14 +26,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
-    from .config import load_config
+    from sdn_dist.config import load_config
     return load_config(preset=args.preset or "debug", file=args.config, overrides=args.overrides)
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_config_show(args) -> int:
-    from .config import describe, to_yaml
+    from sdn_dist.config import describe, to_yaml
     if args.docs:
         for key, typ, doc in describe():
             print(f"{key:32s} {typ:24s} {doc}")
@@ -43,7 +43,7 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .launch import run_training
+    from sdn_dist.training.driver import run_training
     cfg = _config(args)
     result = run_training(cfg, progress=not args.quiet)
     print(f"run directory: {result['out']}")
@@ -51,14 +51,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .modelinfo import format_table, model_table
+    from sdn_dist.commands.model_table import format_table, model_table
     table = model_table(_config(args))
     print(json.dumps(table, indent=2) if args.json else format_table(table))
     return 0
 
 
 def cmd_teacher_train(args) -> int:
-    from .teacher_train import train_teacher
+    from sdn_dist.commands.teacher_train import train_teacher
     cfg = _config(args)
     res = train_teacher(cfg, shards=args.shards, out=args.out, progress=True)
     print(json.dumps(res, indent=2))
@@ -69,13 +69,13 @@ def _embedder(name: str | None):
     """--embed NAME: store caption embeddings of this encoder in the shards (KEY.emb.npy)."""
     if not name or name == "none":
         return None
-    from .config import TextConfig
-    from .data.text import build_text_encoder
+    from sdn_dist.config import TextConfig
+    from sdn_dist.data.text import build_text_encoder
     return build_text_encoder(TextConfig(encoder=name, dim=384 if name == "minilm" else 32))
 
 
 def cmd_shards_synth(args) -> int:
-    from .data.synth import write_synth
+    from sdn_dist.data.synth import write_synth
     res = write_synth(out=args.out, train=args.train, test=args.test, size=args.size,
                       per_shard=args.per_shard, seed=args.seed, embed=_embedder(args.embed))
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
@@ -83,7 +83,7 @@ def cmd_shards_synth(args) -> int:
 
 
 def cmd_shards_convert_folder(args) -> int:
-    from .data.convert import convert_folder
+    from sdn_dist.data.convert import convert_folder
     res = convert_folder(images=args.images, captions=args.captions, out=args.out,
                          test_fraction=args.test_fraction, per_shard=args.per_shard, seed=args.seed,
                          embed=_embedder(args.embed))
@@ -92,7 +92,7 @@ def cmd_shards_convert_folder(args) -> int:
 
 
 def cmd_shards_convert_stackgan(args) -> int:
-    from .data.convert import convert_stackgan
+    from sdn_dist.data.convert import convert_stackgan
     res = convert_stackgan(kind=args.kind, root=args.root, out=args.out, images=args.images,
                            per_shard=args.per_shard, seed=args.seed, embeddings=not args.no_embeddings)
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
@@ -100,14 +100,14 @@ def cmd_shards_convert_stackgan(args) -> int:
 
 
 def cmd_shards_inspect(args) -> int:
-    from .data.shards import format_inspection, inspect_shards
+    from sdn_dist.data.shards import format_inspection, inspect_shards
     info = inspect_shards(args.url)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from sdn_dist.evaluation.generate import generate
     captions = list(args.text or [])
     if args.text_file:
         try:
@@ -122,7 +122,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, format_report
+    from sdn_dist.evaluation.report import evaluate, format_report
     report = evaluate(args.checkpoint, args.shards, args.out, limit=args.limit,
                       evaluator=args.evaluator, inception_weights=args.inception_weights,
                       evaluator_steps=args.evaluator_steps, grid=args.grid, batch_size=args.batch_size)
@@ -132,13 +132,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from sdn_dist.commands.demo import run_demo
     run_demo(out=args.out, overrides=args.overrides, preset=args.preset)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from sdn_dist.commands.bench import run_bench
     run_bench(out=args.out, quick=args.quick)
     return 0
 

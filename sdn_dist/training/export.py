@@ -11,9 +11,9 @@ import io
 
 import torch
 
-from . import fsio
-from .config import Config, ModelConfig
-from .errors import UserError
+from sdn_dist import fsio
+from sdn_dist.config import Config, ModelConfig
+from sdn_dist.errors import UserError
 
 FORMAT = "sdn-dist-student/1"
 
@@ -38,7 +38,7 @@ def resolve(checkpoint: str) -> str:
 
 def load_student(checkpoint: str, device="cpu"):
     """-> (Student in eval mode, blob). Names the file in every error."""
-    from .student import Student
+    from sdn_dist.model.student import Student
     url = resolve(checkpoint)
     if not fsio.exists(url):
         raise UserError(f"no exported student at {url} (is the run finished? `sdn-dist train` writes it at the end)")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import StageConfig
-from .errors import ConfigError
-from .vgg import FC7, POINTS
+from sdn_dist.config import StageConfig
+from sdn_dist.errors import ConfigError
+from sdn_dist.model.plan import FC7, POINTS
 
 KNOWN_POINTS = POINTS + (FC7,)
 

@@ -1,0 +1,2 @@
+"""Evaluation: the quality report (``report``), the independent attribute judge (``judge``), and
+generation from an exported student (``generate``)."""
