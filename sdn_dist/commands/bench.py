@@ -236,19 +236,16 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
 def pipeline_rate(cfg, n_batches: int) -> dict:
     """Samples/s one rank's reader actors deliver (the default ``data.readers``), drained as fast
     as possible by this process; Ray must be running. The first batch (actor start) is not timed."""
-    from sdn_dist.training.driver import _data_spec
-    from sdn_dist.data.readers import DataFeed
-    spec, _, _ = _data_spec(cfg)
-    spec = dict(spec, rank=0, world_size=1, micro_batch=cfg.data.batch_size)
-    feed = DataFeed(spec, start_sample=0, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
+    from sdn_dist.data.readers import DataFeed, DataSpec
+    feed = DataFeed(DataSpec.build(cfg), rank=0, world_size=1, micro_batch=cfg.data.batch_size, start_sample=0)
     try:
         feed.next()
         n, decode = 0, 0.0
         t = time.perf_counter()
         for _ in range(n_batches):
             b = feed.next()
-            n += len(b["captions"])
-            decode += b["decode_seconds"]
+            n += len(b)
+            decode += b.decode_seconds
         dt = time.perf_counter() - t
     finally:
         feed.close()

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from sdn_dist.errors import UserError
 
+# Each command imports what it needs inside its function, on purpose: torch, Ray and DeepSpeed take
+# seconds to import, and `sdn-dist --help`, `config show` or a bad-usage error should not wait for them.
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (after the preset, before --set)")

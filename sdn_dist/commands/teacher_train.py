@@ -49,6 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sdn_dist.config import Config
+from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.errors import DataError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
 from sdn_dist.model.plan import scaled_cfg
@@ -67,24 +68,6 @@ def _batches(urls, **kw):
 
 def _heldout(key: str) -> bool:
     return zlib.crc32(str(key).encode()) % HELDOUT_MOD == 0
-
-
-def _labels(meta: dict) -> dict[str, str]:
-    """Scalar class labels of one sample, as strings: {"shape": "circle", ..., "label": "17"}."""
-    out = {}
-    attrs = meta.get("attributes")
-    if isinstance(attrs, dict):
-        for k, v in attrs.items():
-            # bool/int/str are classes; floats (positions, sizes) are not.
-            if isinstance(v, (str, bool, int)):
-                out[str(k)] = str(v)
-    if isinstance(meta.get("label"), (int, str)) and not isinstance(meta.get("label"), bool):
-        out["label"] = str(meta["label"])
-    return out
-
-
-def _sort_key(v: str):
-    return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
 
 
 class AttributeHeads(nn.Module):
@@ -106,7 +89,7 @@ class AttributeHeads(nn.Module):
         value the scan did not see."""
         t = torch.full((len(metas), len(self.names)), -100, dtype=torch.long)
         for b, meta in enumerate(metas):
-            labels = _labels(meta)
+            labels = sample_labels(meta, with_label=True)
             for j, n in enumerate(self.names):
                 t[b, j] = self.index[n].get(labels.get(n), -100)
         return t
@@ -170,12 +153,12 @@ def _scan(shards, image_size: int, batch_size: int, seed: int):
                           shuffle=False, seed=seed, epochs=1, caption="first"):
         for i, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
             n += 1
-            for k, v in _labels(meta).items():
+            for k, v in sample_labels(meta, with_label=True).items():
                 values.setdefault(k, set()).add(v)
             if _heldout(key) and len(held_img) < HELDOUT_MAX:
                 held_img.append((batch["image"][i] * 255).round().to(torch.uint8))
                 held_meta.append(meta)
-    classes = {k: sorted(v, key=_sort_key) for k, v in values.items() if 2 <= len(v) <= MAX_CLASSES}
+    classes = {k: sorted(v, key=class_order) for k, v in values.items() if 2 <= len(v) <= MAX_CLASSES}
     return classes, held_img, held_meta, n
 
 

@@ -11,12 +11,19 @@ be scaled apart from the trainers. A restart begins at the checkpoint's sample o
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 
 import numpy as np
 import ray
 import torch
+
+from sdn_dist.config import DataConfig
+from sdn_dist.data.pipeline import RankStream
+from sdn_dist.data.shards import expand_urls, shard_counts
+from sdn_dist.data.text import encoder_from_record
+from sdn_dist.errors import ConfigError, UserError
 
 
 def peak_rss_bytes() -> int:
@@ -55,45 +62,92 @@ def run_at_raylet_priority() -> None:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What every reader of a run needs, resolved once by the driver: the shard list and counts
+    (tar headers read once), the data section, the model's image size and the text encoder's
+    record (the one description it is rebuilt from, once per process)."""
+
+    urls: list[str]
+    counts: list[int]
+    seed: int
+    image_size: int
+    data: DataConfig
+    text: dict
+    text_dim: int
+
+    @classmethod
+    def build(cls, cfg) -> "DataSpec":
+        """From the run's Config: expands and counts ``data.train``, builds the text encoder once."""
+        from sdn_dist.data.text import build_text_encoder
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
+                              "(make some with `sdn-dist shards synth --out shards/synth`)")
+        urls = expand_urls(cfg.data.train)
+        counts = shard_counts(urls)
+        if sum(counts) < cfg.data.batch_size:
+            raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")
+        encoder = build_text_encoder(cfg.text)
+        return cls(urls=urls, counts=counts, seed=cfg.seed, image_size=cfg.model.image_size,
+                   data=cfg.data, text=encoder.record(), text_dim=encoder.dim)
+
+
+@dataclasses.dataclass
+class Batch:
+    """One micro-batch of a rank's stream, as a reader actor delivers it.
+
+    ``image`` float32 [b,3,S,S] in [0,1]; ``text`` float32 [b,D] (b <= the micro-batch: bad samples
+    are skipped, b may be 0); ``index`` the stream position of its first slot; ``skipped`` the
+    reader's cumulative skip counts by reason."""
+
+    image: np.ndarray
+    text: np.ndarray | None
+    captions: list[str]
+    index: int
+    skipped: dict[str, int]
+    decode_seconds: float
+    rss_peak_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
 @ray.remote(num_cpus=0)
 class ShardReader:
-    def __init__(self, spec: dict, reader: int, n_readers: int, start_sample: int):
+    def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int,
+                 reader: int, n_readers: int, start_sample: int):
         run_at_raylet_priority()
         # Decoding is single-threaded by design: every core a reader takes is one a trainer loses.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        from sdn_dist.data.pipeline import RankStream
-        from sdn_dist.data.text import build_text_encoder
-        from sdn_dist.config import DataConfig, TextConfig
+        self.stream = RankStream(spec.urls, spec.counts, rank=rank, world_size=world_size, seed=spec.seed,
+                                 shuffle=spec.data.shuffle, image_size=spec.image_size,
+                                 text_encoder=encoder_from_record(spec.text), caption=spec.data.caption,
+                                 strict=spec.data.strict, shuffle_buffer=spec.data.shuffle_buffer)
+        self.it = self.stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
+                                           batch_size=micro_batch)
 
-        data_cfg = DataConfig.model_validate(spec["data"])
-        encoder = build_text_encoder(TextConfig.model_validate(spec["text"]))
-        stream = RankStream(spec["urls"], spec["counts"], rank=spec["rank"], world_size=spec["world_size"],
-                            seed=spec["seed"], shuffle=data_cfg.shuffle, image_size=spec["image_size"],
-                            text_encoder=encoder, caption=data_cfg.caption, strict=data_cfg.strict,
-                            shuffle_buffer=data_cfg.shuffle_buffer)
-        self.stream = stream
-        self.it = stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
-                                      batch_size=spec["micro_batch"])
-
-    def next(self) -> dict:
+    def next(self) -> Batch:
         t = time.time()
         b = next(self.it)
-        return {"image": b["image"].numpy(), "text": None if b["text"] is None else np.asarray(b["text"]),
-                "captions": b["captions"], "index": b["index"], "epoch": b["epoch"],
-                "skipped": self.stream.skips.as_dict(), "decode_seconds": time.time() - t,
-                "rss_peak_bytes": peak_rss_bytes()}
+        return Batch(image=b["image"].numpy(), text=None if b["text"] is None else np.asarray(b["text"]),
+                     captions=b["captions"], index=b["index"], skipped=self.stream.skips.as_dict(),
+                     decode_seconds=time.time() - t, rss_peak_bytes=peak_rss_bytes())
 
 
 class DataFeed:
-    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch."""
+    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
 
-    def __init__(self, spec: dict, start_sample: int, readers: int, prefetch: int):
-        self.readers = [ShardReader.remote(spec, j, readers, start_sample) for j in range(readers)]
-        self.n = readers
+    ``start_sample`` is the rank's stream position (``TrainState.data_position``)."""
+
+    def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
+        n = spec.data.readers
+        self.readers = [ShardReader.options(scheduling_strategy=_on_this_node()).remote(
+            spec, rank, world_size, micro_batch, j, n, start_sample) for j in range(n)]
+        self.n = n
         self.i = 0
         self.pending: collections.deque = collections.deque()
-        self.prefetch = max(prefetch, readers)
+        self.prefetch = max(spec.data.prefetch, n)
         self.wait_seconds = 0.0
         self.skipped: dict[str, int] = {}
         self.rss_peak_bytes = 0           # the largest peak RSS any of this rank's readers reported
@@ -106,14 +160,14 @@ class DataFeed:
             self.pending.append((j, self.readers[j].next.remote()))
             self.i += 1
 
-    def next(self) -> dict:
+    def next(self) -> Batch:
         j, ref = self.pending.popleft()
         t = time.time()
         b = ray.get(ref)
         self.wait_seconds += time.time() - t
         self._fill()
-        self._per_reader_skips[j] = b["skipped"]
-        self.rss_peak_bytes = max(self.rss_peak_bytes, b.get("rss_peak_bytes", 0))
+        self._per_reader_skips[j] = b.skipped
+        self.rss_peak_bytes = max(self.rss_peak_bytes, b.rss_peak_bytes)
         total: dict[str, int] = collections.Counter()
         for s in self._per_reader_skips.values():
             total.update(s)
@@ -123,3 +177,9 @@ class DataFeed:
     def close(self) -> None:
         for r in self.readers:
             ray.kill(r)
+
+
+def _on_this_node():
+    """Readers run on their training worker's node: decoded batches never cross the network."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

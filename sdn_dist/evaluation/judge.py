@@ -54,6 +54,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from sdn_dist import fsio
+from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.errors import DataError, UserError
 
 FORMAT = "sdn-dist-evaluator/1"
@@ -70,28 +71,6 @@ MAX_TRAIN_BYTES = 512 << 20   # training images are cached in memory as uint8 up
 # ----------------------------------------------------------------------------------------------
 # Labels
 # ----------------------------------------------------------------------------------------------
-
-def sample_labels(meta: dict | None) -> dict[str, str]:
-    """The class labels of one sample, as strings: every scalar ``meta["attributes"]`` entry
-    (str, int, bool; floats are measurements, not classes), else ``meta["label"]``."""
-    if not isinstance(meta, dict):
-        return {}
-    out: dict[str, str] = {}
-    attrs = meta.get("attributes")
-    if isinstance(attrs, dict):
-        for k, v in attrs.items():
-            if isinstance(v, (str, bool, int)):
-                out[str(k)] = str(v)
-    if not out:
-        lab = meta.get("label")
-        if isinstance(lab, (int, str)) and not isinstance(lab, bool):
-            out["label"] = str(lab)
-    return out
-
-
-def _sort_key(v: str):
-    return (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v)
-
 
 def _heldout(key: str) -> bool:
     return zlib.crc32(f"evaluator:{key}".encode()) % HELDOUT_MOD == 0
@@ -345,7 +324,7 @@ def train_evaluator(train_urls, image_size: int, out: str | None, steps: int | N
     for lab in labels:
         for k, v in lab.items():
             values.setdefault(k, set()).add(v)
-    classes = {k: sorted(v, key=_sort_key) for k, v in sorted(values.items())
+    classes = {k: sorted(v, key=class_order) for k, v in sorted(values.items())
                if 2 <= len(v) <= MAX_CLASSES}
     if not classes:
         raise DataError(f"evaluator: the shards {train_urls} carry no class labels (meta "
@@ -434,4 +413,4 @@ def describe(ev: Evaluator) -> dict[str, Any]:
 
 
 __all__ = ["Evaluator", "SmallResNet", "train_evaluator", "load_evaluator", "save_evaluator",
-           "sample_labels", "default_steps", "evaluator_matches", "describe", "FORMAT"]
+           "default_steps", "evaluator_matches", "describe", "FORMAT"]

@@ -233,7 +233,8 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     from sdn_dist.data.pipeline import iter_batches
     from sdn_dist.data.shards import expand_urls
     from sdn_dist.data.text import encoder_from_record
-    from sdn_dist.evaluation.judge import describe, sample_labels
+    from sdn_dist.data.labels import sample_labels
+    from sdn_dist.evaluation.judge import describe
     from sdn_dist.training.export import load_student, resolve
     from sdn_dist.evaluation.generate import default_device, render
     from sdn_dist.training.grids import grid_png

@@ -171,11 +171,3 @@ def verify_safe(directory: str) -> None:
                 why = "not a readable torch file"
             raise UserError(f"refusing checkpoint file {path}: {why} (only tensors and plain data are loaded)") from None
 
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict | None) -> None:
-    if state and "torch" in state:
-        torch.set_rng_state(state["torch"])

@@ -1,4 +1,4 @@
-"""The driver of `sdn-dist train`: run directory, Ray, coordinator, Ray Train workers, progress.
+"""The driver of `sdn-dist train`: run directory, Ray, record collector, Ray Train workers, progress.
 
     sdn-dist train --preset debug --set out=runs/x --set data.train=shards/synth
 
@@ -9,13 +9,24 @@ to Ray Train; the per-worker loop is ``trainer.train_worker``.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from tqdm import tqdm
+
 from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
-from sdn_dist.errors import ConfigError, UserError
+from sdn_dist.data.readers import DataSpec
+from sdn_dist.errors import UserError
+from sdn_dist.model.teacher import build_teacher
+from sdn_dist.training.collector import start_collector
+from sdn_dist.training.loop import train_worker
+from sdn_dist.training.metrics import MetricsSink
 
 
 def _absolute(url):
@@ -28,12 +39,11 @@ def _absolute(url):
 
 
 def resolve_config(cfg: Config) -> Config:
-    upd = {"out": _absolute(cfg.out)}
-    cfg = cfg.model_copy(update=upd)
-    cfg.data.train = _absolute(cfg.data.train)
-    cfg.data.test = _absolute(cfg.data.test)
-    if cfg.teacher.weights:
-        cfg.teacher.weights = _absolute(cfg.teacher.weights)
+    """A copy of ``cfg`` with local paths made absolute and the run id filled in (never mutates ``cfg``)."""
+    upd = {"out": _absolute(cfg.out),
+           "data": cfg.data.model_copy(update={"train": _absolute(cfg.data.train), "test": _absolute(cfg.data.test)}),
+           "teacher": cfg.teacher.model_copy(update={"weights": _absolute(cfg.teacher.weights)})}
+    cfg = cfg.model_copy(update=upd, deep=True)
     if not cfg.run_id:
         cfg.run_id = os.environ.get("SDN_RUN_ID") or cfg.out.rstrip("/").rsplit("/", 1)[-1]
     return cfg
@@ -45,7 +55,6 @@ def prepare_run_dir(cfg: Config) -> None:
 
 
 def init_ray(cfg: Config, quiet: bool = True) -> None:
-    import ray
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -60,27 +69,9 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
                  runtime_env={"env_vars": env}, configure_logging=False)
 
 
-def _data_spec(cfg: Config) -> tuple[dict, dict, int]:
-    """Shard list + counts (read once, tar headers only), text encoder record and dimension."""
-    from sdn_dist.data.shards import expand_urls, shard_counts
-    from sdn_dist.data.text import build_text_encoder
-    if not cfg.data.train:
-        raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
-                          "(make some with `sdn-dist shards synth --out shards/synth`)")
-    urls = expand_urls(cfg.data.train)
-    counts = shard_counts(urls)
-    if sum(counts) < cfg.data.batch_size:
-        raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")
-    encoder = build_text_encoder(cfg.text)
-    spec = {"urls": urls, "counts": counts, "seed": cfg.seed, "image_size": cfg.model.image_size,
-            "data": cfg.data.model_dump(mode="json"), "text": cfg.text.model_dump(mode="json")}
-    return spec, encoder.record(), encoder.dim
-
-
 def _preflight(cfg: Config) -> None:
     """Fail in seconds, before Ray starts, on what would otherwise fail inside every worker:
     teacher weights that do not fit, an output location that cannot be written."""
-    from sdn_dist.model.teacher import build_teacher
     build_teacher(cfg.model, cfg.teacher)
     try:
         fsio.makedirs(cfg.out)
@@ -93,15 +84,8 @@ def _preflight(cfg: Config) -> None:
 
 
 def run_training(cfg: Config, progress: bool = True) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from sdn_dist.training.coordinator import Coordinator
-    from sdn_dist.training.metrics import MetricsSink
-    from sdn_dist.training.loop import train_worker
-
     cfg = resolve_config(cfg)
-    data_spec, text_spec, text_dim = _data_spec(cfg)
+    spec = DataSpec.build(cfg)
     _preflight(cfg)
     prepare_run_dir(cfg)
     # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
@@ -109,13 +93,12 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     attempt = os.environ.get("SDN_ATTEMPT") or time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     init_ray(cfg, quiet=progress)
     sink = MetricsSink(cfg.out, cfg.metrics, cfg.run_id, attempt)
-    coord = Coordinator.remote(cfg.stage1.steps, cfg.stage1.plateau.patience, cfg.stage1.plateau.min_delta)
+    collector = start_collector()
 
     storage = fsio.local_path(fsio.join(cfg.out, "ray")) or os.path.abspath(".sdn-ray")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coord, "data_spec": data_spec,
-                           "text_spec": text_spec, "text_dim": text_dim, "attempt": attempt},
+        train_loop_config={"cfg": cfg, "data": spec, "collector": collector, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
         run_config=RunConfig(name=f"{cfg.run_id}-{attempt}", storage_path=storage,
@@ -133,15 +116,14 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    bar = _progress(cfg, progress)
+    bar = Progress(cfg, progress)
     try:
         while thread.is_alive():
             thread.join(timeout=0.5)
-            _drain(coord, sink, bar, cfg.stage2.steps)
-        _drain(coord, sink, bar, cfg.stage2.steps)
+            bar.update(_drain(collector, sink))
+        bar.update(_drain(collector, sink))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         sink.close()
     if "error" in outcome:
         err = outcome["error"]
@@ -170,27 +152,34 @@ def _user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
-def _progress(cfg: Config, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=cfg.total_steps, desc="stage 1", unit="step", dynamic_ncols=True)
+def _drain(collector, sink: MetricsSink) -> list[dict]:
+    records = ray.get(collector.drain.remote())
+    sink.log(records)
+    return records
 
 
-def _drain(coord, sink, bar, stage2_steps: int) -> None:
-    import ray
-    records, status = ray.get(coord.drain.remote())
-    sink.log(records + [{"event": "message", "text": ev, "time": time.time()} for ev in status["events"]])
-    if bar is None:
-        for ev in status["events"]:
-            print(ev, flush=True)
-        return
-    for ev in status["events"]:
-        bar.write(ev)
-    bar.total = status["switch_step"] + stage2_steps  # the plateau rule can move the switch
-    main = [r for r in records if r.get("rank") == 0 and "loss" in r]
-    if main:
-        r = main[-1]
-        bar.set_description(f"stage {r['stage']}")
-        bar.set_postfix(loss=f"{r['loss']:.4f}", sps=f"{r['samples_per_sec']:.0f}")
-        bar.update(max(0, r["step"] - bar.n))
+class Progress:
+    """The driver's progress bar (tqdm), fed with the drained records; plain lines when disabled."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.stage2_steps = cfg.stage2.steps
+        self.bar = tqdm(total=cfg.total_steps, desc="stage 1", unit="step", dynamic_ncols=True) if enabled else None
+
+    def update(self, records: list[dict]) -> None:
+        for r in records:
+            if r.get("event") == "message":
+                (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(r["text"])
+                if "switch_step" in r and self.bar is not None:   # the plateau rule moved the switch
+                    self.bar.total = r["switch_step"] + self.stage2_steps
+        if self.bar is None:
+            return
+        main = [r for r in records if r.get("rank") == 0 and r.get("event") is None]
+        if main:
+            r = main[-1]
+            self.bar.set_description(f"stage {r['stage']}")
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}", sps=f"{r['samples_per_sec']:.0f}")
+            self.bar.update(max(0, r["step"] - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,12 +1,14 @@
 """The per-worker training loop: frozen teacher beside a DeepSpeed-wrapped student, two stages.
 
-Runs inside a Ray Train worker (``launch.py`` starts ``workers`` of them); reads top to bottom:
-build -> resume -> loop(step, log, checkpoint, sample, switch stage) -> export.
+Runs inside a Ray Train worker (``driver.py`` starts ``workers`` of them); ``train_worker`` reads
+top to bottom: build -> resume -> for each step: batch + step, maybe log (and let the stage schedule
+see the loss), maybe sample, maybe checkpoint, maybe switch -> export. Each "maybe" is one ``due``.
 The teacher is built here, outside the engine and every optimizer, and never saved as trainable state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,12 +16,21 @@ import time
 import torch
 import torch.distributed as dist
 
+import deepspeed
+import ray
+import ray.train
+
 from sdn_dist import fsio
-from sdn_dist.training.checkpoint import Checkpointer, rng_state, set_rng_state
-from sdn_dist.config import Config, StageConfig
+from sdn_dist.config import Config, StageConfig, deep_merge
+from sdn_dist.data.readers import DataFeed, DataSpec, peak_rss_bytes, run_at_raylet_priority
 from sdn_dist.model.losses import stage1_loss, stage2_loss
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
+from sdn_dist.training.checkpoint import Checkpointer
+from sdn_dist.training.collector import StepRecord, event, message
+from sdn_dist.training.export import export_student
+from sdn_dist.training.grids import SampleGrid
+from sdn_dist.training.state import TrainState, restore_rng
 
 
 def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
@@ -41,14 +52,12 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.config:
-        from sdn_dist.config import deep_merge
         conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
     return conf
 
 
 def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
     """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method says)."""
-    import deepspeed
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     student = prepare_student(Student(cfg.model, text_dim).to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
@@ -118,7 +127,6 @@ def student_state_dict(engine, cfg: Config) -> dict:
 
 
 def _digest(state_dict: dict) -> str:
-    import hashlib
     h = hashlib.sha256()
     for k in sorted(state_dict):
         h.update(k.encode())
@@ -126,145 +134,162 @@ def _digest(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def _host_values(loss_sum: torch.Tensor | None, parts_sum: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
-    """The step's loss and per-point losses as Python floats, in one device-to-host copy."""
-    if loss_sum is None:   # every micro-batch of the step was empty (all samples skipped)
-        return 0.0, {}
-    values = torch.stack([loss_sum.float(), *(v.float() for v in parts_sum.values())]).tolist()
-    return values[0], dict(zip(parts_sum, values[1:]))
+def train_step(engine, teacher, feed: DataFeed, stage: int, cfg: Config, text_dim: int):
+    """One optimizer step over ``grad_accum`` micro-batches -> (loss, {point: loss}, samples).
+
+    Loss and per-point losses are the mean over the micro-batches, left on the device (read back
+    only at log steps: a float() per step would be 23 host syncs per step on a GPU); ``None`` when
+    every sample of the step was skipped as bad.
+    """
+    accum = cfg.deepspeed.grad_accum
+    loss_sum, parts_sum, n = None, {}, 0
+    for _ in range(accum):
+        b = feed.next()
+        if not len(b):
+            # Every sample of this micro-batch was bad: still take part in the gradient
+            # all-reduce (with zero gradients) so that the ranks stay in step.
+            dtype = next(engine.module.parameters()).dtype
+            out = engine(torch.zeros(1, text_dim, device=engine.device, dtype=dtype))
+            engine.backward(sum(v.float().sum() for v in out.values()) * 0.0)
+            engine.step()
+            continue
+        real, text = prepare_batch(b.image, b.text, engine.device, next(engine.module.parameters()).dtype)
+        loss, parts = distill_step(teacher, engine, real, text, stage, cfg)
+        engine.backward(loss)
+        engine.step()
+        loss_sum = loss.detach() / accum + (0.0 if loss_sum is None else loss_sum)
+        parts_sum = {k: v / accum + parts_sum.get(k, 0.0) for k, v in parts.items()}
+        n += len(b)
+    return loss_sum, parts_sum, n
+
+
+class StepLog:
+    """The logging window of one rank: accumulates steps, then emits a ``StepRecord``."""
+
+    def __init__(self, collector, rank: int, world: int, attempt: str, feed: DataFeed, start_step: int):
+        self.collector, self.rank, self.world, self.attempt, self.feed = collector, rank, world, attempt, feed
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self._open(start_step)
+
+    def _open(self, step: int) -> None:
+        self.t0, self.n, self.wait0, self.step0 = time.time(), 0, self.feed.wait_seconds, step
+        self.loss, self.parts = None, {}
+
+    def add(self, loss, parts: dict, n: int) -> None:
+        # keeps the last step's values (on the device); counts the window's samples
+        if loss is not None:
+            self.loss, self.parts = loss, parts
+        self.n += n
+
+    def write(self, state: TrainState, engine, per_step: int) -> float:
+        """Send this rank's record; returns the loss averaged over the ranks (the same on every rank)."""
+        values = [0.0] if self.loss is None else torch.stack(
+            [self.loss.float(), *(v.float() for v in self.parts.values())]).tolist()
+        points = dict(zip(self.parts, values[1:]))
+        mean = torch.tensor([values[0], float(self.loss is not None)], dtype=torch.float64)
+        dist.all_reduce(mean)
+        dt = time.time() - self.t0
+        rec = StepRecord(
+            step=state.step, stage=state.stage, rank=self.rank, world_size=self.world, node_id=self.node_id,
+            attempt=self.attempt, pid=os.getpid(), loss=values[0], points=points, lr=float(engine.get_lr()[0]),
+            samples_per_sec=self.n * self.world / max(dt, 1e-9),
+            data_wait_seconds=self.feed.wait_seconds - self.wait0,
+            step_seconds=dt / max(1, state.step - self.step0), window_steps=state.step - self.step0,
+            samples=state.step * per_step * self.world, skipped=self.feed.skipped,
+            rss_peak_bytes=peak_rss_bytes(), reader_rss_peak_bytes=self.feed.rss_peak_bytes)
+        self.collector.report.remote([rec.to_json()])
+        self._open(state.step)
+        return float(mean[0] / max(float(mean[1]), 1.0))
+
+
+def due(step: int, every: int, schedule) -> bool:
+    """Every ``every`` steps (0 = never), and always at the end of each stage."""
+    return bool(every and step % every == 0) or step in (schedule.switch_step, schedule.end)
 
 
 def train_worker(config: dict) -> None:
-    import ray.train
-
-    from sdn_dist.data.readers import DataFeed, peak_rss_bytes, run_at_raylet_priority
-    from sdn_dist.training.grids import SampleGrid
-
+    """Ray Train's entry point on every rank. config: {"cfg": Config, "data": DataSpec,
+    "collector": RecordCollector handle, "attempt": str}."""
+    cfg, spec, collector, attempt = config["cfg"], config["data"], config["collector"], config["attempt"]
     run_at_raylet_priority()
-    cfg = Config.model_validate(config["cfg"])
-    coord = config["coordinator"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    attempt = config["attempt"]
-
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank)
     if rank == 0:
         ckpt.clean_incomplete()
     dist.barrier()
-    resume = ckpt.latest()
 
-    step = resume["step"] if resume else 0
-    switch_step = resume.get("switch_step", cfg.stage1.steps) if resume else cfg.stage1.steps
-    stage = 1 if step < switch_step else 2
-    end = switch_step + cfg.stage2.steps
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
-    engine = build_engine(cfg, stage_cfg, config["text_dim"], device)
-    if resume:
-        # A checkpoint taken in stage 1 but loaded for stage 2 (the switch) brings weights only.
-        state = ckpt.load(engine, resume["tag"], module_only=resume["stage"] != stage)
-        set_rng_state(state.get("tensors", {}).get("rng"))
-        if rank == 0:
-            coord.event.remote(f"resumed from {resume['tag']} in stage {stage} (attempt {attempt})")
+    state, engine = resume(cfg, ckpt, world, spec.text_dim, device)
+    if rank == 0 and state.step:
+        collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} (attempt {attempt})")])
+    per_step = cfg.micro_batch * cfg.deepspeed.grad_accum     # samples this rank draws per step
+    feed = DataFeed(spec, rank, world, cfg.micro_batch, state.data_position)
+    grid = SampleGrid(cfg, spec.text, device) if rank == 0 else None
+    log = StepLog(collector, rank, world, attempt, feed, state.step)
+    schedule = state.schedule
 
-    spec = dict(config["data_spec"], rank=rank, world_size=world, micro_batch=cfg.micro_batch)
-    per_step = cfg.micro_batch * cfg.deepspeed.grad_accum   # samples this rank consumes per step
-    feed = DataFeed(spec, start_sample=step * per_step, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
-    grid = SampleGrid(cfg, config["text_spec"], device) if rank == 0 else None
-    dtype = next(engine.module.parameters()).dtype
-
-    last_saved = resume["step"] if resume else -1
-
-    def save(tag_step: int) -> None:
-        nonlocal last_saved
-        if tag_step == last_saved:
-            return
-        last_saved = tag_step
-        ckpt.save(engine, tag_step, {"stage": stage, "switch_step": switch_step, "data_samples": tag_step * per_step,
-                                     "attempt": attempt, "world_size": world},
-                  {"rng": rng_state()})
-        if rank == 0:
-            coord.event.remote(f"checkpoint step {tag_step} saved in {ckpt.last_save_seconds:.2f}s")
-            coord.report.remote([{"event": "checkpoint", "step": tag_step, "stage": stage, "rank": 0,
-                                  "checkpoint_seconds": ckpt.last_save_seconds, "time": time.time()}])
-
-    window_t, window_n, wait0, window_s0 = time.time(), 0, feed.wait_seconds, step
-    pending: list[dict] = []
-    while step < end:
-        if stage == 1 and step >= switch_step:
-            # The switch: stage-1 checkpoint, then the same weights under a fresh optimizer.
-            save(step)
-            stage, stage_cfg = 2, cfg.stage2
-            tag = ckpt.latest()["tag"]
-            engine = build_engine(cfg, stage_cfg, config["text_dim"], device)
-            ckpt.load(engine, tag, module_only=True)
-            if rank == 0:
-                coord.event.remote(f"switched to stage 2 at step {step}")
-
+    while state.step < schedule.end:
         engine.train()
-        # Summed on the device and read back only at log steps: a float() per step would be a
-        # host sync per step (23 of them: the loss and each point's) on a GPU.
-        parts_sum: dict[str, torch.Tensor] = {}
-        loss_sum: torch.Tensor | None = None
-        for _ in range(cfg.deepspeed.grad_accum):
-            b = feed.next()
-            if not b["captions"]:
-                # Every sample of this micro-batch was skipped as bad: still take part in the
-                # gradient all-reduce (with zero gradients) so the ranks stay in step.
-                out = engine(torch.zeros(1, config["text_dim"], device=device, dtype=dtype))
-                engine.backward(sum(v.float().sum() for v in out.values()) * 0.0)
-                engine.step()
-                continue
-            real, text = prepare_batch(b["image"], b["text"], device, dtype)
-            loss, parts = distill_step(teacher, engine, real, text, stage, cfg)
-            engine.backward(loss)
-            engine.step()
-            share = loss.detach() / cfg.deepspeed.grad_accum
-            loss_sum = share if loss_sum is None else loss_sum + share
-            for k, v in parts.items():
-                parts_sum[k] = v / cfg.deepspeed.grad_accum + (parts_sum[k] if k in parts_sum else 0.0)
-            window_n += len(b["captions"])
-        step += 1
+        log.add(*train_step(engine, teacher, feed, state.stage, cfg, spec.text_dim))
+        state.step += 1
+        state.data_position += per_step
+        if due(state.step, cfg.metrics.log_every, schedule):
+            mean_loss = log.write(state, engine, per_step)
+            if state.stage == 1 and schedule.observe(state.step, mean_loss) and rank == 0:
+                collector.report.remote([message(f"stage 1 plateaued: switching to stage 2 at step {state.step}",
+                                                 switch_step=state.step)])
+        if grid is not None and due(state.step, cfg.samples.every, schedule):
+            grid.write(engine.module, state.step, state.stage)
+        if due(state.step, cfg.checkpoint.every, schedule):
+            save(ckpt, engine, state, collector, rank)
+        if state.stage == 1 and state.step == schedule.switch_step:
+            # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
+            del engine
+            engine = build_engine(cfg, cfg.stage2, spec.text_dim, device)
+            ckpt.load(engine, f"step-{state.step:08d}", module_only=True)
+            state.stage = 2
+            if rank == 0:
+                collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
 
-        if step % cfg.metrics.log_every == 0 or step == end or step == switch_step:
-            loss_value, parts_value = _host_values(loss_sum, parts_sum)   # the window's device work done
-            dt = time.time() - window_t
-            rec = {"step": step, "stage": stage, "rank": rank, "attempt": attempt, "pid": os.getpid(), "loss": loss_value,
-                   "samples_per_sec": window_n * world / max(dt, 1e-9),
-                   "data_wait_seconds": feed.wait_seconds - wait0, "step_seconds": dt / max(1, step - window_s0), "window_steps": step - window_s0,
-                   "samples": step * per_step * world, "skipped": feed.skipped, "time": time.time(),
-                   "rss_peak_bytes": peak_rss_bytes(), "reader_rss_peak_bytes": feed.rss_peak_bytes,
-                   **{f"loss/{k}": v for k, v in parts_value.items()}}
-            pending.append(rec)
-            ref = coord.report.remote(pending)
-            new_switch = ray.get(ref) if rank == 0 and cfg.stage1.plateau.patience else None
-            pending = []
-            if cfg.stage1.plateau.patience and stage == 1:
-                t = torch.tensor([new_switch if rank == 0 else 0], dtype=torch.long)
-                dist.broadcast(t, src=0)   # all ranks switch at the same step
-                if int(t) != switch_step:
-                    switch_step = max(int(t), step)
-                    end = switch_step + cfg.stage2.steps
-            window_t, window_n, wait0, window_s0 = time.time(), 0, feed.wait_seconds, step
+    finish(cfg, engine, state, spec, collector, rank, feed)
 
-        if grid is not None and cfg.samples.every and step % cfg.samples.every == 0:
-            grid.write(engine.module, step, stage)
-        if step % cfg.checkpoint.every == 0 or step == end or (stage == 1 and step == switch_step):
-            save(step)
-        if stage == 1 and step == switch_step and grid is not None:
-            grid.write(engine.module, step, stage)
 
-    if grid is not None:
-        grid.write(engine.module, step, stage)
-    sd = student_state_dict(engine, cfg)
-    # Data parallelism check made visible: every rank reports a digest of its final weights.
-    coord.report.remote([{"event": "final", "rank": rank, "step": step, "stage": stage, "pid": os.getpid(),
-                          "param_sha256": _digest(sd), "skipped": feed.skipped}])
+def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:
+    """The last complete checkpoint's state and engine, or a fresh start. A checkpoint saved at the
+    switch holds stage-1 optimizer state: it brings only the weights into a fresh stage-2 engine."""
+    latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
+    if latest is None:
+        state = TrainState.start(cfg, world)
+        return state, build_engine(cfg, cfg.stage1 if state.stage == 1 else cfg.stage2, text_dim, device)
+    stage = TrainState.restore(latest, {}, cfg, world).schedule.stage_at(latest["step"])
+    engine = build_engine(cfg, cfg.stage1 if stage == 1 else cfg.stage2, text_dim, device)
+    saved = ckpt.load(engine, latest["tag"], module_only=latest["stage"] != stage)
+    state = TrainState.restore(saved, saved["tensors"], cfg, world)
+    restore_rng(state.rng)
+    state.stage = stage
+    return state, engine
+
+
+def save(ckpt: Checkpointer, engine, state: TrainState, collector, rank: int) -> None:
+    """Collective: every rank saves its part of the state; rank 0 reports the checkpoint."""
+    tag = ckpt.save(engine, state.step, state.client_state(), state.tensors())
     if rank == 0:
-        from sdn_dist.training.export import export_student
-        export_student(cfg, sd, config["text_spec"], step)
+        collector.report.remote([
+            message(f"checkpoint {tag} saved in {ckpt.last_save_seconds:.2f}s"),
+            event("checkpoint", step=state.step, stage=state.stage, rank=0, checkpoint_seconds=ckpt.last_save_seconds)])
+
+
+def finish(cfg: Config, engine, state: TrainState, spec: DataSpec, collector, rank: int, feed: DataFeed) -> None:
+    """Every rank reports a digest of its final weights (data parallelism made visible); rank 0
+    exports the student for `generate` and `eval`."""
+    sd = student_state_dict(engine, cfg)
+    collector.report.remote([event("final", rank=rank, step=state.step, stage=state.stage, pid=os.getpid(),
+                                   world_size=state.world_size, param_sha256=_digest(sd), skipped=feed.skipped)])
+    if rank == 0:
+        export_student(cfg, sd, spec.text, state.step)
     feed.close()
     dist.barrier()

@@ -1,5 +1,5 @@
 """One ``log(records)`` interface on the driver; backends fan out: metrics.jsonl always, Prometheus
-when ``metrics.port`` is set. Workers never open ports: they send records to the coordinator, the
+when ``metrics.port`` is set. Workers never open ports: they send records to the record collector, the
 driver drains it (every 0.5 s) and updates the metrics here, served at ``metrics.host:metrics.port``.
 Metric names, types and labels: docs/metrics.md (keep it in step: tests/test_metrics.py checks).
 

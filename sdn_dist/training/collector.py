@@ -1,0 +1,76 @@
+"""What workers report to the driver: typed step records and events, through one collecting actor.
+
+Workers never open ports or files for their records: rank r sends its ``StepRecord`` (as JSON) and
+events to the ``RecordCollector``; the driver drains it every 0.5 s into metrics.jsonl,
+events.jsonl, Prometheus and the progress bar (``training/metrics.py``). The collector is the one
+single-owner piece of a run: it is pinned to the driver's node, so losing any other node never takes
+it down, and it decides nothing (the stage schedule runs on every rank, ``training/state.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import ray
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """One rank's logged step: one line of metrics.jsonl (``loss/<point>`` keys for ``points``)."""
+
+    step: int                        # optimizer steps over the whole run
+    stage: int
+    rank: int
+    world_size: int
+    node_id: str                     # the Ray node the rank ran on
+    attempt: str
+    pid: int
+    loss: float                      # this rank's loss, mean over the step's micro-batches
+    points: dict[str, float]         # per matched point
+    lr: float
+    samples_per_sec: float           # the whole job's, over the window
+    data_wait_seconds: float         # waited for the readers in the window
+    step_seconds: float              # mean wall time per step in the window
+    window_steps: int
+    samples: int                     # samples drawn by all ranks since step 0
+    skipped: dict[str, int]          # this rank's cumulative skips by reason
+    rss_peak_bytes: int
+    reader_rss_peak_bytes: int
+    time: float = dataclasses.field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        points = d.pop("points")
+        return {**d, **{f"loss/{k}": v for k, v in points.items()}}
+
+
+def event(kind: str, **fields) -> dict:
+    """An events.jsonl line: ``checkpoint``, ``final``, ``message`` (``text``) ..."""
+    return {"event": kind, "time": time.time(), **fields}
+
+
+def message(text: str, **fields) -> dict:
+    """A line for the user (printed by the driver's progress bar) and for events.jsonl."""
+    return event("message", text=text, **fields)
+
+
+@ray.remote(num_cpus=0)
+class RecordCollector:
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def report(self, records: list[dict]) -> None:
+        self.records.extend(records)
+
+    def drain(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+
+def start_collector():
+    """The run's collector, on the driver's node (soft=False: never elsewhere)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = ray.get_runtime_context().get_node_id()
+    return RecordCollector.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()

@@ -1,0 +1,144 @@
+"""What a run is at a step boundary: exactly what a checkpoint saves and a resume restores.
+
+    state = TrainState.start(cfg, world_size)           # or TrainState.restore(client, tensors, cfg, world)
+    state.schedule.stage_at(state.step)                 # 1 or 2
+    ckpt.save(engine, state)                            # JSON part -> client.json + COMPLETE marker
+
+``StageSchedule`` is the stage switch as a small pure object: stage 1 ends at ``stage1.steps``, or
+earlier when the plateau rule fires on the loss all ranks agree on (the all-reduced mean), so every
+rank runs the same schedule on the same numbers and switches at the same step without asking anyone.
+Nothing here knows Ray or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from sdn_dist.config import Config
+from sdn_dist.errors import UserError
+
+
+@dataclasses.dataclass
+class StageSchedule:
+    """When stage 1 ends. ``observe`` is called at every logged stage-1 step with the mean loss.
+
+    The step counts come from the config (a rerun with more steps extends the run); what a run has
+    decided stays decided: once stage 1 has ended (at ``stage1.steps`` or by the plateau rule),
+    ``fixed_switch`` holds that step and a resume keeps it."""
+
+    stage1_steps: int
+    stage2_steps: int
+    patience: int = 0                # plateau rule: logged steps without improvement (0 = off)
+    min_delta: float = 0.0
+    best: float = math.inf           # the plateau rule's memory (saved, so a resume continues it)
+    bad: int = 0
+    fixed_switch: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "StageSchedule":
+        p = cfg.stage1.plateau
+        return cls(stage1_steps=cfg.stage1.steps, stage2_steps=cfg.stage2.steps,
+                   patience=p.patience, min_delta=p.min_delta)
+
+    @property
+    def switch_step(self) -> int:
+        """The first step of stage 2 = the number of stage-1 steps."""
+        return self.stage1_steps if self.fixed_switch is None else self.fixed_switch
+
+    @property
+    def end(self) -> int:
+        return self.switch_step + self.stage2_steps
+
+    def stage_at(self, step: int) -> int:
+        """The stage the step *after* ``step`` optimizer steps runs in."""
+        return 1 if step < self.switch_step else 2
+
+    def observe(self, step: int, loss: float) -> bool:
+        """A logged stage-1 step's loss (the same value on every rank). True when the plateau rule
+        ends stage 1 here: ``switch_step`` becomes ``step``."""
+        if not self.patience or step >= self.switch_step:
+            return False
+        if loss < self.best - self.min_delta:
+            self.best, self.bad = loss, 0
+            return False
+        self.bad += 1
+        if self.bad < self.patience:
+            return False
+        self.fixed_switch = step
+        return True
+
+    def memory(self) -> dict:
+        return {"switch_step": self.switch_step, "best": self.best, "bad": self.bad}
+
+    def remember(self, memory: dict, step: int) -> None:
+        """Continue from a checkpoint's ``memory()`` taken at ``step``."""
+        self.best, self.bad = float(memory["best"]), int(memory["bad"])
+        if memory["switch_step"] <= step:    # stage 1 had ended (or ended right there)
+            self.fixed_switch = int(memory["switch_step"])
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The run at a step boundary. ``stage`` is the stage of the optimizer state in the engine
+    (a checkpoint taken at the switch holds stage-1 optimizer state although stage 2 comes next)."""
+
+    step: int
+    stage: int
+    schedule: StageSchedule
+    data_position: int               # samples each rank has drawn from its stream (good or bad)
+    world_size: int                  # the world size data_position was counted in
+    rng: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def start(cls, cfg: Config, world_size: int) -> "TrainState":
+        schedule = StageSchedule.from_config(cfg)
+        return cls(step=0, stage=schedule.stage_at(0), schedule=schedule, data_position=0, world_size=world_size)
+
+    # -- checkpoint form -----------------------------------------------------------------------
+    def client_state(self) -> dict:
+        """The JSON half (also in the COMPLETE marker, so listing checkpoints needs no torch.load)."""
+        return {"step": self.step, "stage": self.stage, "schedule": self.schedule.memory(),
+                "data_position": self.data_position, "world_size": self.world_size}
+
+    def tensors(self) -> dict:
+        """The tensor half: every RNG in use. DeepSpeed keeps rank 0's copy; every rank seeds and
+        draws alike, so it serves them all."""
+        return {"rng": capture_rng()}
+
+    @classmethod
+    def restore(cls, client: dict, tensors: dict, cfg: Config, world_size: int) -> "TrainState":
+        """The state a checkpoint holds, under this run's config, re-counted for ``world_size``
+        (a resume on fewer or more workers re-plans the data order from the same number of samples
+        drawn in all)."""
+        if "schedule" not in client:
+            raise UserError("the checkpoint was written by an older sdn-dist (no train state in it): "
+                            "start a new run directory (`out`) or use the release that wrote it")
+        step = int(client["step"])
+        schedule = StageSchedule.from_config(cfg)
+        schedule.remember(client["schedule"], step)
+        state = cls(step=step, stage=int(client["stage"]), schedule=schedule,
+                    data_position=int(client["data_position"]), world_size=int(client["world_size"]),
+                    rng=tensors.get("rng") or {})
+        if world_size != state.world_size:
+            state.data_position = state.data_position * state.world_size // world_size
+            state.world_size = world_size
+        return state
+
+
+def capture_rng() -> dict[str, torch.Tensor]:
+    """Every RNG the training step draws from (torch CPU; CUDA where used). The data order and the
+    caption choice are seeded by (seed, epoch, key), so they need no state beyond the position."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

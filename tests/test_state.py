@@ -1,0 +1,84 @@
+"""TrainState and StageSchedule: what a checkpoint holds and when stage 1 ends (fast, pure)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sdn_dist.config import load_config
+from sdn_dist.errors import UserError
+from sdn_dist.training.state import StageSchedule, TrainState, capture_rng, restore_rng
+
+
+def cfg(*sets):
+    return load_config("debug", overrides=list(sets))
+
+
+def test_fixed_switch_and_end_follow_the_config():
+    s = StageSchedule.from_config(cfg("stage1.steps=10", "stage2.steps=5"))
+    assert (s.switch_step, s.end) == (10, 15)
+    assert [s.stage_at(k) for k in (0, 9, 10, 14)] == [1, 1, 2, 2]
+    # without the plateau rule, no loss moves the switch
+    assert not any(s.observe(k, 100.0 + k) for k in range(1, 10)) and s.switch_step == 10
+
+
+def test_plateau_ends_stage_one_after_patience_logged_steps_without_improvement():
+    s = StageSchedule.from_config(cfg("stage1.steps=100", "stage2.steps=7",
+                                      "stage1.plateau.patience=2", "stage1.plateau.min_delta=0.1"))
+    assert not s.observe(1, 1.0)        # best
+    assert not s.observe(2, 0.95)       # not better by min_delta: bad 1
+    assert not s.observe(3, 0.5)        # better: bad 0
+    assert not s.observe(4, 0.45)       # bad 1
+    assert s.observe(5, 0.46)           # bad 2 = patience: stage 1 ends here
+    assert (s.switch_step, s.end, s.stage_at(5)) == (5, 12, 2)
+    assert not s.observe(6, 10.0) and s.switch_step == 5   # decided stays decided
+
+
+def test_state_round_trips_through_json_and_keeps_what_was_decided():
+    c = cfg("stage1.steps=100", "stage2.steps=7", "stage1.plateau.patience=1", "stage1.plateau.min_delta=1e9")
+    state = TrainState.start(c, world_size=2)
+    state.schedule.observe(3, 1.0)
+    assert state.schedule.observe(4, 1.0)          # plateau at 4
+    state.step, state.data_position = 4, 16
+    client = json.loads(json.dumps(state.client_state()))   # as the COMPLETE marker stores it
+    back = TrainState.restore(client, state.tensors(), c, world_size=2)
+    assert (back.step, back.stage, back.data_position, back.world_size) == (4, 1, 16, 2)
+    assert back.schedule.switch_step == 4 and back.schedule.end == 11
+    assert set(back.rng) == {"torch"}
+
+
+def test_a_rerun_with_more_steps_extends_the_run_but_not_a_finished_stage_one():
+    c = cfg("stage1.steps=10", "stage2.steps=10")
+    state = TrainState.start(c, world_size=1)
+    state.step, state.stage = 15, 2
+    client = json.loads(json.dumps(state.client_state()))
+    longer = TrainState.restore(client, {}, cfg("stage1.steps=50", "stage2.steps=30"), world_size=1)
+    assert longer.schedule.switch_step == 10 and longer.schedule.end == 40
+    early = TrainState.start(c, 1)
+    early.step = 5
+    longer = TrainState.restore(json.loads(json.dumps(early.client_state())), {}, cfg("stage1.steps=50"), 1)
+    assert longer.schedule.switch_step == 50     # stage 1 had not ended: the new length applies
+
+
+def test_world_size_change_keeps_the_number_of_samples_drawn():
+    c = cfg()
+    state = TrainState.start(c, world_size=2)
+    state.step, state.data_position = 10, 40      # 2 ranks x 40 = 80 samples drawn
+    back = TrainState.restore(state.client_state(), {}, c, world_size=1)
+    assert (back.data_position, back.world_size) == (80, 1)
+
+
+def test_checkpoint_of_an_older_release_is_a_user_error():
+    with pytest.raises(UserError, match="older sdn-dist"):
+        TrainState.restore({"step": 4, "stage": 1, "switch_step": 8}, {}, cfg(), 1)
+
+
+def test_rng_capture_and_restore():
+    torch.manual_seed(3)
+    saved = capture_rng()
+    a = torch.rand(4)
+    torch.rand(10)
+    restore_rng(saved)
+    assert torch.equal(torch.rand(4), a)
+    assert math.isinf(StageSchedule.from_config(cfg()).best)
