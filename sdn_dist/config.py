@@ -108,6 +108,10 @@ class MetricsConfig(Section):
     linger_seconds: float = Field(0.0, ge=0, le=3600, description="After the run, keep serving the final metric values this long so Prometheus scrapes them (at least one scrape interval; 0 = stop at once).")
 
 
+class EmaConfig(Section):
+    decay: float = Field(0.0, ge=0, lt=1, description="Exponential moving average of the student's weights (0 = off, the paper). When on, the sample grids, the export and so `generate`/`eval` use the averaged student; it is saved and resumed with the checkpoint and restarts from the current weights at the stage switch. E.g. 0.999.")
+
+
 class SamplesConfig(Section):
     every: int = Field(0, ge=0, description="Write a generated-vs-real PNG grid every N steps (0: only at stage ends).")
     count: int = Field(8, ge=1, description="Test captions in each grid.")
@@ -138,6 +142,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -147,6 +152,8 @@ class Config(Section):
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} must be divisible by workers x "
                 f"deepspeed.grad_accum = {self.workers} x {self.deepspeed.grad_accum}")
+        if self.ema.decay and self.deepspeed.zero_stage == 3:
+            raise ValueError("ema.decay needs whole weights on every rank: use deepspeed.zero_stage 0-2 with it (ZeRO-3 partitions them)")
         return self
 
     @property

@@ -165,3 +165,21 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, shards, uninterrupted, kill_
     assert mine == {k: ref[k] for k in mine}
     digests = {e["param_sha256"] for e in events(out) + events(uninterrupted) if e["event"] == "final"}
     assert len(digests) == 1, digests
+
+
+def test_ema_student_is_exported_saved_and_resumed(tmp_path, tiny):
+    """ema.decay: the export is the averaged student (not the raw weights DeepSpeed saves), and a
+    resume continues the average where it stopped rather than starting a new one."""
+    out = tmp_path / "run"
+    train(out, tiny, "ema.decay=0.9", "stage1.steps=4", "stage2.steps=6", "checkpoint.every=4")
+    train(out, tiny, "ema.decay=0.9", "stage1.steps=4", "stage2.steps=10", "checkpoint.every=4")
+    from sdn_dist.training.checkpoint import _deepspeed_safe_globals
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        ck = torch.load(out / "checkpoints" / "step-00000014" / "mp_rank_00_model_states.pt", weights_only=True)
+    ema, raw = ck["sdn_tensors"]["ema"], ck["module"]
+    assert int(ema["n_averaged"]) == 10          # every stage-2 step averaged: 6 before, 4 after the resume
+    exported = student(out)
+    assert exported.keys() == raw.keys()
+    for k in exported:
+        torch.testing.assert_close(exported[k], ema[f"module.{k}"].float(), rtol=0, atol=0)
+    assert any(not torch.equal(exported[k], raw[k].float()) for k in exported)

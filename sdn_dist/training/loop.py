@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import deepspeed
 import ray
@@ -231,10 +232,13 @@ def train_worker(config: dict) -> None:
     grid = SampleGrid(cfg, spec.text, device) if rank == 0 else None
     log = StepLog(collector, rank, world, attempt, feed, state.step)
     schedule = state.schedule
+    averaged = average(engine.module, cfg, state.ema)     # the EMA student, or None (ema.decay = 0)
 
     while state.step < schedule.end:
         engine.train()
         log.add(*train_step(engine, teacher, feed, state.stage, cfg, spec.text_dim))
+        if averaged is not None:
+            averaged.update_parameters(engine.module)
         state.step += 1
         state.data_position += per_step
         if due(state.step, cfg.metrics.log_every, schedule):
@@ -243,19 +247,21 @@ def train_worker(config: dict) -> None:
                 collector.report.remote([message(f"stage 1 plateaued: switching to stage 2 at step {state.step}",
                                                  switch_step=state.step)])
         if grid is not None and due(state.step, cfg.samples.every, schedule):
-            grid.write(engine.module, state.step, state.stage)
+            grid.write(engine.module if averaged is None else averaged.module, state.step, state.stage)
         if due(state.step, cfg.checkpoint.every, schedule):
+            state.ema = None if averaged is None else averaged.state_dict()
             save(ckpt, engine, state, collector, rank)
         if state.stage == 1 and state.step == schedule.switch_step:
             # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
             del engine
             engine = build_engine(cfg, cfg.stage2, spec.text_dim, device)
             ckpt.load(engine, f"step-{state.step:08d}", module_only=True)
+            averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
             state.stage = 2
             if rank == 0:
                 collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
 
-    finish(cfg, engine, state, spec, collector, rank, feed)
+    finish(cfg, engine, averaged, state, spec, collector, rank, feed)
 
 
 def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:
@@ -270,8 +276,21 @@ def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -
     saved = ckpt.load(engine, latest["tag"], module_only=latest["stage"] != stage)
     state = TrainState.restore(saved, saved["tensors"], cfg, world)
     restore_rng(state.rng)
+    if state.stage != stage:
+        state.ema = None      # resumed at the switch: stage 2 averages its own weights
     state.stage = stage
     return state, engine
+
+
+def average(student: torch.nn.Module, cfg: Config, weights: dict | None):
+    """An exponential moving average of ``student`` (torch's AveragedModel), continued from
+    ``weights`` (a checkpoint's) when given; None when ``ema.decay`` is 0."""
+    if not cfg.ema.decay:
+        return None
+    averaged = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
+    if weights is not None:
+        averaged.load_state_dict(weights)
+    return averaged
 
 
 def save(ckpt: Checkpointer, engine, state: TrainState, collector, rank: int) -> None:
@@ -283,10 +302,12 @@ def save(ckpt: Checkpointer, engine, state: TrainState, collector, rank: int) ->
             event("checkpoint", step=state.step, stage=state.stage, rank=0, checkpoint_seconds=ckpt.last_save_seconds)])
 
 
-def finish(cfg: Config, engine, state: TrainState, spec: DataSpec, collector, rank: int, feed: DataFeed) -> None:
+def finish(cfg: Config, engine, averaged, state: TrainState, spec: DataSpec, collector, rank: int,
+           feed: DataFeed) -> None:
     """Every rank reports a digest of its final weights (data parallelism made visible); rank 0
-    exports the student for `generate` and `eval`."""
-    sd = student_state_dict(engine, cfg)
+    exports the student (the averaged one when ``ema.decay`` is on) for `generate` and `eval`."""
+    sd = student_state_dict(engine, cfg) if averaged is None else {
+        k: v.detach().float().cpu().clone() for k, v in averaged.module.state_dict().items()}
     collector.report.remote([event("final", rank=rank, step=state.step, stage=state.stage, pid=os.getpid(),
                                    world_size=state.world_size, param_sha256=_digest(sd), skipped=feed.skipped)])
     if rank == 0:

@@ -91,6 +91,7 @@ class TrainState:
     data_position: int               # samples each rank has drawn from its stream (good or bad)
     world_size: int                  # the world size data_position was counted in
     rng: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ema: dict[str, torch.Tensor] | None = None   # the averaged student's weights (ema.decay > 0)
 
     @classmethod
     def start(cls, cfg: Config, world_size: int) -> "TrainState":
@@ -106,7 +107,7 @@ class TrainState:
     def tensors(self) -> dict:
         """The tensor half: every RNG in use. DeepSpeed keeps rank 0's copy; every rank seeds and
         draws alike, so it serves them all."""
-        return {"rng": capture_rng()}
+        return {"rng": capture_rng(), **({"ema": self.ema} if self.ema is not None else {})}
 
     @classmethod
     def restore(cls, client: dict, tensors: dict, cfg: Config, world_size: int) -> "TrainState":
@@ -121,7 +122,7 @@ class TrainState:
         schedule.remember(client["schedule"], step)
         state = cls(step=step, stage=int(client["stage"]), schedule=schedule,
                     data_position=int(client["data_position"]), world_size=int(client["world_size"]),
-                    rng=tensors.get("rng") or {})
+                    rng=tensors.get("rng") or {}, ema=tensors.get("ema"))
         if world_size != state.world_size:
             state.data_position = state.data_position * state.world_size // world_size
             state.world_size = world_size
