@@ -62,16 +62,18 @@ class ShardReader:
         # Decoding is single-threaded by design: every core a reader takes is one a trainer loses.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        from sdn_dist.data.pipeline import RankStream
+        from sdn_dist.data.pipeline import RankStream, sample_caps
+        from sdn_dist.data.shards import configure_network
         from sdn_dist.data.text import build_text_encoder
         from sdn_dist.config import DataConfig, TextConfig
 
         data_cfg = DataConfig.model_validate(spec["data"])
+        configure_network(data_cfg)
         encoder = build_text_encoder(TextConfig.model_validate(spec["text"]))
         stream = RankStream(spec["urls"], spec["counts"], rank=spec["rank"], world_size=spec["world_size"],
                             seed=spec["seed"], shuffle=data_cfg.shuffle, image_size=spec["image_size"],
                             text_encoder=encoder, caption=data_cfg.caption, strict=data_cfg.strict,
-                            shuffle_buffer=data_cfg.shuffle_buffer)
+                            shuffle_buffer=data_cfg.shuffle_buffer, **sample_caps(data_cfg))
         self.stream = stream
         self.it = stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
                                       batch_size=spec["micro_batch"])
@@ -85,10 +87,41 @@ class ShardReader:
                 "rss_peak_bytes": peak_rss_bytes()}
 
 
+# Ray's internal key-value store (the GCS) holds the first user error (bad data) a reader of this
+# job raised. Ray Train restarts a failed worker group up to ray.max_failures times, which helps
+# with a lost node, never with bad data (and a restart from a later checkpoint could even step
+# past the bad part and "finish"): every restarted feed of the job re-raises it at once instead.
+_FATAL_KEY = b"sdn-dist-data-user-error"
+
+
+def _job_key() -> bytes:
+    return _FATAL_KEY + b"-" + ray.get_runtime_context().get_job_id().encode()
+
+
+def _raise_recorded_user_error() -> None:
+    from ray.experimental import internal_kv
+
+    from sdn_dist.errors import DataError
+    msg = internal_kv._internal_kv_get(_job_key())
+    if msg:
+        raise DataError(msg.decode())
+
+
+def _user_error(err: BaseException):
+    """The UserError a reader raised, out of Ray's wrapper (whose message is the remote traceback)."""
+    from sdn_dist.errors import UserError
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, UserError) else None
+
+
 class DataFeed:
-    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch."""
+    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
+
+    A reader's UserError (bad data under data.strict, an epoch with no usable sample) is raised
+    here as itself, one line, and recorded so that no restart of the worker group retries it."""
 
     def __init__(self, spec: dict, start_sample: int, readers: int, prefetch: int):
+        _raise_recorded_user_error()
         self.readers = [ShardReader.remote(spec, j, readers, start_sample) for j in range(readers)]
         self.n = readers
         self.i = 0
@@ -109,7 +142,15 @@ class DataFeed:
     def next(self) -> dict:
         j, ref = self.pending.popleft()
         t = time.time()
-        b = ray.get(ref)
+        try:
+            b = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            user = _user_error(e)
+            if user is None:
+                raise
+            from ray.experimental import internal_kv
+            internal_kv._internal_kv_put(_job_key(), str(user).encode(), overwrite=False)
+            raise type(user)(str(user)) from None
         self.wait_seconds += time.time() - t
         self._fill()
         self._per_reader_skips[j] = b["skipped"]

@@ -77,22 +77,11 @@ def _data_spec(cfg: Config) -> tuple[dict, dict, int]:
     return spec, encoder.record(), encoder.dim
 
 
-def _preflight(cfg: Config) -> None:
-    """Fail in seconds, before Ray starts, on what would otherwise fail inside every worker:
-    teacher weights that do not fit, an output location that cannot be written."""
-    from sdn_dist.model.teacher import build_teacher
-    build_teacher(cfg.model, cfg.teacher)
-    try:
-        fsio.makedirs(cfg.out)
-        probe = fsio.join(cfg.out, ".write-test")
-        fsio.atomic_write(probe, b"ok")
-        fs, path = fsio.url_to_fs(probe)
-        fs.rm(path)
-    except OSError as e:
-        raise UserError(f"out={cfg.out} is not writable: {e.strerror or e}") from None
-
-
 def run_training(cfg: Config, progress: bool = True) -> dict:
+    from sdn_dist.training import preflight
+    cfg = resolve_config(cfg)
+    preflight.run(cfg)  # everything knowable, in seconds, before Ray (even its imports) starts
+
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -100,9 +89,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     from sdn_dist.training.metrics import MetricsSink
     from sdn_dist.training.loop import train_worker
 
-    cfg = resolve_config(cfg)
     data_spec, text_spec, text_dim = _data_spec(cfg)
-    _preflight(cfg)
     prepare_run_dir(cfg)
     # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
     # events and names Ray Train's own run state, so retries never overwrite each other's.
