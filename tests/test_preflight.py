@@ -59,12 +59,12 @@ def stopped_before_ray(r, seconds, out):
         assert wall < PREFLIGHT_SECONDS, f"took {wall:.1f} s (load {load:.1f})"
 
 
-def train(out, shards, *overrides, data=None):
+def train(out, shards, *overrides, data=None, timeout=300):
     args = ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
             "--set", f"data.train={data or f'{shards}/train-*.tar'}"]
     for o in overrides:
         args += ["--set", o]
-    return timed_cli(*args)
+    return timed_cli(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -264,16 +264,16 @@ def test_generate_out_is_an_existing_file_names_it(tmp_path):
 def test_bad_data_found_by_the_readers_ends_in_one_line_exit_2(tmp_path, shards):
     """Two things only a reader inside a real run can see. (1) Every sample bad: the first epoch
     ends with no usable sample, the run stops with the counts by reason (it used to "train" on
-    nothing and exit 0), and Ray Train's restarts (ray.max_failures, default 3) do not read the
-    data again. (2) data.strict=true and a bad sample past the one the preflight reads: the
+    nothing and exit 0), and Ray Train's restart (ray.max_failures=1 here; 3 by default) does not
+    read the data again (a restart from the step-4 checkpoint would start mid-epoch). (2) data.strict=true and a bad sample past the one the preflight reads: the
     reader's DataError is the one line, not Ray's remote traceback."""
     allbad = rewrite_shards(shards, tmp_path / "allbad", lambda shard, member: True)
     out = tmp_path / "run-allbad"
-    r, _ = train(out, shards, "stage1.steps=12", "stage2.steps=0", data=allbad)
+    r, _ = train(out, shards, "stage1.steps=12", "stage2.steps=0", "ray.max_failures=1", data=allbad, timeout=900)
     one_line_error(r, "no usable sample in a whole epoch", "not_image=48", str(allbad / "train-000000.tar"))
     assert not (out / "export" / "student.pt").exists()
 
     strict = rewrite_shards(shards, tmp_path / "strict", lambda shard, member: shard == "train-000001.tar"
                             and member.endswith("0000027.png"))
-    r, _ = train(tmp_path / "run-strict", shards, "data.strict=true", "ray.max_failures=0", data=strict)
+    r, _ = train(tmp_path / "run-strict", shards, "data.strict=true", "ray.max_failures=0", data=strict, timeout=900)
     one_line_error(r, f"shard {strict / 'train-000001.tar'} sample train0000027: not_image")
