@@ -15,9 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdn_dist.errors import ConfigError
+
+
+# Default per-sample bounds of the readers (DataConfig.max_caption_chars / max_image_pixels), also
+# what the reading pipeline applies when called without a config (eval, teacher training).
+MAX_CAPTION_CHARS = 1000
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 class Section(BaseModel):
@@ -35,6 +41,12 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
     caption: Literal["random", "first"] = Field("random", description="Which of a sample's captions to use: a seeded random one per epoch, or always the first.")
     strict: bool = Field(False, description="Fail on the first bad sample instead of skipping and counting it.")
+    # Bounds on what one sample may cost a reader (docs/reliability.md, "Bounded memory").
+    max_caption_chars: int = Field(MAX_CAPTION_CHARS, ge=1, description="Each caption is cut to this many characters before it is tokenised (MiniLM reads 256 tokens, about 1000 characters, anyway), which bounds a reader's memory and the text cache on hostile 100 KB captions.")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="Images with more pixels than this (after JPEG draft-mode downscaling) are skipped as 'image_too_large' without being decoded; bounds a reader's decode memory (Pillow alone refuses only above 179 Mpx).")
+    connect_timeout: float = Field(10.0, gt=0, description="http(s) shards: seconds to wait for the server to accept a connection, per attempt.")
+    read_timeout: float = Field(60.0, gt=0, description="http(s) shards: seconds to wait for any bytes (the response headers included) before giving up on the attempt.")
+    retries: int = Field(3, ge=0, description="http(s) shards: retries after a connect or read timeout or a dropped connection, waiting 1, 2, 4 ... s between attempts.")
 
 
 class TextConfig(Section):
@@ -144,6 +156,15 @@ class Config(Section):
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     ema: EmaConfig = Field(default_factory=EmaConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _autocast_word(cls, v):
+        # YAML 1.1 (PyYAML, so both the config file and --set) reads a bare off / OFF / no as
+        # False: the documented default must still work. Case is not significant (OFF, BF16).
+        if v is False:
+            return "off"
+        return v.lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _check(self):

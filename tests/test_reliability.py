@@ -262,6 +262,13 @@ def test_checkpoint_interrupted_mid_write_is_never_resumed(tmp_path, shards):
     assert resumed and "step-00000008" in resumed[-1]
     assert (ck / "step-00000012" / "COMPLETE").exists()
     assert json.loads((ck / "step-00000012" / "COMPLETE").read_text())["step"] == 12
+    # the same out with another model: stopped by the preflight (it used to be a "size mismatch"
+    # traceback from inside the workers), naming the key; the checkpoints stay as they were
+    t0 = time.time()
+    r = cli(*base_args(out, shards), *sets("stage1.steps=4", "stage2.steps=8", "model.width=0.125"))
+    one_line_error(r, "model.width=0.0625 there", "model.width=0.125 now", "step-00000012")
+    assert "Ray cluster" not in r.stderr and time.time() - t0 < 60
+    assert sorted(p.name for p in ck.glob("step-*")) == ["step-00000008", "step-00000012"]
 
 
 @contextlib.contextmanager

@@ -114,9 +114,16 @@ def cmd_generate(args) -> int:
     captions = list(args.text or [])
     if args.text_file:
         try:
-            captions += [l.strip() for l in Path(args.text_file).read_text().splitlines() if l.strip()]
+            raw = Path(args.text_file).read_bytes()
         except OSError as e:
             raise UserError(f"cannot read --text-file {args.text_file}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise UserError(f"--text-file {args.text_file} is not UTF-8: byte offset {e.start} "
+                            f"(line {line}) is {raw[e.start:e.start + 1]!r}") from None
+        captions += [l.strip() for l in text.splitlines() if l.strip()]
     if not captions:
         raise UserError("no captions: give --text and/or --text-file")
     paths = generate(args.checkpoint, captions, args.out, batch_size=args.batch_size)
@@ -258,12 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def user_message(e: UserError) -> str:
+    """The one line for a UserError. One raised inside a Ray task or actor arrives as Ray's
+    dual-class wrapper (a RayTaskError that is also the UserError) whose message is the remote
+    traceback: its ``cause`` is the original error."""
+    while isinstance(getattr(e, "cause", None), UserError) and e.cause is not e:
+        e = e.cause
+    return " ".join(str(e).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (e.name or "").startswith("sdn_dist."):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sdn_dist.config import MAX_CAPTION_CHARS, MAX_IMAGE_PIXELS
 from sdn_dist.errors import DataError
 from sdn_dist.data.shards import expand_urls, iter_shard, shard_counts
 
@@ -48,6 +49,7 @@ SKIP_REASONS = (
     "missing_image",      # no KEY.png / KEY.jpg ...
     "not_image",          # image member whose bytes are not an image format PIL knows
     "bad_image",          # an image that does not decode (truncated, corrupt)
+    "image_too_large",    # more pixels than data.max_image_pixels (never decoded)
     "missing_caption",    # no KEY.txt
     "empty_caption",      # KEY.txt with no non-blank line
     "bad_caption",        # KEY.txt not UTF-8 or binary
@@ -149,9 +151,12 @@ class _Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: int, max_pixels: int | None = None) -> np.ndarray:
     """Image bytes -> uint8 [size, size, 3] RGB (alpha composited on white, antialiased resize of
-    the whole image, no crop). Raises _Skip('not_image' | 'bad_image')."""
+    the whole image, no crop). Raises _Skip('not_image' | 'bad_image' | 'image_too_large').
+
+    ``max_pixels`` bounds the decoded size: the header is read first (``Image.open`` is lazy) and
+    an image over the cap is refused before a single pixel is decoded."""
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -160,6 +165,9 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise _Skip("bad_image", f"{type(e).__name__}: {e}") from None
     try:
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much cheaper
+        w, h = img.size                  # after draft: the size that will really be decoded
+        if max_pixels is not None and w * h > max_pixels:
+            raise _Skip("image_too_large", f"{w}x{h} = {w * h} pixels, over data.max_image_pixels={max_pixels}")
         img.load()
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit grayscale -> 8-bit
             a = np.asarray(img, dtype=np.float32)
@@ -172,19 +180,35 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(img, dtype=np.uint8)
+    except _Skip:
+        raise
     except Exception as e:  # noqa: BLE001
         raise _Skip("bad_image", f"{type(e).__name__}: {e}") from None
 
 
-def decode_captions(data: bytes) -> list[str]:
-    """KEY.txt bytes -> non-blank stripped lines. Raises _Skip('bad_caption' | 'empty_caption')."""
+# KEY.txt is read up to this many captions' worth of bytes at the length cap (4 bytes: the longest
+# UTF-8 character): a 100 MB caption file costs a reader no more than a normal one.
+CAPTION_LINES_READ = 16
+
+
+def caption_bytes_cap(max_chars: int) -> int:
+    """Bytes of KEY.txt read for ``data.max_caption_chars`` (the rest is never read)."""
+    return CAPTION_LINES_READ * 4 * max_chars
+
+
+def decode_captions(data: bytes, max_chars: int | None = None) -> list[str]:
+    """KEY.txt bytes -> non-blank stripped lines, each cut to ``max_chars`` characters (before any
+    tokeniser sees it). Raises _Skip('bad_caption' | 'empty_caption')."""
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Skip("bad_caption", "not UTF-8") from None
+    except UnicodeDecodeError as e:
+        # A member cut at caption_bytes_cap() may end inside a character: drop that partial one.
+        if max_chars is None or e.start < len(data) - 3 or e.reason != "unexpected end of data":
+            raise _Skip("bad_caption", "not UTF-8") from None
+        text = data[:e.start].decode("utf-8")
     if "\0" in text or sum(1 for c in text if ord(c) < 32 and c not in "\t\r\n") > len(text) // 10:
         raise _Skip("bad_caption", "binary data")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln.strip()[:max_chars].strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise _Skip("empty_caption", "no caption line")
     return lines
@@ -221,12 +245,17 @@ class RankStream:
         shuffle_buffer: samples in the within-range shuffle buffer (1 = no shuffle within shards).
         strict: a bad sample raises DataError naming shard and key instead of being skipped.
         skips: the SkipCounter to add skips to (default: a new one, ``self.skips``).
+        max_caption_chars, max_image_pixels: the per-sample memory bounds (``data.*``); None = none.
+
+    A reader that goes through a whole epoch of its share without one usable sample raises
+    DataError with the skip counts by reason: a run cannot train on nothing.
     """
 
     def __init__(self, urls: Sequence[str], counts: Sequence[int], rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True, *,
                  image_size: int = 64, text_encoder=None, caption: str = "random",
-                 shuffle_buffer: int = 64, strict: bool = False, skips: SkipCounter | None = None):
+                 shuffle_buffer: int = 64, strict: bool = False, skips: SkipCounter | None = None,
+                 max_caption_chars: int | None = MAX_CAPTION_CHARS, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} urls but {len(counts)} counts")
         if not 0 <= rank < world_size:
@@ -241,6 +270,8 @@ class RankStream:
         self.image_size, self.text_encoder, self.caption = image_size, text_encoder, caption
         self.shuffle_buffer, self.strict = max(1, shuffle_buffer), strict
         self.skips = skips if skips is not None else SkipCounter()
+        self.max_caption_chars, self.max_image_pixels = max_caption_chars, max_image_pixels
+        self._read_limits = {"txt": caption_bytes_cap(max_caption_chars)} if max_caption_chars else None
         self._use_emb = bool(getattr(text_encoder, "precomputed", False))
         self._plan_cache: tuple[int, list] | None = None
 
@@ -309,7 +340,7 @@ class RankStream:
         it = iter(need)
         j = next(it)
         for idx, raw in iter_shard(self.urls[k], a + min(inputs), a + max(inputs) + 1,
-                                   want=lambda i: (i - a) in inputs):
+                                   want=lambda i: (i - a) in inputs, read_limits=self._read_limits):
             if raw is None:
                 continue
             held[idx - a] = raw
@@ -336,68 +367,82 @@ class RankStream:
         def want(p: int) -> bool:
             return ((p - start) // bs) % nw == worker
 
-        cur, items, skipped, bad_streak = None, [], SkipCounter(), 0
+        cur, items, skipped = None, [], SkipCounter()
+        # This reader's tally of the epoch it is in: a whole epoch (begun at its first position)
+        # with reads and not one usable sample means the run would train on nothing.
+        ep, ep_whole, ep_good, ep_skips = None, False, 0, SkipCounter()
         for pos, epoch, raw in self.iter_raw(start, stop_sample, want):
+            if epoch != ep:
+                self._check_epoch(ep, ep_whole, ep_good, ep_skips)
+                ep, ep_whole, ep_good, ep_skips = epoch, start <= self.epoch_start(epoch), 0, SkipCounter()
             i = (pos - start) // bs
             if cur is not None and i != cur:
                 yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
                 items, skipped = [], SkipCounter()
             cur = i
-            s = self._decode(raw, epoch, skipped)
+            s = self._decode(raw, epoch, skipped, ep_skips)
             if s is not None:
                 items.append(s)
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                # An endless stream of nothing but bad samples would spin forever: fail instead.
-                if bad_streak >= max(self.total, 1000):
-                    raise DataError(f"no usable sample in the last {bad_streak} read from "
-                                    f"{self.urls[0]} ... ({len(self.urls)} shards); skipped so far: "
-                                    f"{self.skips.as_dict()}")
+                ep_good += 1
+        if ep is not None and stop_sample is not None and self.epoch_start(ep + 1) <= stop_sample:
+            self._check_epoch(ep, ep_whole, ep_good, ep_skips)
         if cur is not None:
             yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
 
-    def _decode(self, raw: dict, epoch: int, skipped: SkipCounter) -> dict | None:
+    def _check_epoch(self, epoch, whole: bool, good: int, skips: SkipCounter) -> None:
+        if epoch is None or not whole or good or not skips.total:
+            return
+        reasons = ", ".join(f"{k}={v}" for k, v in skips.as_dict().items())
+        shards = self.urls[0] + (f" ... ({len(self.urls)} shards)" if len(self.urls) > 1 else "")
+        raise DataError(f"no usable sample in a whole epoch: all {skips.total} samples read in epoch "
+                        f"{epoch} (rank {self.rank} of {self.world_size}) from {shards} were skipped "
+                        f"({reasons}); `sdn-dist shards inspect` shows what the shards hold")
+
+    def _decode(self, raw: dict, epoch: int, *counters: SkipCounter) -> dict | None:
         try:
-            img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-            if img_ext is None:
-                raise _Skip("missing_image", "no image member")
-            if "txt" not in raw:
-                raise _Skip("missing_caption", "no .txt member")
-            captions = decode_captions(raw["txt"])
-            meta: Any = {}
-            if "json" in raw:
-                try:
-                    meta = json.loads(raw["json"])
-                except ValueError:
-                    meta = None
-                if not isinstance(meta, dict):
-                    raise _Skip("bad_meta", "KEY.json is not a JSON object")
-            key = raw["__key__"]
-            c = 0 if self.caption == "first" else seed_int(self.seed, "caption", epoch, key) % len(captions)
-            emb = None
-            if self._use_emb:
-                if EMB_EXT not in raw:
-                    raise _Skip("missing_embedding", "no .emb.npy member")
-                emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
-                if not np.isfinite(emb).all():
-                    raise _Skip("nan_embedding", "NaN or inf in the embedding")
-            elif EMB_EXT in raw and self._stored_rows_match(meta.get("emb_encoder")):
-                # Rows this very encoder computed when the shard was written: no need to encode.
-                try:
-                    emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
-                except _Skip:
-                    emb = None
-                if emb is not None and not np.isfinite(emb).all():
-                    emb = None
-            image = decode_image(raw[img_ext], self.image_size)
+            return self.decode(raw, epoch)
         except _Skip as s:
             if self.strict:
                 raise DataError(f"shard {raw['__url__']} sample {raw['__key__']}: {s.reason} "
                                 f"({s.detail})") from None
-            self.skips.add(s.reason)
-            skipped.add(s.reason)
+            for c in (self.skips, *counters):
+                c.add(s.reason)
             return None
+
+    def decode(self, raw: dict, epoch: int = 0) -> dict:
+        """One raw webdataset sample -> the decoded sample; raises _Skip(reason, detail)."""
+        img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if img_ext is None:
+            raise _Skip("missing_image", "no image member")
+        if "txt" not in raw:
+            raise _Skip("missing_caption", "no .txt member")
+        captions = decode_captions(raw["txt"], self.max_caption_chars)
+        meta: Any = {}
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict):
+                raise _Skip("bad_meta", "KEY.json is not a JSON object")
+        key = raw["__key__"]
+        c = 0 if self.caption == "first" else seed_int(self.seed, "caption", epoch, key) % len(captions)
+        emb = None
+        if self._use_emb:
+            if EMB_EXT not in raw:
+                raise _Skip("missing_embedding", "no .emb.npy member")
+            emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
+            if not np.isfinite(emb).all():
+                raise _Skip("nan_embedding", "NaN or inf in the embedding")
+        elif EMB_EXT in raw and self._stored_rows_match(meta.get("emb_encoder")):
+            # Rows this very encoder computed when the shard was written: no need to encode.
+            try:
+                emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
+            except _Skip:
+                emb = None
+            if emb is not None and not np.isfinite(emb).all():
+                emb = None
+        image = decode_image(raw[img_ext], self.image_size, self.max_image_pixels)
         return {"image": image, "caption": captions[c], "emb": emb, "meta": meta,
                 "key": key, "epoch": epoch}
 
@@ -478,13 +523,20 @@ def build_rank_stream(data_cfg, *, split: str = "train", image_size: int, rank: 
     counts = list(counts) if counts is not None else shard_counts(urls)
     return RankStream(urls, counts, rank, world_size, seed, data_cfg.shuffle,
                       image_size=image_size, text_encoder=text_encoder, caption=data_cfg.caption,
-                      shuffle_buffer=data_cfg.shuffle_buffer, strict=data_cfg.strict, skips=skips)
+                      shuffle_buffer=data_cfg.shuffle_buffer, strict=data_cfg.strict, skips=skips,
+                      **sample_caps(data_cfg))
+
+
+def sample_caps(data_cfg) -> dict:
+    """The per-sample memory bounds of a DataConfig, as RankStream / iter_batches keywords."""
+    return {"max_caption_chars": data_cfg.max_caption_chars, "max_image_pixels": data_cfg.max_image_pixels}
 
 
 def iter_batches(urls, *, image_size: int, batch_size: int, text_encoder=None, shuffle: bool = True,
                  seed: int = 0, epochs: int | None = None, caption: str = "random", rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 64, strict: bool = False,
-                 skips: SkipCounter | None = None) -> Iterator[dict]:
+                 skips: SkipCounter | None = None, max_caption_chars: int | None = MAX_CAPTION_CHARS,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> Iterator[dict]:
     """Micro-batches (the dict of :meth:`RankStream.iter_samples`) in one process.
 
     ``epochs=None`` never ends; ``epochs=k`` stops after k epochs of this rank (the last batch may
@@ -493,6 +545,22 @@ def iter_batches(urls, *, image_size: int, batch_size: int, text_encoder=None, s
     shard_list = expand_urls(urls)
     stream = RankStream(shard_list, shard_counts(shard_list), rank, world_size, seed, shuffle,
                         image_size=image_size, text_encoder=text_encoder, caption=caption,
-                        shuffle_buffer=shuffle_buffer, strict=strict, skips=skips)
+                        shuffle_buffer=shuffle_buffer, strict=strict, skips=skips,
+                        max_caption_chars=max_caption_chars, max_image_pixels=max_image_pixels)
     stop = None if epochs is None else stream.epoch_start(epochs)
     yield from stream.iter_samples(0, 0, 1, batch_size, stop)
+
+
+def decode_problem(url: str, data_cfg, *, image_size: int, text_encoder=None) -> tuple[str, str, str] | None:
+    """Read the first sample of shard ``url`` and decode it exactly as a reader with ``data_cfg``
+    would: ``(key, skip reason, detail)`` if it would be skipped, else None. The preflight's look
+    at the data, in well under a second for a local shard."""
+    stream = RankStream([url], [1], shuffle=False, image_size=image_size, text_encoder=text_encoder,
+                        caption="first", **sample_caps(data_cfg))
+    for _, raw in iter_shard(url, read_limits=stream._read_limits):
+        try:
+            stream.decode(raw)
+        except _Skip as s:
+            return raw["__key__"], s.reason, s.detail
+        break   # one sample is all it takes; an empty shard is for the sample count to report
+    return None

@@ -20,8 +20,8 @@ import ray
 import torch
 
 from sdn_dist.config import DataConfig
-from sdn_dist.data.pipeline import RankStream
-from sdn_dist.data.shards import expand_urls, shard_counts
+from sdn_dist.data.pipeline import RankStream, sample_caps
+from sdn_dist.data.shards import configure_network, expand_urls, shard_counts
 from sdn_dist.data.text import encoder_from_record
 from sdn_dist.errors import ConfigError, UserError
 
@@ -120,10 +120,12 @@ class ShardReader:
         # Decoding is single-threaded by design: every core a reader takes is one a trainer loses.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
+        configure_network(spec.data)
         self.stream = RankStream(spec.urls, spec.counts, rank=rank, world_size=world_size, seed=spec.seed,
                                  shuffle=spec.data.shuffle, image_size=spec.image_size,
                                  text_encoder=encoder_from_record(spec.text), caption=spec.data.caption,
-                                 strict=spec.data.strict, shuffle_buffer=spec.data.shuffle_buffer)
+                                 strict=spec.data.strict, shuffle_buffer=spec.data.shuffle_buffer,
+                                 **sample_caps(spec.data))
         self.it = self.stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
                                            batch_size=micro_batch)
 
@@ -138,7 +140,9 @@ class ShardReader:
 class DataFeed:
     """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
 
-    ``start_sample`` is the rank's stream position (``TrainState.data_position``)."""
+    ``start_sample`` is the rank's stream position (``TrainState.data_position``). A reader's
+    UserError (bad data under data.strict, an epoch with no usable sample) is raised here as
+    itself, one line (``training/failures.py`` then stops the run instead of retrying it)."""
 
     def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
         n = spec.data.readers
@@ -163,7 +167,12 @@ class DataFeed:
     def next(self) -> Batch:
         j, ref = self.pending.popleft()
         t = time.time()
-        b = ray.get(ref)
+        try:
+            b = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, UserError):
+                raise
+            raise type(e.cause)(str(e.cause)) from None
         self.wait_seconds += time.time() - t
         self._fill()
         self._per_reader_skips[j] = b.skipped

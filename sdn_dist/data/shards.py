@@ -35,7 +35,6 @@ from sdn_dist.errors import DataError
 # A member larger than this is refused rather than read into memory (a shard sample is an image,
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
-_REMOTE_TIMEOUT_S = 60  # connect / read timeout for http(s): a stalled server fails, never hangs
 _GLOB_CHARS = "*?["
 _TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 
@@ -59,13 +58,77 @@ def is_local(url: str) -> bool:
     return split_protocol(url)[0] is None
 
 
+@dataclass(frozen=True)
+class Network:
+    """Timeouts and retries of http(s) shard reads (``data.connect_timeout``, ``data.read_timeout``,
+    ``data.retries``): a server that never accepts, or accepts and never answers, fails in
+    ``connect`` / ``read`` seconds per attempt instead of hanging."""
+
+    connect: float = 10.0
+    read: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0   # seconds before the first retry, doubling after each
+
+
+_NETWORK = Network()
+
+
+def configure_network(data_cfg) -> None:
+    """Use ``data_cfg``'s network settings for every http(s) shard this process opens from now on
+    (called by the preflight in the driver and by each reader actor)."""
+    global _NETWORK
+    _NETWORK = Network(connect=float(data_cfg.connect_timeout), read=float(data_cfg.read_timeout),
+                       retries=int(data_cfg.retries))
+
+
 def _filesystem(proto: str):
     if proto in ("http", "https"):
         import aiohttp
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_REMOTE_TIMEOUT_S,
-                                        sock_read=_REMOTE_TIMEOUT_S)
+        # sock_connect bounds the TCP (and TLS) handshake; sock_read every wait for bytes, the
+        # response headers included: a server that accepts and never answers fails after it.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_NETWORK.connect,
+                                        sock_read=_NETWORK.read)
         return fsspec.filesystem("http", client_kwargs={"timeout": timeout})
     return fsspec.filesystem(proto)
+
+
+def network_problem(url: str, e: BaseException) -> str | None:
+    """Which of the two timeouts (or what connection failure) is behind ``e``, in words naming
+    ``url``; None when ``e`` is not a network failure (a 404, a corrupt tar ...)."""
+    import asyncio
+
+    import aiohttp
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, aiohttp.ConnectionTimeoutError):
+            return (f"shard {url}: connect timeout: the server did not accept a connection within "
+                    f"{_NETWORK.connect:g} s (data.connect_timeout)")
+        if isinstance(cur, (aiohttp.SocketTimeoutError, asyncio.TimeoutError)):
+            return (f"shard {url}: read timeout: the server accepted the connection but sent "
+                    f"nothing for {_NETWORK.read:g} s (data.read_timeout)")
+        if isinstance(cur, aiohttp.ClientConnectionError):
+            return f"shard {url}: cannot connect: {cur}"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _with_retries(url: str, fn: Callable):
+    """``fn()``, retried with exponential backoff while it fails with a network problem; after the
+    last attempt, DataError saying which problem and naming ``url``. Other errors pass through."""
+    import time
+    attempts = 1 + max(0, _NETWORK.retries)
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below, re-raised when not the network
+            why = network_problem(url, e)
+            if why is None:
+                raise
+            if i + 1 == attempts:
+                raise DataError(f"{why}; gave up after {attempts} attempt{'s' if attempts > 1 else ''} "
+                                f"(data.retries={_NETWORK.retries})") from None
+            time.sleep(_NETWORK.backoff * 2 ** i)
 
 
 def _with_proto(proto: str, path: str) -> str:
@@ -151,8 +214,13 @@ def open_shard(url: str):
             return open(path, "rb"), True
         fs = _filesystem(proto)
         if proto in ("http", "https"):
-            return fs.open(path, "rb", block_size=0), False
+            # A stream needs no size: given one, fsspec skips asking the server for it (a HEAD,
+            # then a GET when that fails), which would double every timeout and turn a stalled
+            # server into "file not found".
+            return _with_retries(url, lambda: fs.open(path, "rb", block_size=0, size=-1)), False
         return fs.open(path, "rb"), False
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"shard {url} does not exist") from None
     except IsADirectoryError:
@@ -217,14 +285,17 @@ def _sample_members(tf: tarfile.TarFile):
 
 
 def iter_shard(url: str, start: int = 0, stop: int | None = None,
-               want: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict | None]]:
+               want: Callable[[int], bool] | None = None,
+               read_limits: dict[str, int] | None = None) -> Iterator[tuple[int, dict | None]]:
     """Yield ``(index, sample)`` for every sample ``start <= index < stop`` of one shard, in order.
 
     ``sample`` is webdataset's dict ``{"__key__", "__url__", ext: bytes, ...}`` when ``want(index)``
     (default: always), else None and the member data is not read (local shards skip it by seeking).
-    Everything stays in memory. Raises DataError naming the shard when it is missing, not a tar,
-    corrupt, or ends before ``stop``.
+    Everything stays in memory; ``read_limits`` ({ext: bytes}) reads only the first bytes of
+    those members (the rest is skipped unread). Raises DataError naming the shard when it is
+    missing, not a tar, corrupt, or ends before ``stop``.
     """
+    read_limits = read_limits or {}
     f, seekable = open_shard(url)
     index, key, cur = -1, None, None
     try:
@@ -239,10 +310,11 @@ def iter_shard(url: str, start: int = 0, stop: int | None = None,
                 if index >= start and (want is None or want(index)):
                     cur = {"__key__": k, "__url__": url}
             if cur is not None:
-                if ti.size > MAX_MEMBER_BYTES:
+                limit = read_limits.get(ext)
+                if limit is None and ti.size > MAX_MEMBER_BYTES:
                     raise DataError(f"shard {url}: member {ti.name} is {ti.size} bytes, over the "
                                     f"{MAX_MEMBER_BYTES}-byte limit")
-                cur[ext] = tf.extractfile(ti).read()
+                cur[ext] = tf.extractfile(ti).read(-1 if limit is None else limit)
         if key is not None and index >= start:
             yield index, cur
         if stop is not None and index + 1 < stop:
@@ -251,6 +323,9 @@ def iter_shard(url: str, start: int = 0, stop: int | None = None,
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        why = None if is_local(url) else network_problem(url, e)
+        if why:   # a stall part-way through a stream: samples were yielded, so no retry here
+            raise DataError(why) from None
         raise _tar_error(url, e) from None
     finally:
         f.close()
@@ -269,7 +344,14 @@ def scan_shard(url: str) -> ShardInfo:
 
     Raises DataError naming the shard when it is missing, empty (0 bytes), not a tar, truncated
     (including a cut exactly between members: the end-of-archive marker must be there) or corrupt.
+    A remote scan that stalls part-way is retried from the start (``data.retries``).
     """
+    if is_local(url):
+        return _scan_shard(url)
+    return _with_retries(url, lambda: _scan_shard(url, network_errors=True))
+
+
+def _scan_shard(url: str, network_errors: bool = False) -> ShardInfo:
     f, seekable = open_shard(url)
     src = f if seekable else _TailStream(f)
     info = ShardInfo(url, 0)
@@ -297,6 +379,8 @@ def scan_shard(url: str) -> ShardInfo:
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        if network_errors and network_problem(url, e):
+            raise   # for _with_retries
         raise _tar_error(url, e) from None
     finally:
         f.close()

@@ -93,6 +93,9 @@ def generate(checkpoint: str, captions: list[str], out: str, batch_size: int = 3
         raise UserError("no captions to generate from")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    fs, path = fsio.url_to_fs(out)
+    if fs.exists(path) and not fs.isdir(path):
+        raise UserError(f"--out {out} is an existing file; give a directory for the PNGs")
     dev = torch.device(device) if device is not None else default_device()
     student, blob = load_student(checkpoint, device=dev)
     encoder = text_encoder_for(blob, checkpoint)

@@ -14,19 +14,12 @@ import os
 import threading
 import time
 
-import ray
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from tqdm import tqdm
 
 from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
-from sdn_dist.data.readers import DataSpec
 from sdn_dist.errors import UserError
-from sdn_dist.model.teacher import build_teacher
-from sdn_dist.training.collector import start_collector
-from sdn_dist.training.loop import train_worker
-from sdn_dist.training.metrics import MetricsSink
+from sdn_dist.training import preflight
 
 
 def _absolute(url):
@@ -55,6 +48,7 @@ def prepare_run_dir(cfg: Config) -> None:
 
 
 def init_ray(cfg: Config, quiet: bool = True) -> None:
+    import ray
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -69,24 +63,20 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
                  runtime_env={"env_vars": env}, configure_logging=False)
 
 
-def _preflight(cfg: Config) -> None:
-    """Fail in seconds, before Ray starts, on what would otherwise fail inside every worker:
-    teacher weights that do not fit, an output location that cannot be written."""
-    build_teacher(cfg.model, cfg.teacher)
-    try:
-        fsio.makedirs(cfg.out)
-        probe = fsio.join(cfg.out, ".write-test")
-        fsio.atomic_write(probe, b"ok")
-        fs, path = fsio.url_to_fs(probe)
-        fs.rm(path)
-    except OSError as e:
-        raise UserError(f"out={cfg.out} is not writable: {e.strerror or e}") from None
-
-
 def run_training(cfg: Config, progress: bool = True) -> dict:
     cfg = resolve_config(cfg)
+    preflight.run(cfg)  # everything knowable, in seconds, before Ray (even its imports) starts
+    # Imported here, after the preflight: Ray Train and DeepSpeed take seconds to import, and bad
+    # input should be told at once.
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sdn_dist.data.readers import DataSpec
+    from sdn_dist.training.collector import start_collector
+    from sdn_dist.training.loop import train_worker
+    from sdn_dist.training.metrics import MetricsSink
+
     spec = DataSpec.build(cfg)
-    _preflight(cfg)
     prepare_run_dir(cfg)
     # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
     # events and names Ray Train's own run state, so retries never overwrite each other's.
@@ -152,7 +142,8 @@ def _user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
-def _drain(collector, sink: MetricsSink) -> list[dict]:
+def _drain(collector, sink) -> list[dict]:
+    import ray
     records = ray.get(collector.drain.remote())
     sink.log(records)
     return records

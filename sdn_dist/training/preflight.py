@@ -1,0 +1,145 @@
+"""Everything knowable before Ray starts, checked in seconds: `sdn-dist train` calls :func:`run`.
+
+    from sdn_dist.training import preflight
+    preflight.run(cfg)      # UserError (exit 2, one line naming the key / file) or nothing
+
+What would otherwise fail a minute later inside every worker, or never fail at all:
+
+* the config as a whole: every ``stageN.point_weights`` name is one of the matched points of
+  ``sdn_dist/model/plan.py``; ``deepspeed.config`` is readable and holds a JSON object;
+* the run directory: a rerun into an ``out`` that holds checkpoints of another model (its
+  ``config.yaml`` differs in a ``model.*`` key, or in ``text.encoder`` / ``text.dim``, which size
+  the student's input) would resume into the wrong shapes; ``out`` must be writable;
+* the data: the first sample of the first training shard is read and decoded exactly as the
+  readers will (so ``text.encoder=precomputed`` on shards without ``KEY.emb.npy``, or embeddings
+  of another ``text.dim``, stop here, naming the shard and the member);
+* the teacher weights load into the configured VGG19.
+
+Cheap checks come first. The shard URLs are read with ``data.*`` network timeouts from here on.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sdn_dist import fsio
+from sdn_dist.config import Config
+from sdn_dist.errors import ConfigError, DataError, UserError
+
+# Keys of the resolved config that fix the shapes of what a run directory's checkpoints hold.
+_TEXT_SHAPE_KEYS = ("encoder", "dim")
+
+
+def run(cfg: Config) -> None:
+    """All checks, cheapest first. Raises UserError naming the offending key, file or value."""
+    from sdn_dist.data.shards import configure_network
+    configure_network(cfg.data)
+    check_config(cfg)
+    check_run_dir(cfg)
+    check_data(cfg)
+    check_teacher(cfg)
+    check_writable(cfg)
+
+
+def check_config(cfg: Config) -> None:
+    """What the typed config cannot check on its own: point names and the DeepSpeed JSON."""
+    from sdn_dist.model.losses import check_point_weights
+    check_point_weights(cfg.stage1, "stage1")
+    check_point_weights(cfg.stage2, "stage2")
+    url = cfg.deepspeed.config
+    if url:
+        try:
+            text = fsio.read_text(url)
+        except FileNotFoundError:
+            raise ConfigError(f"deepspeed.config={url}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"deepspeed.config={url}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            conf = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config={url}: not valid JSON ({e.msg} at line {e.lineno} "
+                              f"column {e.colno})") from None
+        if not isinstance(conf, dict):
+            raise ConfigError(f"deepspeed.config={url}: must hold a JSON object of DeepSpeed keys, "
+                              f"not a {type(conf).__name__}")
+
+
+def _differences(old: dict, new: dict, prefix: str) -> list[str]:
+    return [f"{prefix}{k}" for k in new if old.get(k) != new[k]]
+
+
+def check_run_dir(cfg: Config) -> None:
+    """A rerun resumes from ``out``'s checkpoints: they must be of the configured model."""
+    import yaml
+
+    from sdn_dist.training.checkpoint import Checkpointer
+    previous = fsio.join(cfg.out, "config.yaml")
+    try:
+        if not fsio.exists(previous):
+            return
+        done = Checkpointer(cfg.out, cfg.checkpoint.keep).complete()
+    except OSError:
+        return   # not readable as a run directory: check_writable names the problem
+    if not done:
+        return   # nothing to resume: the new run simply starts over
+    try:
+        old = yaml.safe_load(fsio.read_text(previous)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"out={cfg.out} holds checkpoints but its config.yaml cannot be read "
+                        f"({type(e).__name__}); use another out") from None
+    new = cfg.model_dump(mode="json")
+    old_model, old_text = old.get("model") or {}, old.get("text") or {}
+    diff = _differences(old_model, new["model"], "model.")
+    diff += _differences(old_text, {k: new["text"][k] for k in _TEXT_SHAPE_KEYS}, "text.")
+    if diff:
+        key = diff[0]
+        section, name = key.split(".", 1)
+        was = (old_model if section == "model" else old_text).get(name)
+        now = new[section][name]
+        raise UserError(
+            f"out={cfg.out} holds checkpoints of another model ({done[-1]['tag']}): {key}={was!r} "
+            f"there, {key}={now!r} now" + (f" (also {', '.join(diff[1:])})" if diff[1:] else "")
+            + "; use another out to start a new run, or the run's own settings to resume it")
+
+
+def check_data(cfg: Config) -> None:
+    """Read and decode the first sample of the first training shard as a reader would."""
+    from sdn_dist.data.pipeline import decode_problem
+    from sdn_dist.data.shards import expand_urls
+    from sdn_dist.data.text import build_text_encoder
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
+                          "(make some with `sdn-dist shards synth --out shards/synth`)")
+    url = expand_urls(cfg.data.train)[0]
+    encoder = build_text_encoder(cfg.text)
+    problem = decode_problem(url, cfg.data, image_size=cfg.model.image_size, text_encoder=encoder)
+    if problem is None:
+        return
+    key, reason, detail = problem
+    if reason == "missing_embedding":
+        raise DataError(f"text.encoder=precomputed but shard {url} has no {key}.emb.npy (sample "
+                        f"{key}): these shards carry no caption embeddings; use text.encoder=minilm "
+                        f"or hash, or shards written with embeddings")
+    if reason == "bad_embedding" and encoder.precomputed:
+        raise DataError(f"text.encoder=precomputed, text.dim={cfg.text.dim}: shard {url} member "
+                        f"{key}.emb.npy does not fit ({detail})")
+    if cfg.data.strict:
+        raise DataError(f"shard {url} sample {key}: {reason} ({detail}) (data.strict=true)")
+    # Otherwise one bad sample is what skipping is for; a whole epoch of them stops the readers.
+
+
+def check_teacher(cfg: Config) -> None:
+    """Teacher weights that do not fit the configured VGG19 (names the file and the key)."""
+    from sdn_dist.model.teacher import build_teacher
+    build_teacher(cfg.model, cfg.teacher)
+
+
+def check_writable(cfg: Config) -> None:
+    try:
+        fsio.makedirs(cfg.out)
+        probe = fsio.join(cfg.out, ".write-test")
+        fsio.atomic_write(probe, b"ok")
+        fs, path = fsio.url_to_fs(probe)
+        fs.rm(path)
+    except OSError as e:
+        raise UserError(f"out={cfg.out} is not writable: {e.strerror or e}") from None
