@@ -168,18 +168,34 @@ def test_image_over_the_pixel_cap_is_named_under_strict(tmp_path, shards):
 
 
 def test_http_server_that_never_answers_fails_fast_naming_url_and_timeout(tmp_path):
-    """A server that accepts the connection (the kernel completes the handshake on a listening
-    socket) and never sends a byte: a read timeout per attempt, one retry, then exit 2."""
+    """A server that accepts every connection and never sends a byte: a read timeout per attempt,
+    one retry (two connections: one GET each; fsspec would first ask for the size, one more
+    request per attempt, each waiting out its own timeout), then exit 2."""
+    import threading
+
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
+    held = []
+
+    def accept_and_say_nothing():
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     url = f"http://127.0.0.1:{srv.getsockname()[1]}/train-000000.tar"
     try:
         r, dt = timed_cli("train", "--quiet", "--set", f"out={tmp_path / 'run'}", "--set", f"data.train={url}",
                           "--set", "data.read_timeout=1", "--set", "data.retries=1", timeout=120)
     finally:
         srv.close()
+        for c in held:
+            c.close()
     one_line_error(r, url, "read timeout", "data.read_timeout", "2 attempts")
+    assert len(held) == 2, f"{len(held)} connections for 2 attempts"
     stopped_before_ray(r, dt, tmp_path / "run")
 
 

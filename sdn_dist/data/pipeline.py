@@ -203,7 +203,8 @@ def decode_captions(data: bytes, max_chars: int | None = None) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         # A member cut at caption_bytes_cap() may end inside a character: drop that partial one.
-        if max_chars is None or e.start < len(data) - 3 or e.reason != "unexpected end of data":
+        cut = max_chars is not None and len(data) == caption_bytes_cap(max_chars)
+        if not cut or e.start < len(data) - 3 or e.reason != "unexpected end of data":
             raise _Skip("bad_caption", "not UTF-8") from None
         text = data[:e.start].decode("utf-8")
     if "\0" in text or sum(1 for c in text if ord(c) < 32 and c not in "\t\r\n") > len(text) // 10:
