@@ -40,6 +40,12 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if stage.lr_schedule == "warmup_cosine":
+        # DeepSpeed's own scheduler: the engine steps it per optimizer step and saves/loads its
+        # position with the checkpoint, so a resumed stage continues the same curve.
+        conf["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": stage.steps, "warmup_num_steps": max(1, stage.warmup_steps),
+            "warmup_min_ratio": 0.0, "warmup_type": "linear", "cos_min_ratio": stage.min_lr_ratio}}
     if ds.config:
         from sdn_dist.config import deep_merge
         conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
@@ -173,7 +179,7 @@ def train_worker(config: dict) -> None:
     spec = dict(config["data_spec"], rank=rank, world_size=world, micro_batch=cfg.micro_batch)
     per_step = cfg.micro_batch * cfg.deepspeed.grad_accum   # samples this rank consumes per step
     feed = DataFeed(spec, start_sample=step * per_step, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
-    grid = SampleGrid(cfg, config["text_spec"], device) if rank == 0 else None
+    grid = SampleGrid(cfg, config["text_spec"], device, coord.report.remote) if rank == 0 else None
     dtype = next(engine.module.parameters()).dtype
 
     last_saved = resume["step"] if resume else -1
