@@ -2,7 +2,7 @@
 
 Row 1: images generated from fixed test captions; row 2: the real images those captions describe.
 The captions go beside the grid as ``step-NNNNNNNN.json``. Each written grid is also announced as a
-``{"event": "samples", "url": ...}`` record through ``report`` (the coordinator), so the driver's
+``{"event": "samples", "url": ...}`` record through ``report`` (the record collector), so the driver's
 metrics sink can show it in TensorBoard without watching the folder.
 """
 
@@ -33,7 +33,7 @@ class SampleGrid:
         from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
-        self.report = report   # records -> the driver (coordinator.report.remote), or None
+        self.report = report   # records -> the driver (the collector's report.remote), or None
         urls = cfg.data.test or cfg.data.train
         encoder = encoder_from_record(text_spec)
         batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
