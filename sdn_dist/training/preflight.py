@@ -72,12 +72,13 @@ def check_run_dir(cfg: Config) -> None:
     """A rerun resumes from ``out``'s checkpoints: they must be of the configured model."""
     import yaml
 
-    from sdn_dist.training.checkpoint import Checkpointer
     previous = fsio.join(cfg.out, "config.yaml")
     try:
         if not fsio.exists(previous):
             return
-        done = Checkpointer(cfg.out, cfg.checkpoint.keep).complete()
+        # what the Checkpointer would resume from: step-NNNNNNNN directories with COMPLETE
+        fs, path = fsio.url_to_fs(fsio.join(cfg.out, "checkpoints"))
+        done = sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{path}/step-*/COMPLETE"))
     except OSError:
         return   # not readable as a run directory: check_writable names the problem
     if not done:
@@ -97,7 +98,7 @@ def check_run_dir(cfg: Config) -> None:
         was = (old_model if section == "model" else old_text).get(name)
         now = new[section][name]
         raise UserError(
-            f"out={cfg.out} holds checkpoints of another model ({done[-1]['tag']}): {key}={was!r} "
+            f"out={cfg.out} holds checkpoints of another model ({done[-1]}): {key}={was!r} "
             f"there, {key}={now!r} now" + (f" (also {', '.join(diff[1:])})" if diff[1:] else "")
             + "; use another out to start a new run, or the run's own settings to resume it")
 
