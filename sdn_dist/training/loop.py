@@ -173,7 +173,8 @@ def train_worker(config: dict) -> None:
     spec = dict(config["data_spec"], rank=rank, world_size=world, micro_batch=cfg.micro_batch)
     per_step = cfg.micro_batch * cfg.deepspeed.grad_accum   # samples this rank consumes per step
     feed = DataFeed(spec, start_sample=step * per_step, readers=cfg.data.readers, prefetch=cfg.data.prefetch)
-    grid = SampleGrid(cfg, config["text_spec"], device) if rank == 0 else None
+    # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
+    grid = SampleGrid(cfg, config["text_spec"], device, rank) if rank == 0 or cfg.deepspeed.zero_stage == 3 else None
     dtype = next(engine.module.parameters()).dtype
 
     last_saved = resume["step"] if resume else -1
