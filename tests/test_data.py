@@ -624,3 +624,18 @@ def test_minilm_encoder_offline(monkeypatch):
     rec = enc.record()
     assert rec["encoder"] == "minilm" and rec["dim"] == 384
     assert encoder_from_record(rec).dim == 384
+
+
+@pytest.mark.timeout(120)
+def test_minilm_truncates_a_100kb_caption(monkeypatch):
+    """A 100 KB caption is cut to the model's window (256 word pieces), like any caption longer
+    than it: same embedding as its first 40 repeats (280 words, also cut), finite and unit-norm."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = build_text_encoder(TextConfig(encoder="minilm", dim=384))
+    phrase = "a red circle on a white background "
+    huge = phrase * 3000
+    assert len(huge.encode()) > 100_000
+    v = enc.encode([huge, phrase * 40, phrase * 20])
+    assert np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+    assert np.allclose(v[0], v[1], atol=1e-5)
+    assert not np.allclose(v[0], v[2], atol=1e-3)   # a shorter, uncut caption differs

@@ -5,7 +5,6 @@ and caches it in the run) are shared by the tests below; the pure helpers are te
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -199,12 +198,17 @@ def test_eval_limit_and_inception_weights(report, run, shards, tmp_path):
     from sdn_dist.evaluation.report import evaluate
     torch.manual_seed(0)
     weights = tmp_path / "inception.pt"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    # A classifier whose last layer is zero predicts the uniform distribution for every image:
+    # the Inception Score of such weights is exactly 1 (any other weights' is above 1).
+    sd = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    sd["fc.weight"].zero_()
+    sd["fc.bias"].zero_()
+    torch.save(sd, weights)
     out = tmp_path / "sub" / "limited.json"
     rep = evaluate(str(run), f"{shards}/test-*.tar", str(out), limit=5,
                    evaluator=str(run / "evaluator.pt"), inception_weights=str(weights), progress=False)
     assert rep["n_images"] == 5 == json.loads(out.read_text())["n_images"]
-    assert math.isfinite(rep["inception_score"]) and rep["inception_score"] >= 1
+    assert rep["inception_score"] == pytest.approx(1.0, abs=1e-6) and rep["inception_score_std"] == pytest.approx(0, abs=1e-6)
     assert rep["inception_splits"] == 1
     assert (tmp_path / "sub" / "limited.txt").exists() and (tmp_path / "sub" / "limited-grid.png").exists()
     assert 0 <= rep["ssim"] <= 1 and not rep["evaluator"]["trained_now"]

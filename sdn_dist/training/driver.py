@@ -16,6 +16,7 @@ import time
 from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
 from sdn_dist.errors import ConfigError, UserError
+from sdn_dist.training.failures import stop_on_user_error, user_error_in
 
 
 def _absolute(url):
@@ -113,7 +114,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     storage = fsio.local_path(fsio.join(cfg.out, "ray")) or os.path.abspath(".sdn-ray")
     trainer = TorchTrainer(
-        train_worker,
+        stop_on_user_error(train_worker),
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "coordinator": coord, "data_spec": data_spec,
                            "text_spec": text_spec, "text_dim": text_dim, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -180,7 +181,14 @@ def _progress(cfg: Config, enabled: bool):
 def _drain(coord, sink, bar, stage2_steps: int) -> None:
     import ray
     records, status = ray.get(coord.drain.remote())
-    sink.log(records + [{"event": "message", "text": ev, "time": time.time()} for ev in status["events"]])
+    fatal = user_error_in(records)   # a worker's bad-input error: never retried (training/failures.py)
+    try:
+        sink.log(records + [{"event": "message", "text": ev, "time": time.time()} for ev in status["events"]])
+    except UserError:
+        if fatal is None:
+            raise
+    if fatal is not None:
+        raise fatal
     if bar is None:
         for ev in status["events"]:
             print(ev, flush=True)

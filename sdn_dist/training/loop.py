@@ -109,12 +109,15 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
 
 
 def student_state_dict(engine, cfg: Config) -> dict:
-    """Full-precision student weights on every rank (ZeRO-3 gathers its partitions)."""
+    """Full-precision student weights on every rank. ZeRO-3 gathers its partitions on every rank
+    (collective): its consolidated state dict would exist on rank 0 only, leaving the other ranks'
+    final digest that of nothing."""
     if cfg.deepspeed.zero_stage == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict()
-    return {k: v.detach().float().cpu().clone() for k, v in (sd or {}).items()}
+        import deepspeed
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    sd = engine.module.state_dict()
+    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
 
 def _digest(state_dict: dict) -> str:
