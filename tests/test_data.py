@@ -513,7 +513,8 @@ def _fake_flowers(root, n_train=3, n_test=2):
             d = root / "text_c10" / f"class_{c:05d}"
             d.mkdir(parents=True, exist_ok=True)
             (d / f"image_{k:05d}.txt").write_text(f"flower {k} has pink petals\nflower {k} is bright\n")
-            names.append(f"class_{c:05d}/image_{k:05d}")
+            # keys with the class folder (train) and without (test: captions are found by name)
+            names.append(f"class_{c:05d}/image_{k:05d}" if split == "train" else f"image_{k:05d}")
             cls.append(c)
         (root / split).mkdir()
         (root / split / "filenames.pickle").write_bytes(_py2_pickle_of_strs([x.encode() for x in names]))
@@ -536,6 +537,11 @@ def test_flowers_converter(tmp_path):
     assert cap == "flower 2 has pink petals"
     assert meta["source"] == "flowers" and meta["class_name"] == "class_00001"
     assert meta["class_id"] == 1 and meta["label"] == 0
+    test = {m["filename"]: (c, m) for b in iter_batches(str(tmp_path / "out" / "test-*.tar"), image_size=16,
+                                                       batch_size=8, shuffle=False, epochs=1, caption="first")
+            for c, m in zip(b["captions"], b["meta"])}
+    assert set(test) == {"image_00004", "image_00005"}
+    assert test["image_00005"][0] == "flower 5 has pink petals" and test["image_00005"][1]["class_name"] == "class_00002"
 
 
 def test_shards_convert_cli(tmp_path):
