@@ -71,7 +71,7 @@ def test_zero_checkpoint_round_trip_through_the_allow_list(tmp_path, stage):
     weights and optimizer state: the next step from the loaded engine equals the original's."""
     cfg = config(tmp_path, f"deepspeed.zero_stage={stage}", *(zero3_partitioned(tmp_path) if stage == 3 else []))
     a = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
-    if stage == 3:   # the user JSON reached DeepSpeed: the module holds empty placeholders
+    if stage == 3:   # partitioned: the module holds empty placeholders
         assert a.module.fc7.weight.numel() == 0
         assert a.module.state_dict()["fc7.weight"].numel() == 0
     one_step(a)
@@ -141,11 +141,16 @@ def test_hostile_deepspeed_checkpoint_is_refused_by_checkpointer_load(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("clip, moves", [(0.0, True), (1e-12, False)])
-def test_grad_clip_reaches_the_optimizer(tmp_path, clip, moves):
+@pytest.mark.parametrize("clip, user_json, moves", [(0.0, None, True), (1e-12, None, False), (0.0, {"gradient_clipping": 1e-12}, False)])
+def test_grad_clip_and_user_json_reach_the_optimizer(tmp_path, clip, user_json, moves):
     """Adam's first step moves every weight by ~lr whatever the gradient's size; with the gradient
-    clipped to norm 1e-12 (far below Adam's eps) the step all but vanishes."""
-    cfg = config(tmp_path, f"deepspeed.grad_clip={clip}")
+    clipped to norm 1e-12 (far below Adam's eps) the step all but vanishes. The same clip given in
+    a user DeepSpeed JSON (deepspeed.config) overrides the generated key."""
+    extra = []
+    if user_json:
+        (tmp_path / "user.json").write_text(json.dumps(user_json))
+        extra = [f"deepspeed.config={tmp_path / 'user.json'}"]
+    cfg = config(tmp_path, f"deepspeed.grad_clip={clip}", *extra)
     engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
     before = student_state_dict(engine, cfg)
     one_step(engine)

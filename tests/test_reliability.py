@@ -328,17 +328,21 @@ def test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed(tmp_path,
     out = tmp_path / "run"
     ck = out / "checkpoints"
     killed_in = []
-    for _ in range(3):   # the kill can miss a ~10 ms write window; then the rerun tries again
-        proc = subprocess.Popen(SDN + base_args(out, shards) + sets("stage1.steps=4", "stage2.steps=2000", "checkpoint.every=1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for attempt in range(3):   # the kill can miss a ~10 ms write window; then the rerun tries again
+        log = tmp_path / f"attempt-{attempt}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(SDN + base_args(out, shards) + sets("stage1.steps=4", "stage2.steps=2000", "checkpoint.every=1"),
+                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: (ck / "step-00000008" / "COMPLETE").exists() or proc.poll() is not None, what="step 8")
             deadline = time.time() + 120
             while time.time() < deadline and proc.poll() is None and not _incomplete(ck):
                 time.sleep(0.001)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]   # killed, not ended by itself
         killed_in = _incomplete(ck)
         if killed_in:
             break
