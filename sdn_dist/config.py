@@ -138,7 +138,7 @@ class SamplesConfig(Section):
 
 class RayConfig(Section):
     address: str = Field("", description="Ray cluster address; empty = RAY_ADDRESS if set, else an embedded local Ray.")
-    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails.")
+    max_failures: int = Field(3, ge=0, description="Worker-group restarts from the last checkpoint before the run fails (after a lost worker or node; bad input such as a full disk ends the run at once, exit 2).")
     dashboard: bool = Field(False, description="Start the dashboard with the embedded local Ray (bound to 127.0.0.1).")
 
 

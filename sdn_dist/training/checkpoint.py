@@ -132,6 +132,8 @@ class Checkpointer:
             shutil.rmtree(dst, ignore_errors=True)
             self.fs.get(f"{self.path}/{tag}", dst, recursive=True)
         verify_safe(os.path.join(load_dir, tag))
+        if module_only and engine.zero_optimization_partition_weights():
+            _point_latest_at(load_dir, tag)
         path, client = engine.load_checkpoint(
             load_dir, tag=tag, load_module_only=module_only,
             load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
@@ -139,6 +141,18 @@ class Checkpointer:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
         client = client or {}
         return dict(client.get("sdn", {}), tensors=client.get("sdn_tensors", {}))
+
+
+def _point_latest_at(load_dir: str, tag: str) -> None:
+    """DeepSpeed's ZeRO-3 weights-only load (a stage switch) rebuilds the weights with
+    ``get_fp32_state_dict_from_zero_checkpoint(load_dir)``, which ignores ``tag`` and reads it from
+    ``load_dir/latest`` (deepspeed/runtime/engine.py, ``_load_checkpoint``); checkpoints are saved
+    without that file (COMPLETE markers say what is resumable), so name the tag there just before.
+    Every rank writes the same content, atomically, so concurrent writers are harmless."""
+    tmp = os.path.join(load_dir, f".latest-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(tag)
+    os.replace(tmp, os.path.join(load_dir, "latest"))
 
 
 def _deepspeed_safe_globals() -> list:

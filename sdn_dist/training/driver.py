@@ -20,6 +20,7 @@ from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
 from sdn_dist.errors import UserError
 from sdn_dist.training import preflight
+from sdn_dist.training.failures import stop_on_user_error, user_error_in
 
 
 def _absolute(url):
@@ -87,7 +88,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     storage = fsio.local_path(fsio.join(cfg.out, "ray")) or os.path.abspath(".sdn-ray")
     trainer = TorchTrainer(
-        train_worker,
+        stop_on_user_error(train_worker),
         train_loop_config={"cfg": cfg, "data": spec, "collector": collector, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
@@ -145,7 +146,14 @@ def _user_error_in(err: BaseException) -> UserError | None:
 def _drain(collector, sink) -> list[dict]:
     import ray
     records = ray.get(collector.drain.remote())
-    sink.log(records)
+    fatal = user_error_in(records)   # a worker's bad-input error: never retried (training/failures.py)
+    try:
+        sink.log(records)
+    except UserError:
+        if fatal is None:
+            raise
+    if fatal is not None:
+        raise fatal
     return records
 
 

@@ -28,7 +28,12 @@ def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes
 
 
 class SampleGrid:
-    def __init__(self, cfg, text_spec: dict, device, report=None):
+    """Rank 0's sample grids. Under ZeRO-3 every rank builds one and calls :meth:`write` at the
+    same steps: the student's forward gathers its partitioned weights from every rank (a
+    collective), so a rank-0-only forward would wait forever; only rank 0 writes the files."""
+
+    def __init__(self, cfg, text_spec: dict, device, report=None, rank: int = 0):
+        self.rank = rank
         from sdn_dist.data.pipeline import iter_batches
         from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
@@ -50,6 +55,8 @@ class SampleGrid:
         dtype = next(student.parameters()).dtype
         gen = student(self.text.to(self.device, dtype))["image"].float().cpu()
         student.train(was_training)
+        if self.rank != 0:
+            return ""
         url = fsio.join(self.out, f"step-{step:08d}.png")
         fsio.atomic_write(url, grid_png(gen, self.real))
         fsio.atomic_write(url[:-4] + ".json", json.dumps({"step": step, "stage": stage, "captions": self.captions}))

@@ -125,12 +125,13 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
 
 
 def student_state_dict(engine, cfg: Config) -> dict:
-    """Full-precision student weights on every rank (ZeRO-3 gathers its partitions)."""
+    """Full-precision student weights on every rank. ZeRO-3 gathers its partitions on every rank
+    (collective): its consolidated state dict would exist on rank 0 only, leaving the other ranks'
+    final digest that of nothing."""
     if cfg.deepspeed.zero_stage == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        sd = engine.module.state_dict()
-    return {k: v.detach().float().cpu().clone() for k, v in (sd or {}).items()}
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
 def _digest(state_dict: dict) -> str:
@@ -235,7 +236,9 @@ def train_worker(config: dict) -> None:
         collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} (attempt {attempt})")])
     per_step = cfg.micro_batch * cfg.deepspeed.grad_accum     # samples this rank draws per step
     feed = DataFeed(spec, rank, world, cfg.micro_batch, state.data_position)
-    grid = SampleGrid(cfg, spec.text, device, collector.report.remote) if rank == 0 else None
+    # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
+    grid = (SampleGrid(cfg, spec.text, device, collector.report.remote, rank)
+            if rank == 0 or cfg.deepspeed.zero_stage == 3 else None)
     log = StepLog(collector, rank, world, attempt, feed, state.step)
     schedule = state.schedule
     averaged = average(engine.module, cfg, state.ema)     # the EMA student, or None (ema.decay = 0)
