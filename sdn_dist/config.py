@@ -80,7 +80,13 @@ class PlateauConfig(Section):
 
 class StageConfig(Section):
     steps: int = Field(100, ge=0, description="Optimizer steps in this stage.")
-    lr: float = Field(1e-4, gt=0, description="Adam learning rate (constant, as in the paper).")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate: the constant rate, or the peak of the schedule.")
+    lr_schedule: Literal["constant", "warmup_cosine"] = Field("constant", description=(
+        "Learning rate over this stage: constant (the paper), or warmup_cosine: linear warm-up from 0 to lr over "
+        "warmup_steps, then cosine decay to lr * min_lr_ratio at the stage's last step (DeepSpeed's WarmupCosineLR, "
+        "so it is saved and resumed with the checkpoint; each stage starts its own)."))
+    warmup_steps: int = Field(0, ge=0, description="warmup_cosine: optimizer steps of linear warm-up (DeepSpeed uses at least 2).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="warmup_cosine: final learning rate as a fraction of lr.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
     loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
@@ -106,6 +112,7 @@ class MetricsConfig(Section):
     host: str = Field("127.0.0.1", description="Bind address of the endpoint (loopback by default; 0.0.0.0 in Kubernetes).")
     log_every: int = Field(10, ge=1, description="Write metrics.jsonl / update gauges every N steps.")
     linger_seconds: float = Field(0.0, ge=0, le=3600, description="After the run, keep serving the final metric values this long so Prometheus scrapes them (at least one scrape interval; 0 = stop at once).")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files to <out>/tensorboard/ (losses per point, samples/s, sample grids as images); written locally and uploaded when out is remote.")
 
 
 class EmaConfig(Section):

@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from sdn_dist.errors import UserError
-from sdn_dist.evaluation.report import inception_score, report_paths, run_dir_of
+from sdn_dist.evaluation.report import (fid_inception_v3, frechet_distance, inception_outputs,
+                                        inception_score, load_inception, report_paths, run_dir_of)
 from sdn_dist.evaluation.generate import file_names, slugify
 
 SDN = [sys.executable, "-m", "sdn_dist"]
@@ -51,6 +53,22 @@ def test_inception_score_math():
     assert inception_score(torch.eye(k).repeat(6, 1))[2] == 1      # 60 images -> 1 split
 
 
+def test_frechet_distance_matches_pytorch_fid():
+    """Our FID arithmetic (Gram-form nuclear norm / symmetric eigendecomposition) against
+    pytorch-fid's reference (scipy sqrtm), with fewer and with more images than dimensions."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    g = torch.Generator().manual_seed(0)
+    for n, m, d in [(10, 12, 64), (100, 90, 16)]:
+        a = torch.randn(n, d, generator=g)
+        b = torch.randn(m, d, generator=g) * 1.3 + 0.2
+        A, B = a.double().numpy(), b.double().numpy()
+        ref = calculate_frechet_distance(A.mean(0), np.cov(A, rowvar=False), B.mean(0), np.cov(B, rowvar=False))
+        assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+        assert frechet_distance(a, a.clone()) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(torch.zeros(1, 4), torch.zeros(3, 4))
+
+
 def test_paths():
     assert report_paths("out/report.json") == {"report": "out/report.json", "summary": "out/report.txt",
                                                "grid": "out/report-grid.png"}
@@ -67,6 +85,37 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("ge-shards")
     make_synth(out=str(d), train=160, test=N_TEST, size=32, per_shard=80, seed=3, progress=False)
     return d
+
+
+def _first_images(urls, n, size=32):
+    from sdn_dist.data.pipeline import iter_batches
+    return next(iter_batches(urls, image_size=size, batch_size=n, shuffle=False, epochs=1, caption="first"))
+
+
+@pytest.fixture(scope="module")
+def fid_weights(shards, tmp_path_factory):
+    """Inception weights made here, in pytorch-fid's file layout (pt_inception-2015-12-05-*.pth:
+    the FID Inception blocks, a 1008-way fc): randomly initialised, then made usable on these
+    images: batch-norm statistics and a centred, scaled classifier set from 8 training images
+    (so that different images get confident, different predictions)."""
+    path = tmp_path_factory.mktemp("fid-weights") / "pt_inception-test.pth"
+    x = _first_images(f"{shards}/train-*.tar", 8)["image"]
+    x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    torch.manual_seed(0)
+    net = fid_inception_v3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None            # cumulative average: running stats = this batch's
+            m.reset_running_stats()
+    with torch.no_grad():
+        net.train()(x)
+        fc, net.fc = net.fc, torch.nn.Identity()
+        f = net.eval()(x)
+        fc.weight *= 5.0 / fc(f - f.mean(0)).std()
+        fc.bias.copy_(-fc.weight @ f.mean(0))
+        net.fc = fc
+    torch.save(net.state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -193,23 +242,86 @@ def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
 
 
 @pytest.mark.slow
-def test_eval_limit_and_inception_weights(report, run, shards, tmp_path):
+def test_fid_and_inception_score_with_user_weights(fid_weights, shards, tmp_path):
     from torchvision.models import inception_v3
+    model = load_inception(str(fid_weights))
+    assert model.variant == "pytorch-fid"
+    real = _first_images(f"{shards}/test-*.tar", 12)["image"]
+    noise = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    f_real, p_real = inception_outputs(model, real)
+    f_noise, _ = inception_outputs(model, noise)
+    assert f_real.shape == (12, 2048) and p_real.shape == (12, 1008)
+    # FID: a set against itself ~0; against another half of the same data small; against a
+    # different distribution (uniform noise) far larger.
+    same, halves, other = (frechet_distance(f_real, f_real.clone()), frechet_distance(f_real[:6], f_real[6:]),
+                           frechet_distance(f_real, f_noise))
+    assert same < 1e-6 * other and halves * 20 < other, (same, halves, other)
+    # IS: identical images -> 1; different images under this classifier -> clearly more.
+    _, p_same = inception_outputs(model, real[:1].expand(8, -1, -1, -1))
+    assert inception_score(p_same)[0] == pytest.approx(1.0, abs=1e-6)
+    assert inception_score(p_real)[0] > 2.0
+    # torchvision's own Inception-v3 layout still loads (the IS-only format of before).
+    tv = tmp_path / "tv.pt"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), tv)
+    m_tv = load_inception(str(tv))
+    f, p = inception_outputs(m_tv, real[:2])
+    assert m_tv.variant == "torchvision" and f.shape == (2, 2048) and p.shape == (2, 1000)
 
+
+@pytest.mark.slow
+def test_eval_limit_fid_and_inception_weights(report, run, shards, fid_weights, tmp_path):
+    from sdn_dist.evaluation.generate import generate
     from sdn_dist.evaluation.report import evaluate
-    torch.manual_seed(0)
-    weights = tmp_path / "inception.pt"
-    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
     out = tmp_path / "sub" / "limited.json"
     rep = evaluate(str(run), f"{shards}/test-*.tar", str(out), limit=5,
-                   evaluator=str(run / "evaluator.pt"), inception_weights=str(weights), progress=False)
+                   evaluator=str(run / "evaluator.pt"), inception_weights=str(fid_weights), progress=False)
     assert rep["n_images"] == 5 == json.loads(out.read_text())["n_images"]
-    assert math.isfinite(rep["inception_score"]) and rep["inception_score"] >= 1
-    assert rep["inception_splits"] == 1
-    assert (tmp_path / "sub" / "limited.txt").exists() and (tmp_path / "sub" / "limited-grid.png").exists()
+    assert rep["inception_splits"] == 1 and rep["inception_variant"] == "pytorch-fid"
+    # FID is of the generated images against the paired real ones, IS of the generated images:
+    # recompute both from `generate`'s PNGs of the same 5 first captions (8-bit rounding apart).
+    first = _first_images(f"{shards}/test-*.tar", 5)
+    pngs = generate(str(run), first["captions"], str(tmp_path / "gen"))
+    gen = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                       for p in pngs]).float() / 255
+    model = load_inception(str(fid_weights))
+    f_gen, p_gen = inception_outputs(model, gen)
+    f_real, _ = inception_outputs(model, first["image"])
+    assert rep["fid"] == pytest.approx(frechet_distance(f_gen, f_real), rel=0.05)
+    assert rep["fid"] > 10 * frechet_distance(f_real, f_real.clone()) + 1.0
+    assert rep["inception_score"] == pytest.approx(inception_score(p_gen)[0], rel=0.05)
+    assert "FID" in (tmp_path / "sub" / "limited.txt").read_text()
+    assert (tmp_path / "sub" / "limited-grid.png").exists()
     assert 0 <= rep["ssim"] <= 1 and not rep["evaluator"]["trained_now"]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match=str(bad)):
         evaluate(str(run), f"{shards}/test-*.tar", str(tmp_path / "x.json"), limit=2,
                  evaluator=str(run / "evaluator.pt"), inception_weights=str(bad), progress=False)
+    # A real torch file that is not Inception (the student): named, nothing written.
+    wrong = run / "export" / "student.pt"
+    with pytest.raises(UserError, match=f"{wrong}.*not an Inception-v3"):
+        evaluate(str(run), f"{shards}/test-*.tar", str(tmp_path / "y.json"), limit=2,
+                 evaluator=str(run / "evaluator.pt"), inception_weights=str(wrong), progress=False)
+    assert not (tmp_path / "y.json").exists()
+
+
+class _Hostile:
+    """Unpickling this runs a shell command: what weights_only loading must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.slow
+def test_eval_hostile_inception_weights_exit_2(run, shards, tmp_path):
+    hostile = tmp_path / "pt_inception-evil.pth"
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _Hostile(marker)}, hostile)
+    r = cli("eval", "--checkpoint", run, "--shards", f"{shards}/test-*.tar", "--out", tmp_path / "r.json",
+            "--limit", 2, "--evaluator", run / "evaluator.pt", "--inception-weights", hostile)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error:") and str(hostile) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "r.json").exists()

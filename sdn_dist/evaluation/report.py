@@ -17,13 +17,14 @@ Metrics: SSIM and FSIM (piq, data range 1, on the 0..1 images at the model's nat
 over images); on data with labels, per-attribute accuracy of an independent evaluator
 (:mod:`sdn_dist.evaluation.judge`, never the teacher) on the generated images and, as the ceiling, on
 the real test images, overall and per ``meta["split_kind"]`` (the benchmark's ``seen`` /
-``paraphrase`` / ``heldout``); optionally the Inception Score of the generated images with Inception-v3 weights
-the user supplies.
+``paraphrase`` / ``heldout``); optionally, with Inception-v3 weights the user supplies, the
+Inception Score of the generated images and their FID against the paired real test images.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -65,14 +66,63 @@ def run_dir_of(checkpoint: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inception Score
+# Inception network: pool features (FID) and class probabilities (IS)
 # ----------------------------------------------------------------------------------------------
 
-def load_inception(url: str, device="cpu"):
-    """torchvision Inception-v3 with the state dict at ``url`` (``weights_only=True``), in eval
-    mode, ``transform_input=True`` (it takes ImageNet-normalised input, as torchvision's own
-    ImageNet weights do). Accepts the state dict with or without the auxiliary classifier, with
-    or without a ``module.`` prefix, or wrapped as {"state_dict": ...}."""
+FID_CLASSES = 1008   # the TF 2015-12-05 Inception graph behind published FIDs has 1008 outputs
+FID_DIMS = 2048      # its pool3 features, the ones FID is defined on
+
+
+def fid_inception_v3() -> torch.nn.Module:
+    """The Inception-v3 variant of the common FID implementations, without weights: pytorch-fid's
+    port of the TF graph (torchvision's Inception-v3 with its FIDInceptionA/C/E blocks, whose
+    pooling differs, and a 1008-way fc). Its ``state_dict()`` has the layout of pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth``. pytorch-fid's own ``fid_inception_v3()`` always
+    downloads that file, so the same network is assembled here from its blocks instead."""
+    from pytorch_fid.inception import (FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
+                                       FIDInceptionE_2, _inception_v3)
+    net = _inception_v3(num_classes=FID_CLASSES, aux_logits=False, weights=None)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    return net
+
+
+class InceptionNet(torch.nn.Module):
+    """Images [B,3,H,W] in [0,1] -> (pool features [B,2048], logits [B,K]).
+
+    ``variant`` ``"pytorch-fid"``: input resized to 299x299 (bilinear) and scaled to [-1, 1], as
+    pytorch-fid's ``InceptionV3(resize_input=True, normalize_input=True)`` does;
+    ``"torchvision"``: resized the same way, ImageNet-normalised, ``transform_input=True``."""
+
+    def __init__(self, net: torch.nn.Module, variant: str):
+        super().__init__()
+        self.fc, net.fc = net.fc, torch.nn.Identity()   # net now ends at the pooled features
+        self.net = net.eval()
+        self.variant = variant
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.interpolate(images.float(), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear",
+                          align_corners=False)
+        x = 2 * x - 1 if self.variant == "pytorch-fid" else (x - self.mean) / self.std
+        feats = self.net(x)
+        return feats, self.fc(feats)
+
+
+def load_inception(url: str, device="cpu") -> InceptionNet:
+    """Inception-v3 with the state dict at ``url`` (``weights_only=True``), in eval mode. Two
+    layouts: pytorch-fid's FID Inception (``pt_inception-2015-12-05-*.pth``: a 1008-way fc and
+    no auxiliary classifier), or a torchvision Inception-v3 state dict (with or without the
+    auxiliary classifier; ``transform_input=True``, as torchvision's own ImageNet weights).
+    Either may carry a ``module.`` prefix or be wrapped as {"state_dict": ...}."""
     from torchvision.models import inception_v3
 
     if not fsio.exists(url):
@@ -81,31 +131,68 @@ def load_inception(url: str, device="cpu"):
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or "fc.weight" not in {k.removeprefix("module.") for k in state}:
-        raise UserError(f"{url} is not a torchvision Inception-v3 state dict (no fc.weight)")
+        raise UserError(f"{url} is not an Inception-v3 state dict (no fc.weight)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not isinstance(state["fc.weight"], torch.Tensor) or state["fc.weight"].dim() != 2:
+        raise UserError(f"{url} is not an Inception-v3 state dict (fc.weight is not a matrix)")
     aux = any(k.startswith("AuxLogits.") for k in state)
-    model = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=True,
-                         num_classes=int(state["fc.weight"].shape[0]))
+    classes = int(state["fc.weight"].shape[0])
+    if classes == FID_CLASSES and not aux:
+        variant, net = "pytorch-fid", fid_inception_v3()
+    else:
+        variant = "torchvision"
+        net = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=True,
+                           num_classes=classes)
     try:
-        model.load_state_dict(state)
+        net.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{url}: not torchvision Inception-v3 weights: {str(e).splitlines()[0][:300]}") from None
-    return model.to(device).eval()
+        raise UserError(f"{url}: not {variant} Inception-v3 weights: {str(e).splitlines()[0][:300]}") from None
+    return InceptionNet(net, variant).to(device).eval()
 
 
 @torch.no_grad()
-def inception_probs(model, images: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """images [B,3,H,W] in [0,1] -> softmax class probabilities [B, K] (float64, CPU)."""
+def inception_outputs(model: InceptionNet, images: torch.Tensor, chunk: int = 16
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B,3,H,W] in [0,1] -> (pool features [B,2048] float32, softmax class probabilities
+    [B,K] float64), both on the CPU."""
     device = next(model.parameters()).device
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    out = []
+    feats, probs = [], []
     for s in range(0, images.shape[0], chunk):
-        x = images[s:s + chunk].to(device).float()
-        x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        logits = model((x - mean) / std)
-        out.append(torch.softmax(logits.double(), dim=1).cpu())
-    return torch.cat(out)
+        f, logits = model(images[s:s + chunk].to(device))
+        feats.append(f.float().cpu())
+        probs.append(torch.softmax(logits.double(), dim=1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """FID between two sets of Inception pool features [N,D], [M,D]: the Frechet distance
+    ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr sqrt(S_a S_b) of the Gaussians fitted to them
+    (unbiased covariances, float64), the quantity pytorch-fid's ``calculate_frechet_distance``
+    computes (tests check the two agree).
+
+    Not its arithmetic: scipy's ``sqrtm`` of the 2048x2048 product takes ~40 s per FID on one
+    CPU core. Tr sqrt(S_a S_b) is the sum of the square roots of the eigenvalues of S_a S_b,
+    which are exactly those of the small Gram form: with centred features X_a [N,D], X_b [M,D],
+    the nonzero eigenvalues of S_a S_b are the squared singular values of X_a X_b^T / sqrt((N-1)(M-1)),
+    so Tr sqrt = that matrix's nuclear norm (N, M <= D); with more images than dimensions, the
+    symmetric form sqrt(S_a) S_b sqrt(S_a) has them too (two symmetric eigendecompositions)."""
+    n, m = feats_a.shape[0], feats_b.shape[0]
+    if min(n, m) < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(dim=0), b.mean(dim=0)
+    xa, xb = a - mu_a, b - mu_b
+    tr_a = float(xa.square().sum()) / (n - 1)
+    tr_b = float(xb.square().sum()) / (m - 1)
+    if min(n, m) <= a.shape[1]:
+        tr_sqrt = float(torch.linalg.matrix_norm(xa @ xb.T, ord="nuc")) / math.sqrt((n - 1) * (m - 1))
+    else:
+        sa, sb = xa.T @ xa / (n - 1), xb.T @ xb / (m - 1)
+        w, v = torch.linalg.eigh(sa)
+        root = (v * w.clamp_min(0).sqrt()) @ v.T
+        tr_sqrt = float(torch.linalg.eigvalsh(root @ sb @ root).clamp_min(0).sqrt().sum())
+    d = float((mu_a - mu_b).square().sum()) + tr_a + tr_b - 2 * tr_sqrt
+    return max(0.0, d)   # rounding can leave a tiny negative for identical sets
 
 
 def inception_score(probs: torch.Tensor, splits: int | None = None) -> tuple[float, float, int]:
@@ -225,7 +312,8 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     ``limit``: evaluate the first N samples only (0 = all). ``evaluator``: URL of an evaluator
     file (:mod:`sdn_dist.evaluation.judge`); without one, on labelled data, the run's cached
     ``evaluator.pt`` is used or trained from the run's training shards. ``inception_weights``:
-    URL of a torchvision Inception-v3 state dict; the Inception Score is computed only then.
+    URL of Inception-v3 weights (pytorch-fid's FID Inception file or a torchvision state dict);
+    the Inception Score and FID are computed only then.
     """
     import piq
     from tqdm import tqdm
@@ -274,6 +362,8 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     tallies: dict[str, _Tally] = {"all": _Tally(names)}
     gen_grid, real_grid, grid_captions = [], [], []
     probs: list[torch.Tensor] = []
+    feats_gen: list[torch.Tensor] = []
+    feats_real: list[torch.Tensor] = []
     gen = torch.Generator().manual_seed(int(seed))
     bar = tqdm(total=limit or None, desc="eval", unit="img", disable=not progress)
 
@@ -311,7 +401,10 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
                         tl.correct_real[a] += int(pr[a][i] == t)
                         tl.counts[a][t] = tl.counts[a].get(t, 0) + 1
         if inception is not None:
-            probs.append(inception_probs(inception, fake))
+            f, p = inception_outputs(inception, fake)
+            feats_gen.append(f)
+            probs.append(p)
+            feats_real.append(inception_outputs(inception, real)[0])
         room = grid - len(gen_grid)
         if room > 0:
             gen_grid.extend(fake[:room])
@@ -367,6 +460,14 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
         report["inception_score_std"] = _r(is_std)
         report["inception_splits"] = splits
         report["inception_weights"] = inception_weights
+        report["inception_variant"] = inception.variant
+        try:
+            report["fid"] = _r(frechet_distance(torch.cat(feats_gen), torch.cat(feats_real)))
+            if n < FID_DIMS:
+                notes.append(f"FID from {n} < {FID_DIMS} images per set is biased upwards: compare "
+                             f"runs at the same number of images")
+        except ValueError as e:   # one image, or a covariance product sqrtm cannot take
+            notes.append(f"FID not computed: {e}")
     report["grid"] = paths["grid"] if gen_grid else None
     report["summary"] = paths["summary"]
     report["grid_captions"] = grid_captions
@@ -416,6 +517,9 @@ def format_report(report: dict) -> str:
         lines.append(f"Inception Score {report['inception_score']:.3f} +- "
                      f"{report['inception_score_std']:.3f} ({report['inception_splits']} splits, "
                      f"weights {report['inception_weights']})")
+        if "fid" in report:
+            lines.append(f"FID {report['fid']:.3f} (generated vs real test images, "
+                         f"{report['inception_variant']} Inception)")
     for note in report.get("notes") or []:
         lines.append(f"note: {note}")
     if report.get("grid"):

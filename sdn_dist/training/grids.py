@@ -1,7 +1,9 @@
 """PNG grids of generated vs real images, written to ``<out>/samples/`` during training.
 
 Row 1: images generated from fixed test captions; row 2: the real images those captions describe.
-The captions go beside the grid as ``step-NNNNNNNN.json``.
+The captions go beside the grid as ``step-NNNNNNNN.json``. Each written grid is also announced as a
+``{"event": "samples", "url": ...}`` record through ``report`` (the record collector), so the driver's
+metrics sink can show it in TensorBoard without watching the folder.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes
 
 
 class SampleGrid:
-    def __init__(self, cfg, text_spec: dict, device):
+    def __init__(self, cfg, text_spec: dict, device, report=None):
         from sdn_dist.data.pipeline import iter_batches
         from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
+        self.report = report   # records -> the driver (RecordCollector.report.remote), or None
         urls = cfg.data.test or cfg.data.train
         encoder = encoder_from_record(text_spec)
         batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
@@ -49,4 +52,7 @@ class SampleGrid:
         url = fsio.join(self.out, f"step-{step:08d}.png")
         fsio.atomic_write(url, grid_png(gen, self.real))
         fsio.atomic_write(url[:-4] + ".json", json.dumps({"step": step, "stage": stage, "captions": self.captions}))
+        if self.report is not None:
+            from sdn_dist.training.collector import event
+            self.report([event("samples", step=step, stage=stage, rank=0, url=url)])
         return url

@@ -52,6 +52,12 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if stage.lr_schedule == "warmup_cosine":
+        # DeepSpeed's own scheduler: the engine steps it per optimizer step and saves/loads its
+        # position with the checkpoint, so a resumed stage continues the same curve.
+        conf["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": stage.steps, "warmup_num_steps": max(1, stage.warmup_steps),
+            "warmup_min_ratio": 0.0, "warmup_type": "linear", "cos_min_ratio": stage.min_lr_ratio}}
     if ds.config:
         conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
     return conf
@@ -229,7 +235,7 @@ def train_worker(config: dict) -> None:
         collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} (attempt {attempt})")])
     per_step = cfg.micro_batch * cfg.deepspeed.grad_accum     # samples this rank draws per step
     feed = DataFeed(spec, rank, world, cfg.micro_batch, state.data_position)
-    grid = SampleGrid(cfg, spec.text, device) if rank == 0 else None
+    grid = SampleGrid(cfg, spec.text, device, collector.report.remote) if rank == 0 else None
     log = StepLog(collector, rank, world, attempt, feed, state.step)
     schedule = state.schedule
     averaged = average(engine.module, cfg, state.ema)     # the EMA student, or None (ema.decay = 0)

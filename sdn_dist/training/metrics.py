@@ -1,5 +1,6 @@
 """One ``log(records)`` interface on the driver; backends fan out: metrics.jsonl always, Prometheus
-when ``metrics.port`` is set. Workers never open ports: they send records to the record collector, the
+when ``metrics.port`` is set, TensorBoard event files under ``<out>/tensorboard/`` when
+``metrics.tensorboard`` is on. Workers never open ports: they send records to the record collector, the
 driver drains it (every 0.5 s) and updates the metrics here, served at ``metrics.host:metrics.port``.
 Metric names, types and labels: docs/metrics.md (keep it in step: tests/test_metrics.py checks).
 
@@ -184,22 +185,104 @@ class PrometheusExporter:
             self.server = None
 
 
+class TensorBoardWriter:
+    """Rank 0's step records -> scalars, the sample grids (``samples`` events) -> images, in
+    TensorBoard event files under ``<out>/tensorboard/`` (torch.utils.tensorboard's SummaryWriter).
+
+    Scalars, at ``global_step`` = the record's ``step``: ``loss`` (the optimized total),
+    ``loss/<point>`` (each matched point), ``samples_per_sec``, ``step_seconds``,
+    ``data_wait_seconds``, ``stage``, and ``lr`` when a record carries it. Image: ``samples`` (the
+    generated-vs-real grid PNG the event names, read back from the run directory).
+
+    The event-file writer can only write local files, so for a remote ``out`` (``s3://``) it writes
+    to a local temporary folder and copies the files up every ``UPLOAD_SECONDS`` and at
+    ``close()``. Each process writes its own file (TensorBoard's name carries time, host and pid),
+    so a resumed run adds a file beside the earlier ones and TensorBoard shows both as one run.
+    """
+
+    SCALARS = ("loss", "samples_per_sec", "step_seconds", "data_wait_seconds", "stage", "lr")
+    UPLOAD_SECONDS = 30.0
+
+    def __init__(self, out: str):
+        import tempfile
+
+        from torch.utils.tensorboard import SummaryWriter
+        self.url = fsio.join(out, "tensorboard")
+        local = fsio.local_path(self.url)
+        self.remote = local is None
+        self.dir = tempfile.mkdtemp(prefix="sdn-tensorboard-") if self.remote else local
+        with fsio.writing(self.url):
+            self.writer = SummaryWriter(log_dir=self.dir, flush_secs=10)
+        self._uploaded = time.time()
+        self._last_image = None
+
+    def log(self, rec: dict) -> None:
+        event = rec.get("event")
+        if event == "samples" and rec.get("url"):
+            self._image(rec)
+        elif event is None and "step" in rec and rec.get("rank", 0) == 0:
+            step = int(rec["step"])
+            for k, v in rec.items():
+                if (k in self.SCALARS or k.startswith("loss/")) and isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, step, walltime=rec.get("time"))
+        if self.remote and time.time() - self._uploaded > self.UPLOAD_SECONDS:
+            self.upload()
+
+    def _image(self, rec: dict) -> None:
+        import torch
+        from torchvision.io import decode_png
+        if (rec["step"], rec["url"]) == self._last_image:   # the loop rewrites a grid at a stage end
+            return
+        self._last_image = (rec["step"], rec["url"])
+        fs, path = fsio.url_to_fs(rec["url"])
+        try:
+            png = fs.cat_file(path)
+        except OSError as e:   # a grid that cannot be read back costs its image, not the run
+            print(f"tensorboard: cannot read sample grid {rec['url']}: {e}", file=sys.stderr)
+            return
+        img = decode_png(torch.frombuffer(bytearray(png), dtype=torch.uint8))   # [3,H,W] uint8
+        self.writer.add_image("samples", img, int(rec["step"]), walltime=rec.get("time"))
+
+    def upload(self) -> None:
+        """Copy the local event files to the remote ``<out>/tensorboard/`` (whole files: small)."""
+        import os
+        self.writer.flush()
+        self._uploaded = time.time()
+        if not self.remote:
+            return
+        fs, root = fsio.url_to_fs(self.url)
+        for name in os.listdir(self.dir):
+            with fsio.writing(self.url):
+                fs.put_file(os.path.join(self.dir, name), f"{root}/{name}")
+
+    def close(self) -> None:
+        import shutil
+        self.writer.close()
+        if self.remote:
+            self.upload()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class MetricsSink:
-    """Driver-side: records -> ``<out>/metrics.jsonl`` and ``events.jsonl`` (+ Prometheus)."""
+    """Driver-side: records -> ``<out>/metrics.jsonl`` and ``events.jsonl`` (+ Prometheus, TensorBoard)."""
 
     def __init__(self, out: str, cfg: MetricsConfig, run_id: str, attempt: str | int):
         self.cfg = cfg
         self.path = fsio.join(out, "metrics.jsonl")
         self.events = fsio.join(out, "events.jsonl")
         self.prom = PrometheusExporter(cfg, run_id, attempt) if cfg.port else None
+        self.tb = TensorBoardWriter(out) if getattr(cfg, "tensorboard", False) else None
 
     def log(self, records: list[dict]) -> None:
         fsio.append_lines(self.path, [json.dumps(r) for r in records if r.get("event") is None])
         fsio.append_lines(self.events, [json.dumps(r) for r in records if r.get("event") is not None])
-        if self.prom:
-            for r in records:
-                self.prom.log(r)
+        for backend in (self.prom, self.tb):
+            if backend:
+                for r in records:
+                    backend.log(r)
 
     def close(self) -> None:
+        if self.tb:
+            self.tb.close()
         if self.prom:
             self.prom.close(getattr(self.cfg, "linger_seconds", 0.0))
