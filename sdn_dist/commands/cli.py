@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("eval", help="quality report (SSIM, FSIM, attribute accuracy)")
+    p = sub.add_parser("eval", help="quality report (SSIM, FSIM, attribute accuracy, IS/FID)")
     p.add_argument("--checkpoint", required=True, help="run directory or exported checkpoint")
     p.add_argument("--shards", required=True, help="test shard URL")
     p.add_argument("--out", required=True, help="report.json path")
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluator-steps", type=int, default=None,
                    help="training steps when the evaluator must be trained (default: ~10 epochs, 60-400)")
     p.add_argument("--inception-weights", default=None, metavar="URL",
-                   help="torchvision Inception-v3 state dict: adds the Inception Score")
+                   help="Inception-v3 weights (pytorch-fid's pt_inception-2015-12-05-*.pth, or a torchvision state dict): adds the Inception Score and FID")
     p.add_argument("--grid", type=int, default=8, help="samples in the generated-vs-real grid PNG")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
