@@ -229,8 +229,10 @@ class TensorBoardWriter:
             self.upload()
 
     def _image(self, rec: dict) -> None:
-        import torch
-        from torchvision.io import decode_png
+        import io
+
+        import numpy as np
+        from PIL import Image
         if (rec["step"], rec["url"]) == self._last_image:   # the loop rewrites a grid at a stage end
             return
         self._last_image = (rec["step"], rec["url"])
@@ -240,8 +242,9 @@ class TensorBoardWriter:
         except OSError as e:   # a grid that cannot be read back costs its image, not the run
             print(f"tensorboard: cannot read sample grid {rec['url']}: {e}", file=sys.stderr)
             return
-        img = decode_png(torch.frombuffer(bytearray(png), dtype=torch.uint8))   # [3,H,W] uint8
-        self.writer.add_image("samples", img, int(rec["step"]), walltime=rec.get("time"))
+        with Image.open(io.BytesIO(png)) as im:
+            img = np.asarray(im.convert("RGB"))   # [H,W,3] uint8
+        self.writer.add_image("samples", img, int(rec["step"]), walltime=rec.get("time"), dataformats="HWC")
 
     def upload(self) -> None:
         """Copy the local event files to the remote ``<out>/tensorboard/`` (whole files: small)."""
