@@ -466,7 +466,7 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
             if n < FID_DIMS:
                 notes.append(f"FID from {n} < {FID_DIMS} images per set is biased upwards: compare "
                              f"runs at the same number of images")
-        except ValueError as e:   # one image, or a covariance product sqrtm cannot take
+        except ValueError as e:   # fewer than 2 images
             notes.append(f"FID not computed: {e}")
     report["grid"] = paths["grid"] if gen_grid else None
     report["summary"] = paths["summary"]
