@@ -38,7 +38,7 @@ class SampleGrid:
         from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
-        self.report = report   # records -> the driver (the collector's report.remote), or None
+        self.report = report   # records -> the driver (RecordCollector.report.remote), or None
         urls = cfg.data.test or cfg.data.train
         encoder = encoder_from_record(text_spec)
         batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
@@ -61,6 +61,6 @@ class SampleGrid:
         fsio.atomic_write(url, grid_png(gen, self.real))
         fsio.atomic_write(url[:-4] + ".json", json.dumps({"step": step, "stage": stage, "captions": self.captions}))
         if self.report is not None:
-            self.report([{"event": "samples", "step": step, "stage": stage, "rank": 0, "url": url,
-                          "time": time.time()}])
+            from sdn_dist.training.collector import event
+            self.report([event("samples", step=step, stage=stage, rank=0, url=url)])
         return url

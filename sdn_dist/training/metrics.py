@@ -191,7 +191,7 @@ class TensorBoardWriter:
 
     Scalars, at ``global_step`` = the record's ``step``: ``loss`` (the optimized total),
     ``loss/<point>`` (each matched point), ``samples_per_sec``, ``step_seconds``,
-    ``data_wait_seconds``, ``stage``, and ``lr`` when a record carries it. Image: ``samples`` (the
+    ``data_wait_seconds``, ``stage``, ``lr``. Image: ``samples`` (the
     generated-vs-real grid PNG the event names, read back from the run directory).
 
     The event-file writer can only write local files, so for a remote ``out`` (``s3://``) it writes
