@@ -218,7 +218,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
         opt_cls = torch.optim.AdamW if stage_cfg.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(student.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas,
                       weight_decay=stage_cfg.weight_decay)
-        times = []
+        times, losses = [], []
         for i in range(warmup + steps):
             image, text = batches[i % len(batches)]
             t = time.perf_counter()
@@ -228,14 +228,15 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t)
-        last = float(loss.detach())
+            losses.append(loss.detach())      # read back after the loop: no host sync per step
+        losses = [float(x) for x in losses]
     times = times[warmup:]
     batch = batches[0][0].shape[0]
     chunks = [batch * len(c) / sum(c) for c in (times[i:i + chunk] for i in range(0, len(times), chunk))]
     return {"stage": stage, "threads": n_threads, "batch": batch, "steps": steps,
             "samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
             "mean_samples_per_sec": batch * len(times) / sum(times),
-            "step_seconds_median": statistics.median(times), "loss": last}
+            "step_seconds_median": statistics.median(times), "loss": losses[-1], "losses": losses}
 
 
 def batches_loss(cfg, student, batches, stage: int) -> float:

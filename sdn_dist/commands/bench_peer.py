@@ -62,11 +62,11 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
     else:
         raise ValueError(f"unknown peer kind {kind!r}")
     micro = batches[0][0].shape[0] // world
-    times, losses = [], []
-    for i in range(warmup + steps):
+    batch = batches[0][0].shape[0]
+
+    def step(i: int) -> torch.Tensor:
         image, text = batches[i % len(batches)]
         image, text = image[rank * micro:(rank + 1) * micro], text[rank * micro:(rank + 1) * micro]
-        t = time.perf_counter()
         real, text = prepare_batch(image, text, device, torch.float32)
         loss, _ = distill_step(teacher, model, real, text, stage, cfg)
         if kind == "ddp":
@@ -76,14 +76,24 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         else:
             model.backward(loss)
             model.step()
-        loss_value = float(loss.detach())   # one host sync per step on both sides (the window's)
-        times.append(time.perf_counter() - t)
-        losses.append(loss_value)
-    times = times[warmup:]
-    batch = batches[0][0].shape[0]
-    chunks = [batch * len(c) / sum(c) for c in (times[i:i + chunk] for i in range(0, len(times), chunk))]
+        return loss.detach()
+
+    losses = [float(step(i)) for i in range(warmup)]
+    # Timed in chunks as the trainer's logging windows: the chunk's losses are read back (a host
+    # sync, as the trainer's log step) before its clock stops.
+    chunks, step_seconds = [], []
+    for c0 in range(warmup, warmup + steps, chunk):
+        t = time.perf_counter()
+        out = [step(i) for i in range(c0, min(c0 + chunk, warmup + steps))]
+        losses += torch.stack(out).tolist()
+        dt = time.perf_counter() - t
+        chunks.append(batch * len(out) / dt)
+        step_seconds += [dt / len(out)] * len(out)
+    from sdn_dist.training.loop import _digest
+    weights = {k: v.detach().float().cpu() for k, v in model.module.state_dict().items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "step_seconds": times, "chunk_samples_per_sec": chunks, "losses": losses}))
+        "rank": rank, "step_seconds": step_seconds, "chunk_samples_per_sec": chunks, "losses": losses,
+        "param_sha256": _digest(weights)}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -112,4 +122,4 @@ def run_peer(kind: str, cfg, batches, stage: int, steps: int, world: int = 2, wa
             "chunk_samples_per_sec": r0["chunk_samples_per_sec"],
             "mean_samples_per_sec": batch * len(r0["step_seconds"]) / sum(r0["step_seconds"]),
             "step_seconds_median": statistics.median(r0["step_seconds"]),
-            "losses": r0["losses"], "wall_seconds": wall}
+            "losses": r0["losses"], "param_sha256": [r["param_sha256"] for r in ranks], "wall_seconds": wall}
