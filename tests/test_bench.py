@@ -153,3 +153,25 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
     rss = data["memory"]["demo_rss_peak_bytes_per_worker"]
     assert len(rss) == 2 and all(positive(r["worker"]) and positive(r["reader"]) for r in rss)
     assert len(data["memory"]["paper_per_gpu"]) == 16
+
+
+@pytest.mark.slow
+def test_overlap_comm_keeps_fp32_weights_and_bf16_comm_does_not(batches):
+    """deepspeed.overlap_comm (ZeRO 2) reaches DeepSpeed and claims the same fp32 sums, reordered
+    in time: the 2-process engine ends with bit-identical weights with it on or off. The bf16
+    all-reduce (deepspeed.comm_dtype) is the control: it rounds the gradients, the weights move."""
+    from sdn_dist.training.loop import deepspeed_config
+
+    def run(*overrides):
+        c = load_config("debug", overrides=["teacher.weights=", "workers=2", "deepspeed.zero_stage=2", *overrides])
+        zero = deepspeed_config(c, c.stage1)["zero_optimization"]
+        r = bench.run_peer("deepspeed", c, batches, 1, steps=4, world=2, warmup=0, chunk=4)
+        assert r["param_sha256"][0] == r["param_sha256"][1]
+        return zero, r["param_sha256"][0]
+
+    zero_off, off = run("deepspeed.overlap_comm=false")
+    zero_on, on = run("deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=20000")
+    assert (zero_off["overlap_comm"], zero_on["overlap_comm"], zero_on["reduce_bucket_size"]) == (False, True, 20000)
+    assert on == off
+    _, bf16 = run("deepspeed.comm_dtype=bf16")
+    assert bf16 != off

@@ -23,6 +23,14 @@ one and records a run. In short:
 * ``flop_utilization``: FLOPs of one training step (torch.utils.flop_counter) x steps/s of the demo
   configuration (2 workers x 1 thread) / the measured dense fp32 4096x4096 matmul FLOP/s with all
   threads.
+* ``ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer / a
+  plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
+  processes x 1 thread started with torch.multiprocessing on 127.0.0.1, gloo on CPUs and nccl on
+  GPUs, the same per-rank micro-batch, the batches in memory), measured right before and right
+  after the trainer. The trainer's DeepSpeed engine runs in the same harness too
+  (``raw.deepspeed_2proc``): the engine's cost apart from Ray and the readers.
+  ``parallel_efficiency``: the 2-worker trainer / twice the 1-thread plain loop.
+* ``bf16_autocast_speedup``: the plain loop with ``autocast=bf16`` / fp32, per stage, on this CPU.
 * ``memory``: peak RSS of each demo worker (trainer records), and for the ``paper`` preset the
   per-GPU memory of student weights + gradients + Adam state (ZeRO 0-3, 1/2/4/8 GPUs; fp32 as the
   preset trains, and DeepSpeed's own cold estimators, which assume 16-bit mixed precision) plus the

@@ -13,6 +13,7 @@ reader actors (docs/performance.md, "Where the 2-worker step goes").
 from __future__ import annotations
 
 import json
+import sys
 import os
 import socket
 import statistics
@@ -123,3 +124,38 @@ def run_peer(kind: str, cfg, batches, stage: int, steps: int, world: int = 2, wa
             "mean_samples_per_sec": batch * len(r0["step_seconds"]) / sum(r0["step_seconds"]),
             "step_seconds_median": statistics.median(r0["step_seconds"]),
             "losses": r0["losses"], "param_sha256": [r["param_sha256"] for r in ranks], "wall_seconds": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The peers on their own (benchmarks/gpu.sh runs them on the GPUs after gpu_bench.py):
+    random in-memory batches at the preset's size, one JSON line per kind and stage."""
+    import argparse
+
+    from sdn_dist.config import load_config
+    ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench_peer", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, metavar="FILE.json")
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--kinds", default="ddp,deepspeed")
+    ap.add_argument("--world", type=int, default=0, help="processes (default: the GPUs, else 2)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    a = ap.parse_args(argv)
+    world = a.world or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    cfg = load_config(a.preset, overrides=["teacher.weights=", f"workers={world}"] + a.set)
+    torch.manual_seed(0)
+    s, n = cfg.model.image_size, cfg.data.batch_size
+    batches = [(torch.rand(n, 3, s, s), torch.randn(n, cfg.text.dim)) for _ in range(4)]
+    res = {"preset": a.preset, "world": world, "batch": n, "overrides": a.set, "runs": []}
+    for kind in a.kinds.split(","):
+        for stage in (1, 2):
+            r = run_peer(kind, cfg, batches, stage, a.steps, world, a.warmup, chunk=a.steps)
+            res["runs"].append(r)
+            print(json.dumps({k: r[k] for k in ("kind", "stage", "world", "backend", "micro_batch", "samples_per_sec")}),
+                  flush=True)
+            Path(a.out).write_text(json.dumps(res, indent=1) + "\n")   # after each: a timeout keeps what ran
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
