@@ -58,10 +58,13 @@ def role(pid: int, root: int) -> str:
     if pid == root:
         return "driver (bench process: Ray Train controller client, coordinator calls)"
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        # Ray's setproctitle can leave cmdline blank while a task runs; the kernel's comm keeps
+        # the first 15 characters of the title (ray::RayTrainW, ray::ShardReade)
+        cmd = cmd or Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "gone"
-    for key, name in (("RayTrainWorker", "training worker"), ("ShardReader", "reader actor"),
+    for key, name in (("RayTrainW", "training worker"), ("ShardReade", "reader actor"),
                       ("TrainController", "Ray Train controller"), ("Coordinator", "coordinator actor"),
                       ("gcs_server", "gcs_server"), ("raylet", "raylet"), ("dashboard/agent", "dashboard agent"),
                       ("DashboardAgent", "dashboard agent"), ("runtime_env", "runtime-env agent"),
