@@ -96,7 +96,7 @@ class DeepSpeedConfig(Section):
     # Gradient communication (docs/performance.md, "Where the 2-worker step goes"). ZeRO 0 reduces
     # all gradients in one flattened all-reduce after the backward pass; the bucket and overlap
     # keys act in ZeRO 1/2.
-    overlap_comm: bool = Field(False, description="ZeRO 1/2: reduce gradient buckets while the backward pass still runs (DeepSpeed's zero_optimization.overlap_comm). Same fp32 sums, reordered in time. Off by default: on shared CPU cores the reduction thread competes with the backward and measured no gain (docs/performance.md).")
+    overlap_comm: bool = Field(False, description="ZeRO 1/2: reduce gradient buckets while the backward pass still runs (DeepSpeed's zero_optimization.overlap_comm). Same fp32 sums, reordered in time (bit-identical weights). Off by default: it only acts in ZeRO 1/2, which measured slower than ZeRO 0 on 2 CPU cores (docs/performance.md); for GPUs, where the reduction runs on its own stream.")
     reduce_bucket_size: int = Field(500_000_000, ge=1, description="ZeRO 1/2: gradient elements per reduction bucket (zero_optimization.reduce_bucket_size). The default keeps the demo's 0.9 M gradients in one bucket: one synchronisation per step.")
     allgather_bucket_size: int = Field(500_000_000, ge=1, description="ZeRO 1/2: parameter elements per all-gather bucket after the partitioned optimizer step (zero_optimization.allgather_bucket_size).")
     contiguous_gradients: bool = Field(True, description="ZeRO 2: copy gradients into one contiguous buffer as they are produced (zero_optimization.contiguous_gradients): no fragmentation, one copy per gradient.")
