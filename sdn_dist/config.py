@@ -111,6 +111,14 @@ class DeepSpeedConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (bf16 is 16-40x slower on CPUs without bf16 units).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps per optimizer step.")
     grad_clip: float = Field(0.0, ge=0, description="Gradient norm clipping (0 = off).")
+    # Gradient communication (docs/performance.md, "Where the 2-worker step goes"). ZeRO 0 reduces
+    # all gradients in one flattened all-reduce after the backward pass; the bucket and overlap
+    # keys act in ZeRO 1/2.
+    overlap_comm: bool = Field(False, description="ZeRO 1/2: reduce gradient buckets while the backward pass still runs (DeepSpeed's zero_optimization.overlap_comm). Same fp32 sums, reordered in time (bit-identical weights). Off by default: it only acts in ZeRO 1/2, which measured slower than ZeRO 0 on 2 CPU cores (docs/performance.md); for GPUs, where the reduction runs on its own stream.")
+    reduce_bucket_size: int = Field(500_000_000, ge=1, description="ZeRO 1/2: gradient elements per reduction bucket (zero_optimization.reduce_bucket_size). The default keeps the demo's 0.9 M gradients in one bucket: one synchronisation per step.")
+    allgather_bucket_size: int = Field(500_000_000, ge=1, description="ZeRO 1/2: parameter elements per all-gather bucket after the partitioned optimizer step (zero_optimization.allgather_bucket_size).")
+    contiguous_gradients: bool = Field(True, description="ZeRO 2: copy gradients into one contiguous buffer as they are produced (zero_optimization.contiguous_gradients): no fragmentation, one copy per gradient.")
+    comm_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Data type of the gradient all-reduce (DeepSpeed's communication_data_type). bf16 halves the bytes on the wire (the paper preset's 575 MB of fp32 gradients per step) but rounds each gradient to 8 mantissa bits before it is averaged: results differ from fp32. An option for bandwidth-bound multi-node runs, not a default.")
     config: str = Field("", description="Path/URL of a DeepSpeed JSON whose keys override the generated ones.")
 
 

@@ -36,13 +36,41 @@ def test_step_flops_count_both_stages(cfg):
     assert bench.step_flops(cfg, 1, 8, cfg.text.dim) == pytest.approx(2 * f1, rel=0.01)   # linear in batch
 
 
-def test_plain_loop_trains(cfg):
+def cycle_means(losses: list[float], n: int) -> tuple[float, float]:
+    """Mean loss over the first and the last ``n`` steps: with ``n`` = the number of batches the
+    loop cycles through, both windows see the same batches, so only training moves the mean."""
+    assert len(losses) >= 2 * n, losses
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+@pytest.fixture(scope="module")
+def batches(cfg):
     torch.manual_seed(0)
     s = cfg.model.image_size
-    batches = [(torch.rand(4, 3, s, s), torch.randn(4, cfg.text.dim)) for _ in range(2)]
+    return [(torch.rand(8, 3, s, s), torch.randn(8, cfg.text.dim)) for _ in range(4)]
+
+
+def test_plain_loop_trains(cfg, batches):
     for stage in (1, 2):
-        r = bench.plain_loop(cfg, batches, stage, steps=3, n_threads=1, warmup=1)
-        assert positive(r["samples_per_sec"]) and positive(r["loss"]) and r["batch"] == 4
+        r = bench.plain_loop(cfg, batches, stage, steps=8, n_threads=1, warmup=4)
+        assert positive(r["samples_per_sec"]) and r["batch"] == 8 and len(r["losses"]) == 12
+        first, last = cycle_means(r["losses"], len(batches))
+        assert last < 0.97 * first, (stage, r["losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
+def test_data_parallel_peer_trains_in_step(cfg, batches, kind):
+    """The bench's peers (2 processes, gloo on 127.0.0.1): each rank trains on its half of every
+    batch, both ranks end with the same weights, and the loss over the same batches falls."""
+    for stage in (1, 2):
+        r = bench.run_peer(kind, cfg, batches, stage, steps=8, world=2, warmup=4, chunk=4)
+        assert r["backend"] == "gloo" and r["micro_batch"] == 4 and len(r["losses"]) == 12
+        assert len(r["chunk_samples_per_sec"]) == 2 and all(positive(x) for x in r["chunk_samples_per_sec"])
+        first, last = cycle_means(r["losses"], len(batches))
+        assert last < 0.97 * first, (kind, stage, r["losses"])
+        a, b = r["param_sha256"]
+        assert a == b, "the ranks' weights diverged: gradients were not averaged"
 
 
 def test_paper_memory_table():
@@ -88,16 +116,35 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
     res = bench.run_bench(str(out), tiny=True, workdir=str(tmp_path / "work"))
     data = json.loads(out.read_text())
     assert data["mode"] == "tiny" and data == json.loads(json.dumps(res, default=float))
-    for key in ("overhead_ratio", "data_ratio", "scaling_ratio", "flop_utilization"):
+    for key in ("overhead_ratio", "data_ratio", "scaling_ratio", "flop_utilization", "parallel_efficiency"):
         assert positive(data[key]), (key, data[key])
+    assert set(data["ddp_ratio"]) == {"stage1", "stage2", "combined"} and all(positive(v) for v in data["ddp_ratio"].values())
+    raw = data["raw"]
+    # each ratio is what its figures say it is
+    for s in ("stage1", "stage2"):
+        assert data["ddp_ratio"][s] == pytest.approx(raw["train_2x1"][s]["samples_per_sec"] / raw["ddp_2proc"][s]["samples_per_sec"])
+    assert data["parallel_efficiency"] == pytest.approx(
+        raw["train_2x1"]["samples_per_sec"] / (2 * raw["plain_1thread"]["samples_per_sec"]))
+    assert data["goals"]["ddp_ratio"]["met"] == all(v >= 1.0 for v in data["ddp_ratio"].values())
+    # the peer is a real 2-process DDP run of the same step on the same per-rank batch
+    assert raw["ddp_2proc"]["stage1"]["backend"] == "gloo"
+    assert raw["ddp_2proc"]["stage1"]["micro_batch"] == raw["train_2x1"]["micro_batch"]
+    for side in ("ddp_2proc", "deepspeed_2proc"):
+        for s in ("stage1", "stage2"):
+            assert all(math.isfinite(x) and x > 0 for x in raw[side][s]["losses"]), (side, s)
+    # every trainer run trained: the exported student's stage-2 loss over the bench's batches
+    # is below its initialisation's
+    for run in ("train_1x1", "train_2x1", "train_1x2"):
+        lo = raw[run]["batches_loss"]
+        assert lo["final"] < 0.9 * lo["init"], (run, lo)
+    assert all(positive(v) for v in data["bf16_autocast_speedup"].values())
     assert math.isfinite(data["data_wait_fraction"]) and 0 <= data["data_wait_fraction"] < 1
-    assert set(data["goals"]) == set(bench.GOALS)
+    assert set(data["goals"]) == set(bench.GOALS) >= {"ddp_ratio", "parallel_efficiency"}
     for k in ("cpu_model", "cores", "memory_bytes"):
         assert data["machine"][k]
     for k in ("torch", "deepspeed", "ray", "python"):
         assert data["versions"][k]
-    raw = data["raw"]
-    for run in ("plain_1thread", "train_1x1", "train_2x1", "train_1x2"):
+    for run in ("plain_1thread", "train_1x1", "train_2x1", "train_1x2", "ddp_2proc", "deepspeed_2proc"):
         for stage in ("stage1", "stage2"):
             assert positive(raw[run][stage]["samples_per_sec"]), (run, stage)
     assert raw["train_2x1"]["workers"] == 2 and raw["train_1x2"]["threads_per_worker"] == 2
@@ -106,3 +153,25 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
     rss = data["memory"]["demo_rss_peak_bytes_per_worker"]
     assert len(rss) == 2 and all(positive(r["worker"]) and positive(r["reader"]) for r in rss)
     assert len(data["memory"]["paper_per_gpu"]) == 16
+
+
+@pytest.mark.slow
+def test_overlap_comm_keeps_fp32_weights_and_bf16_comm_does_not(batches):
+    """deepspeed.overlap_comm (ZeRO 2) reaches DeepSpeed and claims the same fp32 sums, reordered
+    in time: the 2-process engine ends with bit-identical weights with it on or off. The bf16
+    all-reduce (deepspeed.comm_dtype) is the control: it rounds the gradients, the weights move."""
+    from sdn_dist.training.loop import deepspeed_config
+
+    def run(*overrides):
+        c = load_config("debug", overrides=["teacher.weights=", "workers=2", "deepspeed.zero_stage=2", *overrides])
+        zero = deepspeed_config(c, c.stage1)["zero_optimization"]
+        r = bench.run_peer("deepspeed", c, batches, 1, steps=4, world=2, warmup=0, chunk=4)
+        assert r["param_sha256"][0] == r["param_sha256"][1]
+        return zero, r["param_sha256"][0]
+
+    zero_off, off = run("deepspeed.overlap_comm=false")
+    zero_on, on = run("deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=20000")
+    assert (zero_off["overlap_comm"], zero_on["overlap_comm"], zero_on["reduce_bucket_size"]) == (False, True, 20000)
+    assert on == off
+    _, bf16 = run("deepspeed.comm_dtype=bf16")
+    assert bf16 != off

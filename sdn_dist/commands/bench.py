@@ -23,6 +23,14 @@ one and records a run. In short:
 * ``flop_utilization``: FLOPs of one training step (torch.utils.flop_counter) x steps/s of the demo
   configuration (2 workers x 1 thread) / the measured dense fp32 4096x4096 matmul FLOP/s with all
   threads.
+* ``ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer / a
+  plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
+  processes x 1 thread started with torch.multiprocessing on 127.0.0.1, gloo on CPUs and nccl on
+  GPUs, the same per-rank micro-batch, the batches in memory), measured right before and right
+  after the trainer. The trainer's DeepSpeed engine runs in the same harness too
+  (``raw.deepspeed_2proc``): the engine's cost apart from Ray and the readers.
+  ``parallel_efficiency``: the 2-worker trainer / twice the 1-thread plain loop.
+* ``bf16_autocast_speedup``: the plain loop with ``autocast=bf16`` / fp32, per stage, on this CPU.
 * ``memory``: peak RSS of each demo worker (trainer records), and for the ``paper`` preset the
   per-GPU memory of student weights + gradients + Adam state (ZeRO 0-3, 1/2/4/8 GPUs; fp32 as the
   preset trains, and DeepSpeed's own cold estimators, which assume 16-bit mixed precision) plus the
@@ -49,12 +57,17 @@ from pathlib import Path
 
 import torch
 
+from sdn_dist.commands.bench_peer import run_peer
+
 GOALS = {  # name: (comparison, threshold)
     "overhead_ratio": (">=", 0.90),
     "data_ratio": (">=", 3.0),
     "data_wait_fraction": ("<=", 0.03),
     "scaling_ratio": (">=", 1.0),
     "flop_utilization": (">=", 0.5),
+    # per stage and combined: met when every one of them is
+    "ddp_ratio": (">=", 1.0),
+    "parallel_efficiency": (">=", 0.75),
 }
 
 
@@ -213,7 +226,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
         opt_cls = torch.optim.AdamW if stage_cfg.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(student.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas,
                       weight_decay=stage_cfg.weight_decay)
-        times = []
+        times, losses = [], []
         for i in range(warmup + steps):
             image, text = batches[i % len(batches)]
             t = time.perf_counter()
@@ -223,14 +236,39 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t)
-        last = float(loss.detach())
+            losses.append(loss.detach())      # read back after the loop: no host sync per step
+        losses = [float(x) for x in losses]
     times = times[warmup:]
     batch = batches[0][0].shape[0]
     chunks = [batch * len(c) / sum(c) for c in (times[i:i + chunk] for i in range(0, len(times), chunk))]
     return {"stage": stage, "threads": n_threads, "batch": batch, "steps": steps,
             "samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
             "mean_samples_per_sec": batch * len(times) / sum(times),
-            "step_seconds_median": statistics.median(times), "loss": last}
+            "step_seconds_median": statistics.median(times), "loss": losses[-1], "losses": losses}
+
+
+def batches_loss(cfg, student, batches, stage: int) -> float:
+    """Mean ``stage`` loss of ``student`` over the in-memory ``batches`` (no gradients), against
+    the teacher the trainer builds (seeded as in ``loop.train_worker``): a trained student must
+    score lower than its initialisation."""
+    from sdn_dist.model.teacher import build_teacher
+    from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
+    with threads(1), torch.no_grad():
+        torch.manual_seed(cfg.seed)
+        teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher))
+        student = prepare_student(student.eval())
+        losses = []
+        for image, text in batches:
+            real, text = prepare_batch(image, text, torch.device("cpu"), torch.float32)
+            losses.append(float(distill_step(teacher, student, real, text, stage, cfg)[0]))
+    return statistics.fmean(losses)
+
+
+def init_student(cfg, text_dim: int):
+    """The student as ``loop.build_engine`` initialises it (same seed, same order)."""
+    from sdn_dist.model.student import Student
+    torch.manual_seed(cfg.seed)
+    return Student(cfg.model, text_dim)
 
 
 def pipeline_rate(cfg, n_batches: int) -> dict:
@@ -282,13 +320,16 @@ def summarize_run(records: list[dict], batch: int) -> dict:
             raise RuntimeError(f"no steady-state window in stage {stage}: run more steps per stage")
         steps = sum(x["window_steps"] for x in r0)
         secs = sum(x["step_seconds"] * x["window_steps"] for x in r0)
+        every = sorted((x for x in records if x.get("rank", 0) == 0 and x.get("stage") == stage
+                        and "loss" in x), key=lambda x: x["step"])
         wait = sum(x["data_wait_seconds"] for x in allr)
         busy = sum(x["step_seconds"] * x["window_steps"] for x in allr)
         out[f"stage{stage}"] = {
             "samples_per_sec": statistics.median(batch / x["step_seconds"] for x in r0),
             "mean_samples_per_sec": batch * steps / secs, "steps": steps, "windows": len(r0),
             "window_samples_per_sec": [round(x["samples_per_sec"], 2) for x in r0],
-            "step_seconds": secs / steps, "data_wait_fraction": wait / busy}
+            "step_seconds": secs / steps, "data_wait_fraction": wait / busy,
+            "window_losses": [x["loss"] for x in every]}   # rank 0's, every window (that it trains)
     rss: dict[int, dict] = {}
     for x in records:
         if "rss_peak_bytes" in x:
@@ -304,8 +345,10 @@ def combine(s1: float, s2: float) -> float:
     return 2.0 / (1.0 / s1 + 1.0 / s2)
 
 
-def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan, steps: int | None = None) -> dict:
-    """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures."""
+def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan, steps: int | None = None,
+              batches=None) -> dict:
+    """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures;
+    with ``batches``, also the stage-2 loss of the exported student over them against its init."""
     from sdn_dist.training.driver import run_training
     out = workdir / f"run-{workers}x{n_threads}"
     steps = steps or plan.steps
@@ -323,6 +366,11 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
     res = summarize_run([r for r in records if "loss" in r], cfg.data.batch_size)
     res.update(workers=workers, threads_per_worker=n_threads, batch=cfg.data.batch_size,
                micro_batch=cfg.micro_batch, wall_seconds=time.time() - t, steps_per_stage=steps)
+    if batches is not None:
+        from sdn_dist.training.export import load_student
+        text_dim = batches[0][1].shape[1]
+        res["batches_loss"] = {"init": batches_loss(cfg, init_student(cfg, text_dim), batches, 2),
+                               "final": batches_loss(cfg, load_student(str(out))[0], batches, 2)}
     return res
 
 
@@ -444,7 +492,8 @@ def _goals(res: dict) -> dict:
     out = {}
     for name, (op, thr) in GOALS.items():
         v = res.get(name)
-        met = v is not None and (v >= thr if op == ">=" else v <= thr)
+        values = list(v.values()) if isinstance(v, dict) else [v]   # a dict: per stage + combined
+        met = v is not None and all(x >= thr if op == ">=" else x <= thr for x in values)
         out[name] = {"value": v, "goal": f"{op} {thr}", "met": bool(met)}
     return out
 
@@ -494,7 +543,7 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         _log("plain PyTorch loop, 1 thread (before)")
         plain_a = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         _log("sdn-dist train: 1 worker x 1 thread")
-        run11 = train_run(cfg, work, 1, 1, plan)
+        run11 = train_run(cfg, work, 1, 1, plan, batches=batches)
         _log("plain PyTorch loop, 1 thread (after)")
         plain_b = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         plain = {}
@@ -505,6 +554,15 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
                                   "before": plain_a[s]["samples_per_sec"], "after": plain_b[s]["samples_per_sec"]}
         plain["samples_per_sec"] = combine(plain["stage1"]["samples_per_sec"], plain["stage2"]["samples_per_sec"])
         raw["plain_1thread"] = plain
+        # bf16 autocast on this CPU: the same plain loop with autocast=bf16, right after the fp32 one
+        _log("plain PyTorch loop, 1 thread, bf16 autocast")
+        bf16_cfg = cfg.model_copy(update={"autocast": "bf16"})
+        raw["autocast_bf16"] = {}
+        for s in (1, 2):
+            r = plain_loop(bf16_cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every)
+            raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": r["samples_per_sec"],
+                                                 "speedup": r["samples_per_sec"] / plain_b[s]["samples_per_sec"]}
+        res["bf16_autocast_speedup"] = {k: v["speedup"] for k, v in raw["autocast_bf16"].items()}
         raw["train_1x1"] = run11
         overhead = {f"stage{s}": run11[f"stage{s}"]["samples_per_sec"] / plain[f"stage{s}"]["samples_per_sec"]
                     for s in (1, 2)}
@@ -514,14 +572,41 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         # scaling and FLOP utilisation: matmul ceiling, 2x1 (the demo layout), 1x2, matmul again
         _log(f"dense fp32 matmul {plan.matmul_n}^3, {all_threads} threads (before)")
         mm_a = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
+        # the data-parallel peer: plain torch DDP, 2 processes x 1 thread, right before and after
+        # the 2-worker trainer (the median chunk of both sides, as the plain loop's)
+        _log("plain torch DDP, 2 processes x 1 thread (before)")
+        ddp_a = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         _log("sdn-dist train: 2 workers x 1 thread")
-        run21 = train_run(cfg, work, 2, 1, plan)
+        run21 = train_run(cfg, work, 2, 1, plan, batches=batches)
+        _log("plain torch DDP, 2 processes x 1 thread (after)")
+        ddp_b = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        _log("the trainer's DeepSpeed engine in the same 2 plain processes (no Ray, no readers)")
+        ds_peer = {s: run_peer("deepspeed", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every)
+                   for s in (1, 2)}
+        ddp: dict = {}
+        for s in (1, 2):
+            chunks = ddp_a[s]["chunk_samples_per_sec"] + ddp_b[s]["chunk_samples_per_sec"]
+            ddp[f"stage{s}"] = {"samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
+                                "before": ddp_a[s]["samples_per_sec"], "after": ddp_b[s]["samples_per_sec"],
+                                "losses": ddp_a[s]["losses"] + ddp_b[s]["losses"], "backend": ddp_a[s]["backend"],
+                                "micro_batch": ddp_a[s]["micro_batch"]}
+        ddp["samples_per_sec"] = combine(ddp["stage1"]["samples_per_sec"], ddp["stage2"]["samples_per_sec"])
+        raw["ddp_2proc"] = ddp
+        raw["deepspeed_2proc"] = {**{f"stage{s}": r for s, r in ds_peer.items()},
+                                  "samples_per_sec": combine(ds_peer[1]["samples_per_sec"], ds_peer[2]["samples_per_sec"])}
+        res["ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / ddp[f"stage{s}"]["samples_per_sec"]
+                               for s in (1, 2)},
+                            "combined": run21["samples_per_sec"] / ddp["samples_per_sec"]}
+        eff = {f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / (2 * plain[f"stage{s}"]["samples_per_sec"])
+               for s in (1, 2)}
+        res["parallel_efficiency"] = run21["samples_per_sec"] / (2 * plain["samples_per_sec"])
+        raw["parallel_efficiency_per_stage"] = {**eff, "combined": res["parallel_efficiency"]}
         probe = [plain_loop(cfg, batches, s, 2, 2, warmup=1)["step_seconds_median"] for s in (1, 2)]
         fit = int(plan.budget_1x2_seconds / sum(probe)) // plan.log_every * plan.log_every
         steps12 = max(3 * plan.log_every, min(plan.steps, fit))
         raw["probe_2threads_step_seconds"] = {"stage1": probe[0], "stage2": probe[1], "steps_1x2": steps12}
         _log(f"sdn-dist train: 1 worker x 2 threads ({steps12} steps per stage)")
-        run12 = train_run(cfg, work, 1, 2, plan, steps=steps12)
+        run12 = train_run(cfg, work, 1, 2, plan, steps=steps12, batches=batches)
         _log(f"dense fp32 matmul {plan.matmul_n}^3, {all_threads} threads (after)")
         mm_b = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
         _log(f"dense fp32 matmul {plan.matmul_n}^3, 1 thread")
@@ -578,11 +663,17 @@ def summary(res: dict) -> str:
     lines = [f"sdn-dist bench ({res['mode']}) on {res['machine']['cpu_model']}, {res['machine']['cores']} cores, "
              f"torch {res['versions']['torch']}, {res['duration_seconds']:.0f} s"]
     for name, g in res["goals"].items():
-        lines.append(f"  {name:20s} {g['value']:8.3f}   goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
-    for k in ("plain_1thread", "train_1x1", "train_2x1", "train_1x2"):
+        v = g["value"]
+        shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
+                 else f"{v:8.3f}")
+        lines.append(f"  {name:20s} {shown}   goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
+    for k in ("plain_1thread", "train_1x1", "train_2x1", "ddp_2proc", "deepspeed_2proc", "train_1x2"):
         r = raw[k]
         lines.append(f"  {k:20s} stage 1 {r['stage1']['samples_per_sec']:7.1f}  stage 2 {r['stage2']['samples_per_sec']:7.1f}  "
                      f"combined {r['samples_per_sec']:7.1f} samples/s")
+    bf = raw["autocast_bf16"]
+    lines.append(f"  bf16 autocast speed-up (plain loop, 1 thread): stage 1 {bf['stage1']['speedup']:.2f} x, "
+                 f"stage 2 {bf['stage2']['speedup']:.2f} x (bf16 instructions: {res['machine']['bf16_instructions']})")
     lines.append(f"  pipeline (1 rank)    {raw['pipeline']['samples_per_sec']:7.1f} samples/s;  matmul "
                  f"{raw['matmul']['flops_per_sec'] / 1e9:.1f} GFLOP/s ({res['machine']['usable_cores']} threads)")
     rss = ", ".join(f"{r['worker'] / gib:.2f}" for r in res["memory"]["demo_rss_peak_bytes_per_worker"])

@@ -45,7 +45,7 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         "optimizer": {"type": "Adam", "params": {
             "lr": stage.lr, "betas": list(stage.betas), "weight_decay": stage.weight_decay,
             "torch_adam": True, "adam_w_mode": stage.weight_decay > 0}},
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero_optimization(ds),
         "gradient_clipping": ds.grad_clip,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16"},
@@ -58,8 +58,20 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
         conf["scheduler"] = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": stage.steps, "warmup_num_steps": max(1, stage.warmup_steps),
             "warmup_min_ratio": 0.0, "warmup_type": "linear", "cos_min_ratio": stage.min_lr_ratio}}
+    if ds.comm_dtype != "fp32":
+        conf["communication_data_type"] = ds.comm_dtype
     if ds.config:
         conf = deep_merge(conf, json.loads(fsio.read_text(ds.config)))
+    return conf
+
+
+def zero_optimization(ds) -> dict:
+    """DeepSpeed's zero_optimization section from the deepspeed.* keys (config.py documents each).
+    The bucket and overlap keys only act in ZeRO 1/2; ZeRO 0 reduces in one flat all-reduce."""
+    conf = {"stage": ds.zero_stage}
+    if ds.zero_stage in (1, 2):
+        conf.update(overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
+                    allgather_bucket_size=ds.allgather_bucket_size, contiguous_gradients=ds.contiguous_gradients)
     return conf
 
 
