@@ -102,3 +102,73 @@ def s3(s3_server, monkeypatch):
     s.fs.mkdir(s.bucket)
     yield s
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1:<port> to ``target_port``, to take an S3 server "down"
+    (connections refused, open ones cut) and bring it back with its data intact: a real outage
+    as a client sees one, for the retry tests."""
+
+    def __init__(self, target_port: int):
+        import threading
+        self.target = target_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set = set()
+        self._listener = None
+        self.up()
+
+    def up(self) -> None:
+        import threading
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def down(self) -> None:
+        ls, self._listener = self._listener, None
+        if ls is not None:
+            ls.close()
+        with self._lock:
+            for c in list(self._conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, ls) -> None:
+        import threading
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return   # closed: down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

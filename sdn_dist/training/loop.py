@@ -219,7 +219,8 @@ def train_worker(config: dict) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
-    ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank)
+    ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
+                        report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
     if rank == 0:
         ckpt.clean_incomplete()
     dist.barrier()
@@ -262,6 +263,7 @@ def train_worker(config: dict) -> None:
                 collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
 
     finish(cfg, engine, averaged, state, spec, collector, rank, feed)
+    ckpt.finish()   # the last checkpoint's upload is done, or the run fails here
 
 
 def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:
@@ -294,12 +296,9 @@ def average(student: torch.nn.Module, cfg: Config, weights: dict | None):
 
 
 def save(ckpt: Checkpointer, engine, state: TrainState, collector, rank: int) -> None:
-    """Collective: every rank saves its part of the state; rank 0 reports the checkpoint."""
-    tag = ckpt.save(engine, state.step, state.client_state(), state.tensors())
-    if rank == 0:
-        collector.report.remote([
-            message(f"checkpoint {tag} saved in {ckpt.last_save_seconds:.2f}s"),
-            event("checkpoint", step=state.step, stage=state.stage, rank=0, checkpoint_seconds=ckpt.last_save_seconds)])
+    """Collective: every rank saves its part of the state; the Checkpointer reports the checkpoint
+    once it is complete (with a remote ``out``, after the background upload)."""
+    ckpt.save(engine, state.step, state.client_state(), state.tensors())
 
 
 def finish(cfg: Config, engine, averaged, state: TrainState, spec: DataSpec, collector, rank: int,
