@@ -126,6 +126,18 @@ def local_path(url: str) -> str | None:
     return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
 
 
+def arrow_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: a local path as is, a
+    remote URL through this same fsspec filesystem (pyarrow's FSSpecHandler), so Ray Train's own
+    run state lands beside the run on s3:// with the same standard AWS environment, never on one
+    node's disk (Ray rejects a node-local storage_path on a multi-node cluster)."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.abspath(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
 

@@ -197,7 +197,8 @@ class StepLog:
             data_wait_seconds=self.feed.wait_seconds - self.wait0,
             step_seconds=dt / max(1, state.step - self.step0), window_steps=state.step - self.step0,
             samples=state.step * per_step * self.world, skipped=self.feed.skipped,
-            rss_peak_bytes=peak_rss_bytes(), reader_rss_peak_bytes=self.feed.rss_peak_bytes)
+            rss_peak_bytes=peak_rss_bytes(), reader_rss_peak_bytes=self.feed.rss_peak_bytes,
+            reader_node_ids=list(self.feed.node_ids))
         self.collector.report.remote([rec.to_json()])
         self._open(state.step)
         return float(mean[0] / max(float(mean[1]), 1.0))
