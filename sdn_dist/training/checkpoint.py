@@ -196,6 +196,7 @@ class Checkpointer:
 
     def load(self, engine, tag: str, module_only: bool) -> dict:
         """Load a complete checkpoint into ``engine``; module_only for a stage switch (fresh optimizer)."""
+        self.wait()   # collective: the checkpoint being uploaded (the switch loads the one just saved) is complete first
         load_dir = self.local_root
         if not load_dir:
             load_dir = self._staging
