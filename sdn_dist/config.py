@@ -125,6 +125,10 @@ class DeepSpeedConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(100, ge=1, description="Save every N optimizer steps (and at each stage end).")
     keep: int = Field(2, ge=1, description="Keep the last N checkpoints.")
+    background: bool = Field(True, description="Remote `out` (s3:// ...): upload checkpoints in a background thread while training goes on (DeepSpeed writes to local staging first); false = training waits for each upload.")
+    upload_retries: int = Field(5, ge=0, le=20, description="Remote `out`: retries of a failed checkpoint upload (an object-store outage) before that checkpoint is given up; earlier checkpoints are never touched.")
+    upload_retry_seconds: float = Field(1.0, gt=0, le=600, description="Wait before the first upload retry; doubles each retry (capped at 60 s).")
+    upload_timeout_seconds: float = Field(1800.0, gt=0, description="Rank 0 gives up a checkpoint whose other ranks have not all finished uploading within this long.")
 
 
 class MetricsConfig(Section):

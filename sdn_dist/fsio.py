@@ -56,8 +56,64 @@ def writing(url: str):
 
 
 def url_to_fs(url: str):
+    check_bucket(url)
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+# -------------------------------------------------------------------------------- object stores
+# The standard AWS environment configures s3:// unchanged (botocore >= 1.31 reads
+# AWS_ENDPOINT_URL itself, and s3fs builds its client through botocore).
+_S3_PROTOCOLS = ("s3", "s3a")
+_checked_buckets: set[tuple] = set()
+
+
+def s3_endpoint() -> str:
+    """Where s3:// goes, for messages: the S3-compatible server the environment names, or AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def check_bucket(url: str, name: str | None = None) -> None:
+    """For an s3:// URL: in seconds, that the endpoint answers, the credentials are accepted and
+    the bucket exists, else a UserError naming the URL (``name``: the URL as the user wrote it,
+    e.g. the brace pattern ``url`` came from). Once per bucket, endpoint and key id in a
+    process; other URLs pass untouched.
+
+    Without this a missing bucket would be created by the first write (s3fs's makedirs does),
+    wrong credentials would read as "no checkpoints yet" (s3fs's exists() swallows a 403), and an
+    unreachable endpoint would surface inside every Ray worker after minutes of retries.
+    """
+    proto, sep, rest = url.partition("://")
+    if not sep or proto.lower() not in _S3_PROTOCOLS:
+        return
+    bucket = rest.split("/", 1)[0]
+    where = s3_endpoint()
+    url = name or url
+    key = (bucket, where, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if key in _checked_buckets:
+        return
+    if not bucket:
+        raise UserError(f"{url}: no bucket in the URL (s3://BUCKET/prefix)")
+    import s3fs
+    from botocore.exceptions import BotoCoreError
+    # Short timeouts and few attempts: this is a yes/no question asked before anything starts.
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={
+        "connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 2, "mode": "standard"}})
+    fs.retries = 1   # s3fs's own retry loop (a class attribute), on top of botocore's
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise UserError(f"{url}: bucket {bucket!r} does not exist at {where}") from None
+    except PermissionError as e:
+        raise UserError(f"{url}: access to bucket {bucket!r} at {where} denied ({_one_line(e) or 'Forbidden'}); "
+                        "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except BotoCoreError as e:   # endpoint unreachable, connect timeout, no credentials at all
+        raise UserError(f"{url}: cannot reach bucket {bucket!r} at {where}: {_one_line(e)}") from None
+    _checked_buckets.add(key)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def is_local(url: str) -> bool:
@@ -68,6 +124,18 @@ def local_path(url: str) -> str | None:
     """The local filesystem path of a URL, or None if it is remote."""
     fs, path = url_to_fs(url)
     return os.path.abspath(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def arrow_storage(url: str):
+    """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: a local path as is, a
+    remote URL through this same fsspec filesystem (pyarrow's FSSpecHandler), so Ray Train's own
+    run state lands beside the run on s3:// with the same standard AWS environment, never on one
+    node's disk (Ray rejects a node-local storage_path on a multi-node cluster)."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.abspath(path), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    return path, PyFileSystem(FSSpecHandler(fs))
 
 
 def join(url: str, *parts: str) -> str:

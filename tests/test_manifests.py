@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # Tests run from a fresh clone with shared/ beside it (../shared); the CRDs are data, not code.
 CRD_DIR = REPO.parent / "shared" / "k8s-crds"
-KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/cpu"]
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/cpu", "k8s/overlays/s3"]
 KUBE_VERSION = "1.30"          # the oldest Kubernetes the manifests target (NetworkPolicy v1 etc.)
 
 PROTECTED_PORTS = {6379: "GCS", 8265: "dashboard", 10001: "Ray client"}
@@ -517,8 +517,11 @@ def load_mounted_config(text: str, sets: list[str], preset: str | None, tmp_path
 
 def test_every_kustomization_renders_the_expected_kinds(docs):
     kinds = sorted(d["kind"] for d in docs)
-    for want in ("RayJob", "PodMonitor", "NetworkPolicy", "ServiceAccount", "PersistentVolumeClaim"):
+    for want in ("RayJob", "PodMonitor", "NetworkPolicy", "ServiceAccount"):
         assert want in kinds, f"{want} missing from the render: {kinds}"
+    claims = [v for tpl in embedded_pod_templates(only(docs, "RayJob")).values()
+              for v in tpl["spec"].get("volumes") or [] if "persistentVolumeClaim" in v]
+    assert ("PersistentVolumeClaim" in kinds) == bool(claims), "a PVC exactly when a pod mounts one"
     assert sum(k == "ConfigMap" for k in kinds) == 2, "want the config and the Grafana dashboard ConfigMaps"
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(names) == len(set(names)), f"duplicate objects: {names}"
@@ -585,7 +588,9 @@ def test_rayjob_meets_kuberay_rules(docs):
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
     assert 1 <= spec["backoffLimit"] <= 5, "retry a few times, each attempt resuming from checkpoints"
-    assert spec["submissionMode"] == "K8sJobMode"
+    # K8sJobMode (a submitter Job; base, cpu) or HTTPMode (the operator submits; s3 overlay)
+    assert spec["submissionMode"] in ("K8sJobMode", "HTTPMode")
+    assert ("submitterPodTemplate" in spec) == (spec["submissionMode"] == "K8sJobMode")
     from ray.runtime_env import RuntimeEnv
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(env) <= set(RuntimeEnv.known_fields)
@@ -621,8 +626,8 @@ def run_id_errors(rj: dict) -> list[str]:
     name = rj["metadata"]["name"]
     _, _, sets = _entrypoint_args(rj)
     outs = [s.split("=", 1)[1] for s in sets if s.startswith("out=")]
-    if outs != [f"/data/runs/{name}"]:
-        err.append(f"entrypoint out={outs} is not /data/runs/{name} (the run id)")
+    if len(outs) != 1 or not re.fullmatch(rf"(/data|s3://[a-z0-9][a-z0-9.-]+)/runs/{re.escape(name)}", outs[0]):
+        err.append(f"entrypoint out={outs} is not /data/runs/{name} or s3://<bucket>/runs/{name} (the run id)")
     for tname, tpl in embedded_pod_templates(rj).items():
         if tpl["metadata"].get("labels", {}).get("sdn-dist.io/run-id") != name:
             err.append(f"{tname}: label sdn-dist.io/run-id != RayJob name {name}")
@@ -756,7 +761,8 @@ def test_config_map_loads_with_the_real_config_tree(docs, tmp_path):
     named = {p["name"]: p["containerPort"] for p in head.get("ports") or []}
     assert cfg.metrics.port == named["sdn-metrics"] == SDN_METRICS_PORT
     assert cfg.metrics.host == "0.0.0.0", "Prometheus scrapes the driver from another pod"
-    assert cfg.out == f"/data/runs/{rj['metadata']['name']}"
+    assert cfg.out in (f"/data/runs/{rj['metadata']['name']}", f"{cfg.out.split('/runs/')[0]}/runs/{rj['metadata']['name']}")
+    assert cfg.out.startswith(("/data/", "s3://")), "the run directory on the shared volume or S3"
     assert str(cfg.data.train).startswith(("/data/", "s3://")), "shards on the shared volume or S3"
     # Capacity: the Ray Train workers must fit on the worker pods (the head takes no work).
     groups = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"]
@@ -981,3 +987,56 @@ def test_launching_doc_names_ports_and_run_id_scheme():
     for needle in ("SDN_RUN_ID", "SDN_ATTEMPT", "6379", "8265", "10001", "8080", "9400", "launchers/submit.sh",
                    "launchers/local.sh", "ray up launchers/cluster.yaml", "kubectl apply", "PodMonitor", "NetworkPolicy"):
         assert needle in doc, f"docs/launching.md does not mention {needle}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the S3 overlay: multi-node with object storage only (docs/cluster.md)
+
+def s3_shape_errors(docs: list[dict], cfg) -> list[str]:
+    """What the S3 overlay promises: nothing shared but S3, a submission no eviction can fail,
+    Kueue-ready, and pods given longer to stop than the trainer needs to checkpoint."""
+    err = []
+    rj = only(docs, "RayJob")
+    spec = rj["spec"]
+    if any(d["kind"] == "PersistentVolumeClaim" for d in docs):
+        err.append("a PersistentVolumeClaim is rendered: the S3 shape needs no shared volume")
+    templates = embedded_pod_templates(rj)
+    for name, tpl in templates.items():
+        for v in tpl["spec"].get("volumes") or []:
+            if "persistentVolumeClaim" in v or "nfs" in v:
+                err.append(f"{name}: mounts shared volume {v['name']}")
+    for key, url in {"data.train": cfg.data.train, "data.test": cfg.data.test, "teacher.weights": cfg.teacher.weights,
+                     "out": cfg.out}.items():
+        if not str(url).startswith("s3://"):
+            err.append(f"{key}={url} is not in S3")
+    if spec.get("submissionMode") != "HTTPMode" or "submitterPodTemplate" in templates:
+        err.append(f"submissionMode {spec.get('submissionMode')}: a submitter pod can be evicted; want HTTPMode")
+    # Kueue's RayJob integration: the queue label, and a RayJob it may suspend.
+    if not (rj["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name"):
+        err.append("no kueue.x-k8s.io/queue-name label")
+    if not spec.get("shutdownAfterJobFinishes") or spec.get("clusterSelector") \
+            or spec["rayClusterSpec"].get("enableInTreeAutoscaling"):
+        err.append("Kueue can suspend only a RayJob with shutdownAfterJobFinishes, its own cluster, no autoscaling")
+    grace = getattr(cfg.checkpoint, "preempt_grace_seconds", 25)   # the trainer's SIGTERM -> checkpoint window
+    for name, tpl in templates.items():
+        t = tpl["spec"].get("terminationGracePeriodSeconds", 30)
+        if "terminationGracePeriodSeconds" not in tpl["spec"] or not grace < t <= grace + 30:
+            err.append(f"{name}: terminationGracePeriodSeconds {t} does not match preempt_grace_seconds {grace}")
+        for c in tpl["spec"]["containers"]:
+            if not any((ef.get("secretRef") or {}).get("name") == "sdn-s3" for ef in c.get("envFrom") or []):
+                err.append(f"{name}/{c['name']}: no AWS environment from Secret sdn-s3")
+    return err
+
+
+def test_s3_overlay_keeps_everything_in_s3_and_survives_eviction(tmp_path):
+    docs = render("k8s/overlays/s3")
+    _, text, sets, preset = mounted_config(docs)
+    cfg = load_mounted_config(text, sets, preset, tmp_path)
+    errors = s3_shape_errors(docs, cfg)
+    assert not errors, "\n".join(errors)
+    # the check sees each promise broken
+    base = render("k8s/base")
+    _, btext, bsets, bpreset = mounted_config(base)
+    broken = s3_shape_errors(base, load_mounted_config(btext, bsets, bpreset, tmp_path))
+    for fragment in ("PersistentVolumeClaim", "data.train", "out=", "HTTPMode", "queue-name", "terminationGracePeriodSeconds"):
+        assert any(fragment in e for e in broken), (fragment, broken)

@@ -492,3 +492,20 @@ def test_real_prometheus_scrapes_a_training_run(prometheus, shards, tmp_path):
              and not prometheus.query(grafana_to_promql(e), final_at)]
     assert not empty, f"dashboard queries with no data: {empty}"
     assert {r["metric"]["run_id"] for r in prometheus.query("sdn_train_step", final_at)} == {"prom-it"}
+
+
+def test_checkpoint_upload_records_become_upload_metrics():
+    """What the Checkpointer reports from its upload threads reaches sdn_checkpoint_upload_seconds
+    (per rank), sdn_checkpoint_failures_total, and the held-up time sdn_checkpoint_blocked_seconds."""
+    exp = PrometheusExporter(MetricsConfig(), "r", "a")
+    exp.log({"event": "checkpoint_upload", "rank": 1, "step": 4, "stage": 1, "upload_seconds": 2.0, "retries": 0, "ok": True})
+    exp.log({"event": "checkpoint_upload", "rank": 0, "step": 8, "stage": 1, "upload_seconds": 9.0, "retries": 5, "ok": False})
+    exp.log({"event": "checkpoint", "step": 4, "stage": 1, "rank": 0, "checkpoint_seconds": 3.0, "blocked_seconds": 0.25})
+    get = exp.registry.get_sample_value
+    L = {"run_id": "r", "attempt": "a"}
+    assert get("sdn_checkpoint_upload_seconds_count", dict(L, rank="1")) == 1
+    assert get("sdn_checkpoint_upload_seconds_sum", dict(L, rank="1")) == 2.0
+    assert get("sdn_checkpoint_upload_seconds_count", dict(L, rank="0")) is None   # a failed upload is no duration
+    assert get("sdn_checkpoint_failures_total", dict(L, rank="0")) == 1
+    assert get("sdn_checkpoint_blocked_seconds_sum", L) == 0.25
+    assert get("sdn_checkpoint_duration_seconds_sum", L) == 3.0

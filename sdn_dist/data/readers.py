@@ -107,6 +107,7 @@ class Batch:
     skipped: dict[str, int]
     decode_seconds: float
     rss_peak_bytes: int
+    node_id: str = ""                # the Ray node of the reader that decoded it
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -134,7 +135,8 @@ class ShardReader:
         b = next(self.it)
         return Batch(image=b["image"].numpy(), text=None if b["text"] is None else np.asarray(b["text"]),
                      captions=b["captions"], index=b["index"], skipped=self.stream.skips.as_dict(),
-                     decode_seconds=time.time() - t, rss_peak_bytes=peak_rss_bytes())
+                     decode_seconds=time.time() - t, rss_peak_bytes=peak_rss_bytes(),
+                     node_id=ray.get_runtime_context().get_node_id())
 
 
 class DataFeed:
@@ -156,6 +158,7 @@ class DataFeed:
         self.skipped: dict[str, int] = {}
         self.rss_peak_bytes = 0           # the largest peak RSS any of this rank's readers reported
         self._per_reader_skips: dict[int, dict] = {}
+        self.node_ids: list[str] = []     # the nodes this rank's batches were decoded on (its own, by affinity)
         self._fill()
 
     def _fill(self) -> None:
@@ -177,6 +180,8 @@ class DataFeed:
         self._fill()
         self._per_reader_skips[j] = b.skipped
         self.rss_peak_bytes = max(self.rss_peak_bytes, b.rss_peak_bytes)
+        if b.node_id not in self.node_ids:
+            self.node_ids.append(b.node_id)
         total: dict[str, int] = collections.Counter()
         for s in self._per_reader_skips.values():
             total.update(s)

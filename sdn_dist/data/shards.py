@@ -30,7 +30,7 @@ import fsspec
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from sdn_dist.errors import DataError
+from sdn_dist.errors import DataError, UserError
 
 # A member larger than this is refused rather than read into memory (a shard sample is an image,
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).
@@ -154,8 +154,13 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
         return out
     if not isinstance(urls, str) or not urls.strip():
         raise DataError("no shard URL given (set data.train / data.test or pass a URL)")
+    from sdn_dist.fsio import check_bucket
     out = []
     for part in braceexpand(urls.strip()):
+        try:   # a missing bucket, refused credentials, no endpoint: said once, up front
+            check_bucket(part, name=urls.strip())
+        except UserError as e:
+            raise DataError(str(e)) from None
         out += _expand_one(part)
     return out
 

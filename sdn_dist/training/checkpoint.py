@@ -9,8 +9,16 @@ Layout under ``<out>/checkpoints/``::
 A directory without ``COMPLETE`` is a checkpoint that was interrupted mid-write: it is never resumed
 from and is removed at the next start. Only after a new checkpoint is complete are the oldest beyond
 ``keep`` deleted, so a failing save (disk full, unwritable ``out``) leaves earlier ones intact.
-Remote ``out`` (s3:// ...): DeepSpeed writes to a local staging directory, each rank uploads its own
-files, then rank 0 writes the marker.
+
+Remote ``out`` (s3:// ...): DeepSpeed writes to a local staging directory (seconds), then each rank
+uploads its own files in a background thread while training goes on (``checkpoint.background``),
+retrying an object-store outage with exponential backoff. A rank that is done puts
+``.rank-NNNNN.done`` beside its files; rank 0, once every rank's marker is there, writes
+``COMPLETE`` and only then prunes. A new save (and the stage switch, and the end of the run) first
+waits for the previous upload. An upload that still fails after its retries gives that checkpoint
+up (no marker; rank 0 removes what was uploaded) and training continues from memory: earlier
+checkpoints are never touched. Nothing of a run depends on a node's disk surviving: the staging
+copy is deleted once uploaded.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,18 +46,35 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint that could not be stored (its upload failed after every retry)."""
+
+
 class Checkpointer:
-    def __init__(self, out: str, keep: int, rank: int = 0):
+    def __init__(self, out: str, keep: int, rank: int = 0, world_size: int = 1, cfg=None,
+                 report: Callable[[list[dict]], object] | None = None,
+                 say: Callable[[str], object] | None = None):
+        """``cfg``: the ``checkpoint`` config section (defaults if None); ``report(records)`` and
+        ``say(text)`` send checkpoint records / messages to the driver (they may be called from
+        the upload thread)."""
+        from sdn_dist.config import CheckpointConfig
+        self.cfg = cfg or CheckpointConfig(keep=keep)
         self.root = fsio.join(out, "checkpoints")
         self.keep = keep
         self.rank = rank
+        self.world_size = world_size
         self.fs, self.path = fsio.url_to_fs(self.root)
         self.local_root = fsio.local_path(self.root)
         self._staging = None if self.local_root else tempfile.mkdtemp(prefix="sdn-ckpt-")
-        self.last_save_seconds = 0.0
+        self.last_save_seconds = 0.0     # how long the last save() held training up
+        self._report = report or (lambda records: None)
+        self._say = say or (lambda text: None)
+        self._pending: _Upload | None = None
+        self.failed: list[str] = []      # tags given up after failed uploads
 
     # ------------------------------------------------------------ listing
     def _tags(self) -> list[str]:
+        self.fs.invalidate_cache()   # other ranks and processes write here: never trust a cached listing
         if not self.fs.exists(self.path):
             return []
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
@@ -68,6 +95,7 @@ class Checkpointer:
         return out
 
     def latest(self) -> dict | None:
+        self.wait()   # the checkpoint still uploading is the latest one once it is complete
         done = self.complete()
         return done[-1] if done else None
 
@@ -83,48 +111,92 @@ class Checkpointer:
     # ------------------------------------------------------------ save / load
     def save(self, engine, step: int, client_state: dict, tensors: dict | None = None) -> str:
         """Collective: every rank calls it. ``client_state`` is JSON (also written to the marker),
-        ``tensors`` holds per-rank RNG state and the like. Returns the tag."""
+        ``tensors`` holds per-rank RNG state and the like. Returns the tag. With a remote ``out``
+        it returns once DeepSpeed has written the local staging copy; the upload goes on behind."""
+        self.wait()   # one upload at a time: the previous checkpoint is complete (or given up) first
         t0 = time.time()
         tag = f"step-{step:08d}"
         save_dir = self.local_root or self._staging
         try:
             os.makedirs(save_dir, exist_ok=True)
             engine.save_checkpoint(save_dir, tag=tag, client_state={"sdn": client_state, "sdn_tensors": tensors or {}}, save_latest=False)
-            if not self.local_root:
-                self.fs.put(os.path.join(save_dir, tag), f"{self.path}/{tag}", recursive=True)
-                shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
         except (OSError, RuntimeError) as err:
             e = fsio.write_os_error(err, save_dir)   # torch's writer hides ENOSPC in a RuntimeError
             if e is None:
                 raise
             # Free what the failed write took (a full disk stays full otherwise); the marker was
             # never written, so nothing will resume from it either way.
-            try:
-                self.fs.rm(f"{self.path}/{tag}", recursive=True)
-            except OSError:
-                pass
+            shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
             raise UserError(f"cannot write checkpoint {self.root}/{tag}: {e.strerror or e} "
                             f"(earlier checkpoints are intact)") from err
-        _barrier()
-        if self.rank == 0:
-            marker = dict(client_state, step=step, time=time.time())
-            try:
-                fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
-            except UserError as e:
-                self.fs.rm(f"{self.path}/{tag}", recursive=True)
-                raise UserError(f"{e} (earlier checkpoints are intact)") from e
-            self._prune()
-        _barrier()
+        if self.local_root:
+            _barrier()
+            if self.rank == 0:
+                marker = dict(client_state, step=step, time=time.time())
+                try:
+                    fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
+                except UserError as e:
+                    self.fs.rm(f"{self.path}/{tag}", recursive=True)
+                    raise UserError(f"{e} (earlier checkpoints are intact)") from e
+                self._prune()
+            _barrier()
+            self.last_save_seconds = time.time() - t0
+            if self.rank == 0:
+                self._done_record(tag, step, client_state, t0, self.last_save_seconds, 0.0)
+            return tag
+        up = _Upload(self, tag, step, client_state, t0)
+        self._pending = up
+        if self.cfg.background:
+            up.start()
+        else:
+            up.run()
+            self.wait()
         self.last_save_seconds = time.time() - t0
         return tag
+
+    def wait(self) -> bool:
+        """Collective (every rank calls it at the same point): wait for the upload in flight, if
+        any. True when it completed, False when it was given up; rank 0's verdict holds for all."""
+        up, self._pending = self._pending, None
+        if up is None:
+            return True
+        up.join()
+        ok = up.ok
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+            dist.broadcast(flag, src=0)   # rank 0 decided COMPLETE after seeing every rank's marker
+            ok = bool(flag.item())
+        if not ok:
+            self.failed.append(up.tag)
+        return ok
+
+    def finish(self) -> None:
+        """End of the run (collective): the last checkpoint is stored, or the run fails (exit 1)
+        so that a rerun resumes from the last complete one."""
+        pending = self._pending
+        if pending is not None and not self.wait():
+            raise CheckpointUploadError(
+                f"checkpoint {self.root}/{pending.tag} could not be uploaded "
+                f"({pending.error or 'another rank failed'}); earlier checkpoints are intact")
+        if self._staging:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _done_record(self, tag: str, step: int, client_state: dict, t0: float, blocked: float, upload: float) -> None:
+        total = time.time() - t0
+        self._say(f"checkpoint step {step} saved in {total:.2f}s (training held {blocked:.2f}s)")
+        self._report([{"event": "checkpoint", "step": step, "stage": client_state.get("stage"), "rank": 0,
+                       "checkpoint_seconds": total, "blocked_seconds": blocked, "upload_seconds": upload,
+                       "time": time.time()}])
 
     def _prune(self) -> None:
         done = self.complete()
         for info in done[: max(0, len(done) - self.keep)]:
             self.fs.rm(f"{self.path}/{info['tag']}", recursive=True)
 
+
     def load(self, engine, tag: str, module_only: bool) -> dict:
         """Load a complete checkpoint into ``engine``; module_only for a stage switch (fresh optimizer)."""
+        self.wait()   # collective: the checkpoint being uploaded (the switch loads the one just saved) is complete first
         load_dir = self.local_root
         if not load_dir:
             load_dir = self._staging
@@ -153,6 +225,112 @@ def _point_latest_at(load_dir: str, tag: str) -> None:
     with open(tmp, "w") as f:
         f.write(tag)
     os.replace(tmp, os.path.join(load_dir, "latest"))
+
+
+class _Upload:
+    """One rank's upload of one checkpoint from local staging to ``out``; on rank 0 also the
+    COMPLETE marker once every rank's ``.rank-NNNNN.done`` is there. Runs in a thread (or inline
+    with ``checkpoint.background=false``); never raises: ``ok`` / ``error`` say how it went."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self, ck: Checkpointer, tag: str, step: int, client_state: dict, t0: float):
+        self.ck, self.tag, self.step, self.client_state, self.t0 = ck, tag, step, client_state, t0
+        self.local = os.path.join(ck._staging, tag)
+        self.remote = f"{ck.path}/{tag}"
+        self.ok = False
+        self.error: BaseException | None = None
+        self.retries = 0
+        self.blocked = 0.0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.blocked = time.time() - self.t0
+        self._thread = threading.Thread(target=self.run, name=f"sdn-upload-{self.tag}", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _retry(self, what: str, fn):
+        """``fn()``, retried with exponential backoff: an object store that is briefly down or
+        throttling (S3 503 SlowDown, a connection refused) does not lose the checkpoint."""
+        cfg = self.ck.cfg
+        delay = cfg.upload_retry_seconds
+        for attempt in range(cfg.upload_retries + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - botocore, aiohttp and OSError alike; re-raised at the end
+                if attempt == cfg.upload_retries:
+                    raise
+                self.retries += 1
+                self.ck._say(f"checkpoint {self.tag}: {what} failed on rank {self.ck.rank} "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); retry {attempt + 1} in {delay:.1f}s")
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    def run(self) -> None:
+        ck, fs = self.ck, self.ck.fs
+        t = time.time()
+        try:
+            for dirpath, _, names in os.walk(self.local):
+                for name in sorted(names):
+                    src = os.path.join(dirpath, name)
+                    dst = f"{self.remote}/{os.path.relpath(src, self.local)}"
+                    self._retry(f"upload of {name}", lambda src=src, dst=dst: fs.put_file(src, dst))
+            self._retry("done marker", lambda: fs.pipe_file(f"{self.remote}/.rank-{ck.rank:05d}.done", b"ok"))
+            upload = time.time() - t
+            ck._report([{"event": "checkpoint_upload", "step": self.step, "stage": self.client_state.get("stage"), "rank": ck.rank, "upload_seconds": upload,
+                         "retries": self.retries, "ok": True, "time": time.time()}])
+            if ck.rank == 0:
+                self._await_ranks()
+                marker = dict(self.client_state, step=self.step, time=time.time())
+                self._retry("COMPLETE marker", lambda: fs.pipe_file(f"{self.remote}/COMPLETE", json.dumps(marker).encode()))
+                self.ok = True
+                try:
+                    ck._prune()
+                except Exception as e:  # noqa: BLE001 - an old checkpoint left behind is no failure
+                    ck._say(f"checkpoint pruning failed: {type(e).__name__}: {e}")
+                ck._done_record(self.tag, self.step, self.client_state, self.t0, self.blocked or (time.time() - self.t0), upload)
+            self.ok = True
+        except Exception as e:  # noqa: BLE001 - reported, and the checkpoint given up
+            self.error = e
+            self.ok = False
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            ck._say(f"checkpoint {self.tag} given up on rank {ck.rank} after {self.retries} retries ({why}); "
+                    "earlier checkpoints are intact")
+            ck._report([{"event": "checkpoint_upload", "step": self.step, "stage": self.client_state.get("stage"), "rank": ck.rank, "upload_seconds": time.time() - t,
+                         "retries": self.retries, "ok": False, "error": why, "time": time.time()}])
+            try:   # best effort: tell rank 0 at once instead of letting it time out
+                fs.pipe_file(f"{self.remote}/.rank-{ck.rank:05d}.failed", why.encode())
+            except Exception:  # noqa: BLE001 - the store may be down: rank 0 then times out
+                pass
+            if ck.rank == 0:
+                try:   # what did get uploaded is no checkpoint (no COMPLETE): free it
+                    fs.rm(self.remote, recursive=True)
+                except Exception:  # noqa: BLE001 - removed at the next start otherwise
+                    pass
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    def _await_ranks(self) -> None:
+        """Rank 0: until every rank's done marker is there (a failed marker or the timeout: raise)."""
+        ck = self.ck
+        want = {f".rank-{r:05d}.done" for r in range(ck.world_size)}
+        deadline = time.time() + ck.cfg.upload_timeout_seconds
+        while True:
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in
+                     self._retry("listing", lambda: ck.fs.ls(self.remote, detail=False, refresh=True))}
+            failed = sorted(n for n in names if n.endswith(".failed"))
+            if failed:
+                raise CheckpointUploadError(f"upload failed on {', '.join(failed)}")
+            if want <= names:
+                return
+            if time.time() > deadline:
+                raise CheckpointUploadError(f"ranks {sorted(want - names)} did not finish uploading within "
+                                            f"{ck.cfg.upload_timeout_seconds:g}s")
+            time.sleep(self.POLL_SECONDS)
 
 
 def _deepspeed_safe_globals() -> list:

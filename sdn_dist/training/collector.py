@@ -37,6 +37,7 @@ class StepRecord:
     skipped: dict[str, int]          # this rank's cumulative skips by reason
     rss_peak_bytes: int
     reader_rss_peak_bytes: int
+    reader_node_ids: list[str] = dataclasses.field(default_factory=list)   # where its batches were decoded
     time: float = dataclasses.field(default_factory=time.time)
 
     def to_json(self) -> dict:

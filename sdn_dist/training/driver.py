@@ -86,13 +86,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     sink = MetricsSink(cfg.out, cfg.metrics, cfg.run_id, attempt)
     collector = start_collector()
 
-    storage = fsio.local_path(fsio.join(cfg.out, "ray")) or os.path.abspath(".sdn-ray")
+    storage, storage_fs = fsio.arrow_storage(fsio.join(cfg.out, "ray"))   # s3:// too: no node's disk
     trainer = TorchTrainer(
         stop_on_user_error(train_worker),
         train_loop_config={"cfg": cfg, "data": spec, "collector": collector, "attempt": attempt},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
-        run_config=RunConfig(name=f"{cfg.run_id}-{attempt}", storage_path=storage,
+        run_config=RunConfig(name=f"{cfg.run_id}-{attempt}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.threads_per_worker),
                                                               "SDN_ATTEMPT": attempt}}),

@@ -216,7 +216,8 @@ class StepLog:
             data_wait_seconds=self.feed.wait_seconds - self.wait0,
             step_seconds=dt / max(1, state.step - self.step0), window_steps=state.step - self.step0,
             samples=state.step * per_step * self.world, skipped=self.feed.skipped,
-            rss_peak_bytes=peak_rss_bytes(), reader_rss_peak_bytes=self.feed.rss_peak_bytes)
+            rss_peak_bytes=peak_rss_bytes(), reader_rss_peak_bytes=self.feed.rss_peak_bytes,
+            reader_node_ids=list(self.feed.node_ids))
         self.collector.report.remote([rec.to_json()])
         self._open(state.step)
         return float(mean[0] / max(float(mean[1]), 1.0))
@@ -238,7 +239,8 @@ def train_worker(config: dict) -> None:
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
-    ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank)
+    ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
+                        report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
     if rank == 0:
         ckpt.clean_incomplete()
     dist.barrier()
@@ -271,7 +273,9 @@ def train_worker(config: dict) -> None:
             grid.write(engine.module if averaged is None else averaged.module, state.step, state.stage)
         if due(state.step, cfg.checkpoint.every, schedule):
             state.ema = None if averaged is None else averaged.state_dict()
-            save(ckpt, engine, state, collector, rank)
+            # Collective; the Checkpointer reports the checkpoint once it is complete (with a
+            # remote `out`, after its background upload).
+            ckpt.save(engine, state.step, state.client_state(), state.tensors())
         if state.stage == 1 and state.step == schedule.switch_step:
             # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
             del engine
@@ -283,6 +287,7 @@ def train_worker(config: dict) -> None:
                 collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
 
     finish(cfg, engine, averaged, state, spec, collector, rank, feed)
+    ckpt.finish()   # the last checkpoint's upload is done, or the run fails here
 
 
 def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:
@@ -312,15 +317,6 @@ def average(student: torch.nn.Module, cfg: Config, weights: dict | None):
     if weights is not None:
         averaged.load_state_dict(weights)
     return averaged
-
-
-def save(ckpt: Checkpointer, engine, state: TrainState, collector, rank: int) -> None:
-    """Collective: every rank saves its part of the state; rank 0 reports the checkpoint."""
-    tag = ckpt.save(engine, state.step, state.client_state(), state.tensors())
-    if rank == 0:
-        collector.report.remote([
-            message(f"checkpoint {tag} saved in {ckpt.last_save_seconds:.2f}s"),
-            event("checkpoint", step=state.step, stage=state.stage, rank=0, checkpoint_seconds=ckpt.last_save_seconds)])
 
 
 def finish(cfg: Config, engine, averaged, state: TrainState, spec: DataSpec, collector, rank: int,

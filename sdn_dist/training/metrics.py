@@ -70,6 +70,11 @@ class PrometheusExporter:
         self.ckpt_step = Gauge("sdn_checkpoint_last_success_step", "Optimizer step of the last complete checkpoint.", c, registry=r)
         self.ckpt_dur = Histogram("sdn_checkpoint_duration_seconds", "Wall time to write one checkpoint (all ranks, until complete).", c, registry=r,
                                   buckets=CHECKPOINT_BUCKETS)
+        self.upload_time = Histogram("sdn_checkpoint_upload_seconds", "Wall time of one rank's upload of one checkpoint from local staging to remote storage (s3:// out), retries included; in the background while training goes on.", c + ["rank"], registry=r,
+                                     buckets=CHECKPOINT_BUCKETS)
+        self.ckpt_failed = Counter("sdn_checkpoint_failures", "Checkpoints given up because an upload still failed after its retries (earlier checkpoints untouched), by rank.", c + ["rank"], registry=r)
+        self.ckpt_blocked = Histogram("sdn_checkpoint_blocked_seconds", "Wall time training was held up by one checkpoint (with a background upload: the local write only).", c, registry=r,
+                                      buckets=CHECKPOINT_BUCKETS)
         for reason in (*SKIP_REASONS, OTHER_REASON):   # 0 from the start: rate()/increase() see the first skip
             self.skipped.labels(**self.const, reason=reason)
         self._workers: dict[str, _Worker] = {}
@@ -111,6 +116,14 @@ class PrometheusExporter:
             self.ckpt_time.labels(**L).set(rec.get("time", time.time()))
             self.ckpt_step.labels(**L).set(rec.get("step", 0))
             self.ckpt_dur.labels(**L).observe(max(0.0, rec.get("checkpoint_seconds", 0.0)))
+            self.ckpt_blocked.labels(**L).observe(max(0.0, rec.get("blocked_seconds", rec.get("checkpoint_seconds", 0.0))))
+            return
+        if event == "checkpoint_upload":
+            rank = str(rec.get("rank", 0))
+            if rec.get("ok", True):
+                self.upload_time.labels(**L, rank=rank).observe(max(0.0, rec.get("upload_seconds", 0.0)))
+            else:
+                self.ckpt_failed.labels(**L, rank=rank).inc()
             return
         if event == "final":   # the final cumulative skip counts (deduplicated like any other)
             self._skips(self._worker(rec), rec.get("skipped"))

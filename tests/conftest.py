@@ -1,0 +1,174 @@
+"""Shared fixtures: a real local S3 server (moto's server mode, the S3 HTTP API on 127.0.0.1).
+
+    def test_x(s3):                    # s3.bucket is a fresh, empty bucket
+        s3.fs.pipe(f"{s3.bucket}/k", b"v")
+        subprocess.run([...], env=s3.env)   # AWS_* set, as a user sets them
+
+The server is one process per test session, started on a free port; every test gets its own
+bucket. ``s3.env`` is os.environ plus the standard AWS variables (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL): what a user exports for an
+S3-compatible server, passed unchanged to subprocesses (and from there to Ray workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(log_path, extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`python -m moto.server` on 127.0.0.1:<free port>; returns (process, endpoint URL)."""
+    port = free_port()
+    env = dict(os.environ, **(extra_env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("moto server did not start:\n" + open(log_path).read()[-2000:])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def aws_env(endpoint: str, key: str = "testing", secret: str = "testing") -> dict:
+    return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    env: dict = field(repr=False)
+
+    @property
+    def fs(self):
+        """An s3fs filesystem on this server (explicit endpoint: independent of os.environ)."""
+        import s3fs
+        return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.endpoint,
+                                 skip_instance_cache=True)
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield endpoint
+    stop(proc)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server, with the AWS environment set in this process
+    (for in-process fsspec calls) and in ``s3.env`` (for subprocesses)."""
+    import s3fs
+    env = aws_env(s3_server)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()   # a cached filesystem may hold another endpoint
+    s = S3(endpoint=s3_server, bucket=f"t-{uuid.uuid4().hex[:12]}", env=dict(os.environ))
+    s.fs.mkdir(s.bucket)
+    yield s
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1:<port> to ``target_port``, to take an S3 server "down"
+    (connections refused, open ones cut) and bring it back with its data intact: a real outage
+    as a client sees one, for the retry tests."""
+
+    def __init__(self, target_port: int):
+        import threading
+        self.target = target_port
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._conns: set = set()
+        self._listener = None
+        self.up()
+
+    def up(self) -> None:
+        import threading
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def down(self) -> None:
+        ls, self._listener = self._listener, None
+        if ls is not None:
+            ls.close()
+        with self._lock:
+            for c in list(self._conns):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self._conns.clear()
+
+    def _accept(self, ls) -> None:
+        import threading
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return   # closed: down()
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a, b) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
