@@ -54,7 +54,7 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
     ("model.pool=median", "'model.pool'"),
     ("data.batch_size=7", "data.batch_size=7"),
     ("preset=huge", "unknown preset 'huge'"),
-    ("workers=1-3", "workers=1-3 (at 3 workers) x deepspeed.grad_accum = 3 x 1"),  # batch 8: not by 3
+    ("workers=3-4", "workers=3-4 (at 3 workers) x deepspeed.grad_accum = 3 x 1"),  # batch 8: by 4, not by 3
     ("workers=3-1", "workers='3-1': need 1 <= MIN <= MAX"),
     ("workers=two", "workers='two'"),
     ("novalue", "key=value"),
@@ -83,7 +83,7 @@ def test_bad_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, key", [("nosuch.key=1", "nosuch.key"), ("stage1.steps=abc", "stage1.steps"),
-                                           ("workers=2-3", "workers=2-3")])
+                                           ("workers=3-4", "workers=3-4 (at 3 workers)")])
 def test_train_cli_bad_key_exits_2_with_one_line(override, key):
     r = run_cli("train", "--set", override)
     assert r.returncode == 2, r.stderr
