@@ -59,14 +59,14 @@ def test_losing_a_node_continues_on_fewer_workers(tmp_path):
             def two_ranks_running():
                 recs = [r for r in _jsonl(out / "metrics.jsonl") if r["step"] >= 30]
                 return {r["rank"]: r for r in recs} if {r["rank"] for r in recs} == {0, 1} else None
-            first = _wait(proc, "two ranks at step 30", two_ranks_running)
+            first = _wait(proc, "two ranks at step 30", two_ranks_running, timeout=1200)
             assert first[0]["node_id"] != first[1]["node_id"] and first[0]["world_size"] == 2
             before = _scrape(port)
             assert before["sdn_train_world_size"] == 2 and before["sdn_train_restarts_total"] == 0, before
             killed_at = max(r["step"] for r in _jsonl(out / "metrics.jsonl"))
             assert killed_at < 120, "the kill must land in stage 1"
             assert cluster.kill_node2() >= 2     # `ray start`, the raylet and more
-            _wait(proc, "the final event", lambda: [e for e in _jsonl(out / "events.jsonl") if e["event"] == "final"])
+            _wait(proc, "the final event", lambda: [e for e in _jsonl(out / "events.jsonl") if e["event"] == "final"], timeout=1200)
             after = _wait(proc, "the metrics endpoint", lambda: _scrape_or_none(port), timeout=30)
             stdout, stderr = proc.communicate(timeout=300)
         finally:

@@ -176,7 +176,7 @@ def _popen_train(out, shards, attempt):
                             env=dict(os.environ, SDN_ATTEMPT=attempt))
 
 
-def _sigterm_when(proc, out, attempt, predicate, target, timeout=300):
+def _sigterm_when(proc, out, attempt, predicate, target, timeout=900):
     """Poll metrics.jsonl; once predicate(record of this attempt) holds, SIGTERM ``target(record)``."""
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -122,11 +122,14 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     preempt = DriverPreemption().install()
     preempted = None
     try:
-        while thread.is_alive() and preempted is None:
+        while preempted is None:
+            alive = thread.is_alive()
             thread.join(timeout=0.5)
-            preempted = _watch_preemption(preempt, collector, bar.update(_drain(collector, sink)), cfg)
-        if preempted is None:
-            preempted = _watch_preemption(preempt, collector, bar.update(_drain(collector, sink)), cfg)
+            records = _drain(collector, sink)
+            bar.update(records)
+            preempted = _watch_preemption(preempt, collector, records, cfg)
+            if not alive:
+                break
     finally:
         preempt.uninstall()
         bar.close()
@@ -200,11 +203,7 @@ class Progress:
         self.stage2_steps = cfg.stage2.steps
         self.bar = tqdm(total=cfg.total_steps, desc="stage 1", unit="step", dynamic_ncols=True) if enabled else None
 
-    def update(self, records: list[dict]) -> list[dict]:
-        self._show(records)
-        return records
-
-    def _show(self, records: list[dict]) -> None:
+    def update(self, records: list[dict]) -> None:
         for r in records:
             if r.get("event") == "message":
                 (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(r["text"])
