@@ -34,6 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class NodeExited(AssertionError):
+    pass
+
+
 class TwoNodeCluster:
     def __init__(self, tmp: Path, cpus_per_node: int = 1):
         self.tmp = Path(tmp)
@@ -55,13 +59,35 @@ class TwoNodeCluster:
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> "TwoNodeCluster":
-        self.head = self._start("head_node", [
-            "--head", f"--port={self.port}", "--include-dashboard=false",
-            "--system-config=" + json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3})])
-        self.wait_nodes(1)
-        self.node2 = self._start("node2", [f"--address={self.address}"])
-        self.wait_nodes(2)
+        head = ["--head", f"--port={self.port}", "--include-dashboard=false",
+                "--system-config=" + json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3})]
+        try:
+            self.head = self._start_retrying("head_node", head, 1)
+            self.node2 = self._start_retrying("node2", [f"--address={self.address}"], 2)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    def _start_retrying(self, name: str, args: list[str], nodes: int, tries: int = 3) -> subprocess.Popen:
+        """`ray start` gives a raylet a fixed 30 s to register (ray/_private/node.py): on a loaded
+        machine it can miss that and exit; starting again is what a user does."""
+        for i in range(tries):
+            proc = self._start(name, args)
+            setattr(self, "head" if name == "head_node" else "node2", proc)
+            try:
+                self.wait_nodes(nodes)
+                return proc
+            except NodeExited:
+                if i == tries - 1:
+                    raise
+                self._stop(proc)
+                if name == "head_node":   # a fresh port: the failed GCS may still hold the old one
+                    self.port = free_port()
+                    self.address = f"127.0.0.1:{self.port}"
+                    self.env["RAY_ADDRESS"] = self.address
+                    args = [a if not a.startswith("--port=") else f"--port={self.port}" for a in args]
+        raise AssertionError("unreachable")
 
     def alive_nodes(self) -> list[dict]:
         code = ("import json, ray; ray.init(address='auto', log_to_driver=False); "
@@ -74,7 +100,7 @@ class TwoNodeCluster:
         while time.time() < deadline:
             for p, name in ((self.head, "head_node"), (self.node2, "node2")):
                 if p is not None and p.poll() is not None:
-                    raise AssertionError(f"{name} exited:\n" + (self.tmp / f"{name}.log").read_text()[-3000:])
+                    raise NodeExited(f"{name} exited:\n" + (self.tmp / f"{name}.log").read_text()[-3000:])
             if len(self.alive_nodes()) >= n:
                 return
             time.sleep(1)
@@ -95,8 +121,16 @@ class TwoNodeCluster:
 
     def __exit__(self, *exc) -> None:
         for p in (self.node2, self.head):
-            if p is None or p.poll() is not None:
-                continue
+            self._stop(p)
+
+    @staticmethod
+    def _stop(p) -> None:
+        if p is not None and p.poll() is not None:
+            try:   # a `ray start` that gave up may leave its gcs_server / raylet behind in its session
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif p is not None:
             procs = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
             os.killpg(p.pid, signal.SIGTERM)
             try:
