@@ -11,6 +11,7 @@ starts. Each component receives its own section (``cfg.model``, ``cfg.data`` ...
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,6 +130,7 @@ class CheckpointConfig(Section):
     upload_retries: int = Field(5, ge=0, le=20, description="Remote `out`: retries of a failed checkpoint upload (an object-store outage) before that checkpoint is given up; earlier checkpoints are never touched.")
     upload_retry_seconds: float = Field(1.0, gt=0, le=600, description="Wait before the first upload retry; doubles each retry (capped at 60 s).")
     upload_timeout_seconds: float = Field(1800.0, gt=0, description="Rank 0 gives up a checkpoint whose other ranks have not all finished uploading within this long.")
+    preempt_grace_seconds: float = Field(25.0, gt=0, le=3600, description="After SIGTERM (to the driver or any training worker: Kubernetes eviction, spot reclaim), save a checkpoint at the next step boundary and exit with status 75 (EX_TEMPFAIL) within this many seconds; keep it below the pod's terminationGracePeriodSeconds (30 s by default). Rerunning the same command resumes from that checkpoint.")
 
 
 class MetricsConfig(Section):
@@ -158,7 +160,7 @@ class Config(Section):
     preset: str = Field("debug", description="Preset the defaults came from (debug, demo, paper).")
     out: str = Field("runs/sdn", description="Run directory (any fsspec URL): config, metrics, checkpoints, samples, export.")
     run_id: str = Field("", description="Run id used in metric labels (empty: the run directory's name).")
-    workers: int = Field(1, ge=1, description="Data-parallel training workers.")
+    workers: int | str = Field(1, description="Data-parallel training workers: an integer (fixed world size) or a range 'MIN-MAX' (elastic: start with as many as the cluster can place, up to MAX; after losing nodes continue from the last checkpoint on no fewer than MIN). data.batch_size stays the global batch at every size.")
     threads_per_worker: int = Field(1, ge=1, description="torch / OMP threads in each worker.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     seed: int = Field(0, description="Seed for init, shuffling and caption choice.")
@@ -185,21 +187,49 @@ class Config(Section):
             return "off"
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v):
+        """An integer >= 1, or 'MIN-MAX' with 1 <= MIN <= MAX ('N' and 'N-N' mean the integer N)."""
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(v)) if not isinstance(v, bool) else None
+        if m is None:
+            raise ValueError(f"workers={v!r}: expected an integer or a range MIN-MAX (e.g. 2 or 1-2)")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if lo < 1 or hi < lo:
+            raise ValueError(f"workers={v!r}: need 1 <= MIN <= MAX")
+        return lo if lo == hi else f"{lo}-{hi}"
+
     @model_validator(mode="after")
     def _check(self):
-        per = self.workers * self.deepspeed.grad_accum
-        if self.data.batch_size % per:
-            raise ValueError(
-                f"data.batch_size={self.data.batch_size} must be divisible by workers x "
-                f"deepspeed.grad_accum = {self.workers} x {self.deepspeed.grad_accum}")
+        # The global batch is the same at every world size the run may have (an elastic run
+        # re-plans the micro-batch after losing a node): each one must divide it.
+        for world in range(self.min_workers, self.max_workers + 1):
+            per = world * self.deepspeed.grad_accum
+            if self.data.batch_size % per:
+                which = "workers" if world == self.workers else f"workers={self.workers} (at {world} workers)"
+                raise ValueError(
+                    f"data.batch_size={self.data.batch_size} must be divisible by {which} x "
+                    f"deepspeed.grad_accum = {world} x {self.deepspeed.grad_accum}")
         if self.ema.decay and self.deepspeed.zero_stage == 3:
             raise ValueError("ema.decay needs whole weights on every rank: use deepspeed.zero_stage 0-2 with it (ZeRO-3 partitions them)")
         return self
 
     @property
+    def min_workers(self) -> int:
+        return int(str(self.workers).split("-")[0])
+
+    @property
+    def max_workers(self) -> int:
+        return int(str(self.workers).split("-")[-1])
+
+    @property
     def micro_batch(self) -> int:
-        """Samples per worker per forward/backward."""
-        return self.data.batch_size // (self.workers * self.deepspeed.grad_accum)
+        """Samples per worker per forward/backward at the largest world size."""
+        return self.micro_batch_at(self.max_workers)
+
+    def micro_batch_at(self, world_size: int) -> int:
+        """Samples per worker per forward/backward with ``world_size`` workers (same global batch)."""
+        return self.data.batch_size // (world_size * self.deepspeed.grad_accum)
 
     @property
     def total_steps(self) -> int:

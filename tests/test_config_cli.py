@@ -54,6 +54,9 @@ def test_precedence_defaults_preset_file_overrides(tmp_path):
     ("model.pool=median", "'model.pool'"),
     ("data.batch_size=7", "data.batch_size=7"),
     ("preset=huge", "unknown preset 'huge'"),
+    ("workers=3-4", "workers=3-4 (at 3 workers) x deepspeed.grad_accum = 3 x 1"),  # batch 8: by 4, not by 3
+    ("workers=3-1", "workers='3-1': need 1 <= MIN <= MAX"),
+    ("workers=two", "workers='two'"),
     ("novalue", "key=value"),
 ])
 def test_bad_overrides_name_the_key(override, fragment):
@@ -61,6 +64,13 @@ def test_bad_overrides_name_the_key(override, fragment):
         load_config("debug", overrides=[override, "workers=2"] if "batch" in override else [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_workers_range_keeps_the_global_batch_at_every_size():
+    cfg = load_config("debug", overrides=["workers=1-2", "data.batch_size=8"])
+    assert (cfg.workers, cfg.min_workers, cfg.max_workers) == ("1-2", 1, 2)
+    assert [cfg.micro_batch_at(w) for w in (1, 2)] == [8, 4]
+    assert load_config("debug", overrides=["workers=2-2"]).workers == 2   # a one-size range is fixed
 
 
 def test_bad_config_file(tmp_path):
@@ -72,7 +82,8 @@ def test_bad_config_file(tmp_path):
         load_config("debug", file=bad)
 
 
-@pytest.mark.parametrize("override, key", [("nosuch.key=1", "nosuch.key"), ("stage1.steps=abc", "stage1.steps")])
+@pytest.mark.parametrize("override, key", [("nosuch.key=1", "nosuch.key"), ("stage1.steps=abc", "stage1.steps"),
+                                           ("workers=3-4", "workers=3-4 (at 3 workers)")])
 def test_train_cli_bad_key_exits_2_with_one_line(override, key):
     r = run_cli("train", "--set", override)
     assert r.returncode == 2, r.stderr

@@ -165,6 +165,22 @@ def test_exporter_names_labels_values_over_http(exporter):
         assert {l["rank"] for l, _ in m[name]} == {"0", "1"}
 
 
+def test_world_size_and_restarts_from_worker_group_starts(exporter):
+    """Rank 0 reports a start event per worker-group start: a fresh start is not a restart; a later
+    one (after losing a node, here on fewer workers) is; a rerun's resumed start is too."""
+    L = {"run_id": "run-a", "attempt": "a1"}
+    exporter.log({"event": "start", "rank": 0, "step": 0, "stage": 1, "world_size": 2, "pid": 100})
+    exporter.log(rec(0, 100, 5, 1, world_size=2))
+    m = scrape(exporter.url)
+    assert value(m, "sdn_train_world_size", **L) == 2 and value(m, "sdn_train_restarts_total", **L) == 0
+    exporter.log({"event": "start", "rank": 0, "step": 4, "stage": 1, "world_size": 1, "pid": 300})
+    m = scrape(exporter.url)
+    assert value(m, "sdn_train_world_size", **L) == 1 and value(m, "sdn_train_restarts_total", **L) == 1
+    rerun = PrometheusExporter(MetricsConfig(), run_id="run-a", attempt="a2")
+    rerun.log({"event": "start", "rank": 0, "step": 8, "stage": 2, "world_size": 2, "pid": 400})
+    assert rerun.registry.get_sample_value("sdn_train_restarts_total", {"run_id": "run-a", "attempt": "a2"}) == 1
+
+
 def test_metric_names_follow_prometheus_conventions():
     exp = PrometheusExporter(MetricsConfig(), run_id="r", attempt="0")
     fams = {f.name: f for f in exp.registry.collect()}

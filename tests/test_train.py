@@ -224,3 +224,66 @@ def load_config_of(out):
 
     from sdn_dist.config import Config
     return Config.model_validate(yaml.safe_load((Path(out) / "config.yaml").read_text()))
+
+
+def _popen_train(out, shards, attempt):
+    args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
+                  "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar"]
+    for s in RESUME:
+        args += ["--set", s]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, SDN_ATTEMPT=attempt))
+
+
+def _sigterm_when(proc, out, attempt, predicate, target, timeout=900):
+    """Poll metrics.jsonl; once predicate(record of this attempt) holds, SIGTERM ``target(record)``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        p = Path(out) / "metrics.jsonl"
+        if p.exists():
+            for r in map(json.loads, p.read_text().splitlines()):
+                if r["attempt"] == attempt and predicate(r):
+                    os.kill(target(r), signal.SIGTERM)
+                    return r
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the run never reached the SIGTERM point")
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, uninterrupted):
+    """Preemption, both ways in, one run: SIGTERM to the driver in stage 1, rerun; SIGTERM to the
+    rank-1 worker process in stage 2, rerun. Each time: a checkpoint at the step the run stopped at,
+    exit status 75, and the rerun's first step is the next one (no step lost). The whole run ends
+    bit-identical to the uninterrupted one (same per-step losses, same final weights)."""
+    from sdn_dist.training.preemption import EXIT_PREEMPTED
+    out = tmp_path / "preempted"
+    plan = [("a1", lambda r: r["rank"] == 0 and r["step"] >= 60, lambda r: proc.pid, 1),       # the driver
+            ("a2", lambda r: r["rank"] == 1 and r["step"] >= 310, lambda r: r["pid"], 2)]      # a training worker
+    for attempt, when, target, stage in plan:
+        proc = _popen_train(out, shards, attempt)
+        try:
+            hit = _sigterm_when(proc, out, attempt, when, target)
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == EXIT_PREEMPTED, stdout[-2000:] + stderr[-3000:]
+        assert "preempted at step" in stderr, stderr[-2000:]
+        mine = [r for r in records(out) if r["attempt"] == attempt]
+        stopped = max(r["step"] for r in mine)
+        pre = [e for e in events(out) if e["event"] == "preempted" and e["step"] == stopped]
+        assert len(pre) == 1 and pre[0]["stage"] == stage, (stopped, pre)
+        assert hit["step"] <= stopped < hit["step"] + 50       # soon (metrics.jsonl lags the run by ~0.5 s)
+        assert json.loads((out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").read_text())["step"] == stopped
+    proc = _popen_train(out, shards, "a3")
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    recs = records(out)
+    for a, b in (("a1", "a2"), ("a2", "a3")):   # each rerun's first step follows the preempted one
+        for rank in (0, 1):
+            steps_a = [r["step"] for r in recs if r["attempt"] == a and r["rank"] == rank]
+            steps_b = [r["step"] for r in recs if r["attempt"] == b and r["rank"] == rank]
+            assert min(steps_b) == max(steps_a) + 1, (a, b, rank)
+    assert sorted(r["step"] for r in recs if r["rank"] == 0) == list(range(1, 501))
+    assert _losses(out) == _losses(uninterrupted)
+    digests = {e["param_sha256"] for e in events(out) + events(uninterrupted) if e["event"] == "final"}
+    assert len(digests) == 1, digests

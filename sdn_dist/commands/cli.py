@@ -50,7 +50,11 @@ def cmd_train(args) -> int:
     cfg = _config(args)
     result = run_training(cfg, progress=not args.quiet)
     print(f"run directory: {result['out']}")
-    return 0
+    if result.get("preempted") is not None:   # SIGTERM: checkpoint saved, rerun to resume (75)
+        step = result["preempted"]
+        print(f"preempted{f' at step {step}' if step >= 0 else ''}: rerun the same command to resume",
+              file=sys.stderr, flush=True)
+    return result.get("exit_status", 0)
 
 
 def cmd_model(args) -> int:

@@ -58,15 +58,28 @@ def message(text: str, **fields) -> dict:
 
 @ray.remote(num_cpus=0)
 class RecordCollector:
-    def __init__(self):
-        self.records: list[dict] = []
+    """An async actor: ``until_preempted`` calls stay pending (one per rank, for the whole attempt)
+    without blocking ``report`` and ``drain``."""
 
-    def report(self, records: list[dict]) -> None:
+    def __init__(self):
+        import asyncio
+        self.records: list[dict] = []
+        self._preempted = asyncio.Event()
+
+    async def report(self, records: list[dict]) -> None:
         self.records.extend(records)
 
-    def drain(self) -> list[dict]:
+    async def drain(self) -> list[dict]:
         out, self.records = self.records, []
         return out
+
+    async def preempt(self) -> None:
+        """The driver got SIGTERM: every rank's pending ``until_preempted`` returns."""
+        self._preempted.set()
+
+    async def until_preempted(self) -> bool:
+        await self._preempted.wait()
+        return True
 
 
 def start_collector():

@@ -58,7 +58,7 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=show_workers or not quiet)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.threads_per_worker),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.max_workers * cfg.threads_per_worker),
                  include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", log_to_driver=show_workers,
                  runtime_env={"env_vars": env}, configure_logging=False)
@@ -76,6 +76,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     from sdn_dist.training.collector import start_collector
     from sdn_dist.training.loop import train_worker
     from sdn_dist.training.metrics import MetricsSink
+    from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
 
     spec = DataSpec.build(cfg)
     prepare_run_dir(cfg)
@@ -90,7 +91,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     trainer = TorchTrainer(
         stop_on_user_error(train_worker),
         train_loop_config={"cfg": cfg, "data": spec, "collector": collector, "attempt": attempt},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=scaling_workers(cfg), use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.threads_per_worker}),
         run_config=RunConfig(name=f"{cfg.run_id}-{attempt}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
@@ -108,14 +109,27 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
     bar = Progress(cfg, progress)
+    # After ray.init (it installs its own SIGTERM handler): SIGTERM asks for a checkpoint instead.
+    preempt = DriverPreemption().install()
+    preempted = None
     try:
-        while thread.is_alive():
+        while preempted is None:
+            alive = thread.is_alive()
             thread.join(timeout=0.5)
-            bar.update(_drain(collector, sink))
-        bar.update(_drain(collector, sink))
+            records = _drain(collector, sink)
+            bar.update(records)
+            preempted = _watch_preemption(preempt, collector, records, cfg)
+            if not alive:
+                break
     finally:
+        preempt.uninstall()
         bar.close()
         sink.close()
+    if preempted is not None:
+        # The ranks returned after the checkpoint (or the grace ran out): nothing more to wait for;
+        # exiting ends this job's actors, a worker group Ray Train may be restarting included.
+        return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
+                "exit_status": EXIT_PREEMPTED}
     if "error" in outcome:
         err = outcome["error"]
         cause = _user_error_in(err)
@@ -123,6 +137,30 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             raise cause
         raise err
     return {"out": cfg.out, "run_id": cfg.run_id}
+
+
+def scaling_workers(cfg: Config) -> int | tuple[int, int]:
+    """Ray Train's num_workers: fixed, or (min, max) for an elastic run (``workers=MIN-MAX``):
+    Ray Train V2 starts as many as the cluster can place up to max and, after losing workers,
+    restarts the group from the last checkpoint on no fewer than min."""
+    return cfg.workers if isinstance(cfg.workers, int) else (cfg.min_workers, cfg.max_workers)
+
+
+def _watch_preemption(preempt: DriverPreemption, collector, records: list[dict], cfg: Config):
+    """None while no preemption is under way; else the preempted event's step (or -1: the grace ran
+    out before a checkpoint). A SIGTERM to the driver is forwarded to the ranks through the collector."""
+    for r in records:
+        if r.get("event") == "preempted":
+            return int(r["step"])
+    if preempt.requested:
+        if not preempt.forwarded:
+            collector.preempt.remote()
+            preempt.forwarded = True
+        if time.time() - preempt.since > cfg.checkpoint.preempt_grace_seconds:
+            print(f"preempted: no checkpoint within checkpoint.preempt_grace_seconds="
+                  f"{cfg.checkpoint.preempt_grace_seconds:g}; a rerun resumes from the last complete one", flush=True)
+            return -1
+    return None
 
 
 def _user_error_in(err: BaseException) -> UserError | None:

@@ -31,6 +31,7 @@ from sdn_dist.training.checkpoint import Checkpointer
 from sdn_dist.training.collector import StepRecord, event, message
 from sdn_dist.training.export import export_student
 from sdn_dist.training.grids import SampleGrid
+from sdn_dist.training.preemption import WorkerPreemption
 from sdn_dist.training.state import TrainState, restore_rng
 
 
@@ -39,7 +40,8 @@ def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
     ds = cfg.deepspeed
     conf = {
         "train_batch_size": cfg.data.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        # The global batch stays data.batch_size at whatever world size this attempt has (elastic).
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_at(_world_size(cfg)),
         "gradient_accumulation_steps": ds.grad_accum,
         # torch_adam: torch's own Adam, no 2-minute JIT build of DeepSpeed's fused Adam on CPU.
         "optimizer": {"type": "Adam", "params": {
@@ -73,6 +75,10 @@ def zero_optimization(ds) -> dict:
         conf.update(overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
                     allgather_bucket_size=ds.allgather_bucket_size, contiguous_gradients=ds.contiguous_gradients)
     return conf
+
+
+def _world_size(cfg: Config) -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else cfg.max_workers
 
 
 def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
@@ -246,10 +252,15 @@ def train_worker(config: dict) -> None:
     dist.barrier()
 
     state, engine = resume(cfg, ckpt, world, spec.text_dim, device)
+    if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
+        collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
     if rank == 0 and state.step:
-        collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} (attempt {attempt})")])
-    per_step = cfg.micro_batch * cfg.deepspeed.grad_accum     # samples this rank draws per step
-    feed = DataFeed(spec, rank, world, cfg.micro_batch, state.data_position)
+        collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} "
+                                         f"on {world} worker(s) (attempt {attempt})")])
+    micro = cfg.micro_batch_at(world)                         # the global batch split over this world
+    per_step = micro * cfg.deepspeed.grad_accum               # samples this rank draws per step
+    feed = DataFeed(spec, rank, world, micro, state.data_position)
+    preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds)
     # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
     grid = (SampleGrid(cfg, spec.text, device, collector.report.remote, rank)
             if rank == 0 or cfg.deepspeed.zero_stage == 3 else None)
@@ -271,11 +282,12 @@ def train_worker(config: dict) -> None:
                                                  switch_step=state.step)])
         if grid is not None and due(state.step, cfg.samples.every, schedule):
             grid.write(engine.module if averaged is None else averaged.module, state.step, state.stage)
-        if due(state.step, cfg.checkpoint.every, schedule):
-            state.ema = None if averaged is None else averaged.state_dict()
-            # Collective; the Checkpointer reports the checkpoint once it is complete (with a
-            # remote `out`, after its background upload).
-            ckpt.save(engine, state.step, state.client_state(), state.tensors())
+        saved = due(state.step, cfg.checkpoint.every, schedule)
+        if saved:
+            save(ckpt, engine, averaged, state)
+        if preempt.requested():   # collective: every rank stops at this same step
+            stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
+            return
         if state.stage == 1 and state.step == schedule.switch_step:
             # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
             del engine
@@ -286,8 +298,34 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
 
+    preempt.close()
     finish(cfg, engine, averaged, state, spec, collector, rank, feed)
     ckpt.finish()   # the last checkpoint's upload is done, or the run fails here
+
+
+def save(ckpt: Checkpointer, engine, averaged, state: TrainState) -> None:
+    """Collective: every rank saves its part of the state (with the averaged weights when
+    ``ema.decay`` is on); the Checkpointer reports the checkpoint once it is complete (with a
+    remote ``out``, after its background upload)."""
+    state.ema = None if averaged is None else averaged.state_dict()
+    ckpt.save(engine, state.step, state.client_state(), state.tensors())
+
+
+def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: int, saved: bool,
+                   preempt: WorkerPreemption, feed: DataFeed) -> None:
+    """SIGTERM somewhere: checkpoint this step (unless just done), wait for its upload, tell the
+    driver, return normally (an exception would make Ray Train retry the group)."""
+    if not saved:
+        save(ckpt, engine, averaged, state)
+    ckpt.finish()
+    if rank == 0:
+        collector.report.remote([event("preempted", step=state.step, stage=state.stage, rank=0,
+                                       tag=f"step-{state.step:08d}"),
+                                 message(f"preempted: checkpoint step-{state.step:08d} saved; "
+                                         "rerun the same command to resume")])
+    feed.close()
+    dist.barrier()
+    preempt.close()
 
 
 def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:

@@ -75,6 +75,10 @@ class PrometheusExporter:
         self.ckpt_failed = Counter("sdn_checkpoint_failures", "Checkpoints given up because an upload still failed after its retries (earlier checkpoints untouched), by rank.", c + ["rank"], registry=r)
         self.ckpt_blocked = Histogram("sdn_checkpoint_blocked_seconds", "Wall time training was held up by one checkpoint (with a background upload: the local write only).", c, registry=r,
                                       buckets=CHECKPOINT_BUCKETS)
+        self.world = Gauge("sdn_train_world_size", "Training workers in the current worker group (an elastic run, workers=MIN-MAX, changes it after losing or gaining nodes).", c, registry=r)
+        self.restarts = Counter("sdn_train_restarts", "Worker-group starts that were not the fresh start of a run: restarts after a failure or a resize, and the resume of a rerun.", c, registry=r)
+        self.restarts.labels(**self.const)   # 0 from the start: increase() sees the first restart
+        self._starts = 0
         for reason in (*SKIP_REASONS, OTHER_REASON):   # 0 from the start: rate()/increase() see the first skip
             self.skipped.labels(**self.const, reason=reason)
         self._workers: dict[str, _Worker] = {}
@@ -125,6 +129,12 @@ class PrometheusExporter:
             else:
                 self.ckpt_failed.labels(**L, rank=rank).inc()
             return
+        if event == "start":   # rank 0, once per worker-group start (see loop.train_worker)
+            self._starts += 1
+            if self._starts > 1 or rec.get("step", 0) > 0:
+                self.restarts.labels(**L).inc()
+            self.world.labels(**L).set(rec.get("world_size", 1))
+            return
         if event == "final":   # the final cumulative skip counts (deduplicated like any other)
             self._skips(self._worker(rec), rec.get("skipped"))
             return
@@ -142,6 +152,8 @@ class PrometheusExporter:
         if rec.get("rank", 0) != 0:
             return
         self.stage.labels(**L).set(rec["stage"])
+        if "world_size" in rec:
+            self.world.labels(**L).set(rec["world_size"])
         self.step.labels(**L).set(step)
         if step > 0 and rec.get("samples"):
             self.samples.labels(**L).inc(max(1, int(n)) * rec["samples"] / step)   # samples/step = global batch

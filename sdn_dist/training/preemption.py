@@ -1,0 +1,124 @@
+"""Preemption: SIGTERM (Kubernetes eviction, spot reclaim) -> a checkpoint at the next step boundary,
+then exit status ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL: "try again later"); the same command resumes.
+
+Two ways in, one decision:
+
+- SIGTERM to the driver: ``DriverPreemption`` (installed by ``run_training`` in the main thread,
+  after ``ray.init``, which installs its own handler) tells the record collector; every rank holds
+  one pending ``until_preempted`` call on it and checks it without blocking at each step.
+- SIGTERM to a training worker: the train function runs in Ray Train's ``TrainingThread``, and the
+  process's SIGTERM handler belongs to Ray's worker ``main_loop`` (installed after any setup hook;
+  ``signal.signal`` works only in the main thread). That handler raises ``SystemExit`` through
+  ``ray._private.worker.raise_sys_exit_with_custom_error_message``, and Ray reports the actor dead
+  at once, before any ``atexit`` hook could save (measured: Ray Train tore the group down while an
+  atexit hook waited). ``WorkerPreemption`` therefore wraps that one function for the life of the
+  loop: a SIGTERM raises the local flag instead; once the grace has passed without the loop
+  releasing it, the wrapper passes the signal on to Ray's own handling (the process exits as before).
+  Ray versions without that function fall back to Ray's default (a restart from the last checkpoint).
+
+The ranks agree on the stop step by a one-element all-reduce (MAX) of their local flags at every
+step boundary (``requested``): the same step on every rank, so the checkpoint is a collective like
+any other. After it every rank returns normally (no Ray Train retry) and rank 0 reports a
+``preempted`` event; the driver maps it to ``EXIT_PREEMPTED``.
+"""
+
+from __future__ import annotations
+
+import _thread
+import signal
+import threading
+import time
+
+import ray
+import torch
+import torch.distributed as dist
+
+EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): a checkpoint was saved; rerun the same command
+
+
+class WorkerPreemption:
+    """One per rank per attempt. ``requested()`` is collective: call it at every step boundary."""
+
+    def __init__(self, collector, grace_seconds: float):
+        self.grace = grace_seconds
+        self.local = threading.Event()     # this process got SIGTERM
+        self.active = True
+        self._owner = threading.current_thread()   # the training loop's thread
+        self.since: float | None = None
+        self._driver = collector.until_preempted.remote()
+        self._flag = torch.zeros(1)
+        self._ray_exit = None
+        try:
+            import ray._private.worker as ray_worker
+            self._ray_worker = ray_worker
+            self._ray_exit = ray_worker.raise_sys_exit_with_custom_error_message
+        except (ImportError, AttributeError):   # another Ray: its default (restart from the checkpoint)
+            return
+        if threading.current_thread() is not threading.main_thread():   # inside a Ray worker process
+            ray_worker.raise_sys_exit_with_custom_error_message = self._on_exit_request
+        else:
+            self._ray_exit = None
+
+    def _on_exit_request(self, message: str, exit_code: int = 0):
+        """Runs in the main thread from Ray's SIGTERM handler (and for any other exit Ray asks for)."""
+        # Only while the loop lives: after it raised (the thread is gone), Ray's teardown SIGTERM exits.
+        if self.active and self._owner.is_alive() and "SIGTERM" in message:
+            if not self.local.is_set():
+                self.since = time.time()
+                self.local.set()
+                timer = threading.Timer(self.grace, self._expire)
+                timer.daemon = True
+                timer.start()
+            return None
+        return self._ray_exit(message, exit_code)
+
+    def _expire(self) -> None:
+        if self.active:                       # the grace is over without a checkpoint: exit as Ray would
+            self.active = False
+            _thread.interrupt_main(signal.SIGTERM)
+
+    def _driver_preempted(self) -> bool:
+        ready, _ = ray.wait([self._driver], timeout=0)
+        return bool(ready)
+
+    def requested(self) -> bool:
+        """True on every rank when any rank (or the driver) was told to stop."""
+        self._flag[0] = float(self.local.is_set() or self._driver_preempted())
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        return bool(self._flag[0] > 0)
+
+    def close(self) -> None:
+        """The loop is done (finished, or saved after a preemption). A SIGTERM from now on takes
+        Ray's own path; one that came during the loop leaves the process idle until Ray ends it
+        with the job (the driver exits with EXIT_PREEMPTED)."""
+        self.active = False
+        if self._ray_exit is not None:
+            self._ray_worker.raise_sys_exit_with_custom_error_message = self._ray_exit
+
+
+class DriverPreemption:
+    """The driver's SIGTERM handler (main thread only): records the signal's time; the driver's
+    progress loop forwards it to the collector (no Ray calls inside a signal handler)."""
+
+    def __init__(self):
+        self.since: float | None = None
+        self.forwarded = False
+        self._old = None
+
+    def install(self) -> "DriverPreemption":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.since is None:
+            self.since = time.time()
+
+    def uninstall(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+    @property
+    def requested(self) -> bool:
+        return self.since is not None

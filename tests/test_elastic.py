@@ -1,0 +1,92 @@
+"""Losing a whole node: a real two-node Ray cluster (tests/cluster.py), an elastic run
+(`workers=1-2`) submitted to it with RAY_ADDRESS, the second node SIGKILLed mid-stage (slow tier)."""
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster import TwoNodeCluster, free_port
+
+pytestmark = pytest.mark.slow
+
+SDN = [sys.executable, "-m", "sdn_dist"]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name in ("sdn_train_world_size", "sdn_train_restarts_total")}
+
+
+def _wait(proc, what, predicate, timeout=600, poll=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = predicate()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: " + proc.stdout.read()[-2000:] + proc.stderr.read()[-3000:])
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_losing_a_node_continues_on_fewer_workers(tmp_path):
+    from sdn_dist.data.synth import make_synth
+    shards = tmp_path / "shards"
+    make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
+    out, port = tmp_path / "run", free_port()
+    with TwoNodeCluster(tmp_path) as cluster:
+        proc = subprocess.Popen(
+            SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
+                   "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
+                   "--set", "workers=1-2", "--set", "stage1.steps=120", "--set", "stage2.steps=60",
+                   "--set", "checkpoint.every=20", "--set", "ray.max_failures=6",
+                   "--set", f"metrics.port={port}", "--set", "metrics.linger_seconds=15"],
+            env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # both ranks running, one per node, past a checkpoint: then lose the second node
+            def two_ranks_running():
+                recs = [r for r in _jsonl(out / "metrics.jsonl") if r["step"] >= 30]
+                return {r["rank"]: r for r in recs} if {r["rank"] for r in recs} == {0, 1} else None
+            first = _wait(proc, "two ranks at step 30", two_ranks_running, timeout=1200)
+            assert first[0]["node_id"] != first[1]["node_id"] and first[0]["world_size"] == 2
+            before = _scrape(port)
+            assert before["sdn_train_world_size"] == 2 and before["sdn_train_restarts_total"] == 0, before
+            killed_at = max(r["step"] for r in _jsonl(out / "metrics.jsonl"))
+            assert killed_at < 120, "the kill must land in stage 1"
+            assert cluster.kill_node2() >= 2     # `ray start`, the raylet and more
+            _wait(proc, "the final event", lambda: [e for e in _jsonl(out / "events.jsonl") if e["event"] == "final"], timeout=1200)
+            after = _wait(proc, "the metrics endpoint", lambda: _scrape_or_none(port), timeout=30)
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    recs, evs = _jsonl(out / "metrics.jsonl"), _jsonl(out / "events.jsonl")
+    # the run reached its total steps, in both stages, the last part on one worker
+    assert sorted({r["step"] for r in recs if r["rank"] == 0}) == list(range(1, 181))
+    assert {r["stage"] for r in recs if r["world_size"] == 1} == {1, 2}
+    finals = [e for e in evs if e["event"] == "final"]
+    assert [(e["step"], e["world_size"]) for e in finals] == [(180, 1)]
+    starts = [e["world_size"] for e in evs if e["event"] == "start"]
+    assert starts[0] == 2 and starts[-1] == 1, starts
+    resumed = [e["text"] for e in evs if e["event"] == "message" and "resumed from" in e["text"]]
+    assert resumed and "on 1 worker(s)" in resumed[-1], resumed
+    assert after["sdn_train_world_size"] == 1 and after["sdn_train_restarts_total"] >= 1, after
+
+
+def _scrape_or_none(port):
+    try:
+        return _scrape(port)
+    except OSError:
+        return None
