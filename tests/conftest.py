@@ -172,3 +172,15 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One single-process gloo group for the in-process DeepSpeed tests, kept for the whole session:
+    DeepSpeed caches its communication backend at the first engine, so a group destroyed by one
+    test module and made anew by the next leaves DeepSpeed holding the dead one."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    yield

@@ -9,7 +9,6 @@ in tests/test_train.py.
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -26,24 +25,9 @@ TEXT_DIM = 32
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if dist.is_initialized():
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def _one_process_group(process_group):
+    """Every test here runs DeepSpeed in this process (conftest.process_group: gloo, world 1)."""
     yield
-    dist.destroy_process_group()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def config(tmp_path, *sets):

@@ -21,19 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(process_group):
     """A one-process DeepSpeed engine (gloo on CPU), as a training worker has."""
     import deepspeed
-    import torch.distributed as dist
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
     eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
         "train_batch_size": 1, "zero_optimization": {"stage": 0},
         "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}})
     yield eng
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture
