@@ -341,6 +341,13 @@ def test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed(tmp_path,
             while time.time() < deadline and proc.poll() is None and not _incomplete(ck):
                 time.sleep(0.001)
         finally:
+            # Every process of the run, at once: Ray's workers are not all in the driver's process
+            # group, and a surviving worker would go on to complete the checkpoint after the "kill".
+            import psutil
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        p.kill()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
