@@ -184,3 +184,22 @@ def process_group():
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_ray_cluster_file():
+    """A `ray start --head` (tests/cluster.py, test_cluster, test_job_submit) writes its address to
+    /tmp/ray/ray_current_cluster and a SIGTERMed `ray start --block` leaves it: put back what was
+    there before the test, so that no later test meets a dead cluster by accident
+    (test_a_stale_ray_cluster_file_does_not_stall_the_local_run meets one on purpose)."""
+    # where Ray looks (ray._common.utils.get_ray_address_file, without importing ray here)
+    path = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray", "ray_current_cluster")
+    before = open(path).read() if os.path.exists(path) else None
+    yield
+    now = open(path).read() if os.path.exists(path) else None
+    if now != before:
+        if before is None:
+            os.remove(path)
+        else:
+            with open(path, "w") as f:
+                f.write(before)

@@ -287,3 +287,31 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
     assert _losses(out) == _losses(uninterrupted)
     digests = {e["param_sha256"] for e in events(out) + events(uninterrupted) if e["event"] == "final"}
     assert len(digests) == 1, digests
+
+
+def test_a_stale_ray_cluster_file_does_not_stall_the_local_run(tmp_path, tiny):
+    """A `ray start` head that died without `ray stop` leaves its address in
+    <ray temp dir>/ray_current_cluster. Ray's state API (Ray Train's PlacementGroupCleaner asks it
+    whether the controller lives) used to wait on that dead GCS, so every local run's teardown hung
+    on the cleaner's stop timeout; the embedded Ray names its own API server instead."""
+    import tempfile
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))   # short: Ray's socket paths are limited
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+    out = tmp_path / "run"
+    args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}", "--set", f"data.train={tiny}/train-*.tar",
+                  "--set", f"data.test={tiny}/test-*.tar", "--set", "stage1.steps=2", "--set", "stage2.steps=2"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(os.environ, RAY_TMPDIR=str(ray_tmp)))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    logs = sorted(ray_tmp.glob("ray/session_*/logs/train/ray-train-sys-controller-*.log"))
+    assert logs, sorted(str(p) for p in ray_tmp.rglob("*"))[:20]
+    text = "".join(p.read_text() for p in logs)
+    assert "Worker group shutdown successful" in text
+    assert "Failed to stop PlacementGroupCleaner" not in text, text[-3000:]
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]   # nothing listens once the socket is closed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 import time
 
@@ -48,6 +49,12 @@ def prepare_run_dir(cfg: Config) -> None:
     fsio.atomic_write(fsio.join(cfg.out, "config.yaml"), to_yaml(cfg))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(cfg: Config, quiet: bool = True) -> None:
     import ray
     if ray.is_initialized():
@@ -58,8 +65,14 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
     if address:
         ray.init(address=address, log_to_driver=show_workers or not quiet)
     else:
+        # Ray's state API (Ray Train's PlacementGroupCleaner asks it whether the controller lives)
+        # finds "the cluster" through RAY_ADDRESS or /tmp/ray/ray_current_cluster, which a `ray
+        # start` head that did not shut down cleanly leaves behind: every state call then waited
+        # on a dead GCS and each run's teardown on a 12 s timeout. Name this Ray's own API server.
+        port = _free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.max_workers * cfg.threads_per_worker),
-                 include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1",
+                 include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
                  _node_ip_address="127.0.0.1", log_to_driver=show_workers,
                  runtime_env={"env_vars": env}, configure_logging=False)
 
