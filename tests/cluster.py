@@ -8,7 +8,8 @@ Each node is one `ray start --block` process (its own session) with 1 CPU, so a 
 placed one per node, and a distinct custom resource (``head_node`` / ``node2``) so placement is
 visible in `ray status`. Ray 2.60 enables token authentication: every process here shares one
 generated token through RAY_AUTH_MODE=token + RAY_AUTH_TOKEN (~/.ray is never touched). The
-head checks node health every second (3 misses = dead) so that a killed node is noticed in seconds.
+head checks node health every second with a 1 s timeout (3 misses = dead) so that a killed node is
+noticed in seconds (Ray's default timeout, 10 s a check, took 30 s).
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ class TwoNodeCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+                   # Ray Train's controller (it runs on these nodes) decides a restart's size from a
+                   # resource view that can still count a node the GCS has just declared dead; it then
+                   # waits this long for the lost workers before it shrinks (default 60 s).
+                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+                   # a SIGTERMed `ray start` stops its node at once instead of draining it for 30 s
+                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         env.pop("RAY_ADDRESS", None)
         self._start_env = env
         self.env = dict(env, RAY_ADDRESS=self.address)   # what a submitter exports
@@ -60,7 +67,8 @@ class TwoNodeCluster:
 
     def __enter__(self) -> "TwoNodeCluster":
         head = ["--head", f"--port={self.port}", "--include-dashboard=false",
-                "--system-config=" + json.dumps({"health_check_period_ms": 1000, "health_check_failure_threshold": 3})]
+                "--system-config=" + json.dumps({"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                                               "health_check_failure_threshold": 3})]
         try:
             self.head = self._start_retrying("head_node", head, 1)
             self.node2 = self._start_retrying("node2", [f"--address={self.address}"], 2)
@@ -132,7 +140,7 @@ class TwoNodeCluster:
                 pass
         elif p is not None:
             procs = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-            os.killpg(p.pid, signal.SIGTERM)
+            os.kill(p.pid, signal.SIGTERM)   # `ray start` stops what it started (no drain: see env)
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -32,8 +32,10 @@ def _ray_env(base: dict) -> dict:
     # RAY_memory_monitor_refresh_ms=0: Ray's OOM killer judges the whole machine's memory, which
     # on a shared CI machine other jobs fill; it killed this test's workers there (the kernel's
     # OOM killer still guards the machine).
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: a SIGTERMed `ray start` stops its node at once
+    # instead of draining it for up to 30 s at teardown.
     env = dict(base, PATH=f"{BIN}:{base['PATH']}", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
-               RAY_memory_monitor_refresh_ms="0")
+               RAY_memory_monitor_refresh_ms="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     env.pop("RAY_ADDRESS", None)
     if Path.home().joinpath(".ray", "auth_token").exists():   # Ray 2.60's token auth, as submit.sh does
         env["RAY_AUTH_MODE"] = "token"
@@ -60,12 +62,18 @@ def two_nodes(s3, tmp_path):
         nodes = _wait_nodes(address, env, 2, procs, tmp_path)
         yield address, env, nodes
     finally:
-        for p in reversed(procs):   # each node's process group: its raylet and workers, nothing else
+        for p in reversed(procs):
+            # SIGTERM to `ray start` (it stops what it started), then SIGKILL whatever of its
+            # process group is left (its raylet, workers; nothing else).
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.kill(p.pid, signal.SIGTERM)
                 p.wait(timeout=60)
             except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+            try:
                 os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _wait_nodes(address, env, n, procs, tmp_path, timeout=180) -> dict:
