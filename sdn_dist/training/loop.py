@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 
 import torch
@@ -81,8 +82,21 @@ def _world_size(cfg: Config) -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else cfg.max_workers
 
 
+def _this_environments_tools_first() -> None:
+    """torch JIT-builds DeepSpeed's ops (its shared-memory collective, at the first engine of a
+    process) with whichever ``ninja`` is first on PATH. A run's processes do not all share a PATH
+    (the driver's shell, `ray start` nodes, `ray job submit`), and ninja >= 1.12 (this
+    environment's) and older system ninjas hash their build log differently: alternating, each
+    rebuilt the op (~30 s) in the build directory they share. Put this interpreter's bin first."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
     """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method says)."""
+    _this_environments_tools_first()
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     student = prepare_student(Student(cfg.model, text_dim).to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
