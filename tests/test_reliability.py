@@ -314,10 +314,14 @@ def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path
 
 
 def _incomplete(ck: Path) -> list[str]:
+    """Checkpoint directories being written: without COMPLETE and newer than every complete one
+    (an older one without its marker is being pruned, and may be gone before the kill lands)."""
     try:
-        return [e.name for e in os.scandir(ck) if e.name.startswith("step-") and not os.path.exists(os.path.join(e.path, "COMPLETE"))]
+        entries = [(e.name, os.path.exists(os.path.join(e.path, "COMPLETE"))) for e in os.scandir(ck) if e.name.startswith("step-")]
     except FileNotFoundError:
         return []
+    newest_complete = max((name for name, complete in entries if complete), default="")
+    return sorted(name for name, complete in entries if not complete and name > newest_complete)
 
 
 @pytest.mark.slow
@@ -329,6 +333,7 @@ def test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed(tmp_path,
     ck = out / "checkpoints"
     killed_in = []
     for attempt in range(3):   # the kill can miss a ~10 ms write window; then the rerun tries again
+        pids: list[int] = []
         log = tmp_path / f"attempt-{attempt}.log"
         with open(log, "w") as f:
             proc = subprocess.Popen(SDN + base_args(out, shards) + sets("stage1.steps=4", "stage2.steps=2000", "checkpoint.every=1"),
@@ -337,19 +342,28 @@ def test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed(tmp_path,
             # step-00000008 itself may be pruned (checkpoint.keep) before a poll sees it
             wait_for(lambda: any(int(p.parent.name[5:]) >= 8 for p in ck.glob("step-*/COMPLETE")) or proc.poll() is not None,
                      timeout=600, what="a complete checkpoint at step 8 or later")
+            # Every process of the run, listed before the watch (Ray's workers are not all in the
+            # driver's process group, and a surviving worker would go on to complete the
+            # checkpoint after the "kill"), so that the kill itself takes microseconds.
+            import psutil
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pids = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+            # the training workers (they write the checkpoint) first
+            ranks = {r["pid"] for r in records(out)}
+            pids = sorted(pids, key=lambda pid: pid not in ranks)
             deadline = time.time() + 120
             while time.time() < deadline and proc.poll() is None and not _incomplete(ck):
                 time.sleep(0.001)
         finally:
-            # Every process of the run, at once: Ray's workers are not all in the driver's process
-            # group, and a surviving worker would go on to complete the checkpoint after the "kill".
-            import psutil
-            with contextlib.suppress(psutil.NoSuchProcess):
-                for p in psutil.Process(proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        p.kill()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.NoSuchProcess):   # anything started since
+                for c in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        c.kill()
             proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]   # killed, not ended by itself
         killed_in = _incomplete(ck)
