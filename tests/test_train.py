@@ -130,38 +130,49 @@ def uninterrupted(tmp_path_factory, shards):
     return out
 
 
-@pytest.mark.parametrize("kill_stage", [1, 2])
-def test_sigkilled_worker_resumes_exactly(tmp_path, shards, uninterrupted, kill_stage):
-    """A worker SIGKILLed mid-stage: Ray Train restarts the group from the last complete checkpoint,
-    in the killed stage, on every rank, and the run ends bit-identical to the uninterrupted one."""
+def test_sigkilled_worker_resumes_exactly(tmp_path, shards, uninterrupted):
+    """A worker SIGKILLed mid-stage, twice in one run (in stage 1, then in stage 2): each time Ray
+    Train restarts the group from the last complete checkpoint, in the killed stage, on every rank,
+    and the run ends bit-identical to the uninterrupted one."""
     out = tmp_path / "killed"
     args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
                   "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar"]
     for s in RESUME:
         args += ["--set", s]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kills = []
     try:
-        lo = 60 if kill_stage == 1 else 310
-        killed = _kill_rank0_when(out, lambda r: r["step"] >= lo)
+        kills.append(_kill_rank0_when(out, lambda r: r["step"] >= 60))
+        # the second kill: a process of the restarted group, in stage 2
+        kills.append(_kill_rank0_when(out, lambda r: r["step"] >= 310 and r["pid"] != kills[0]["pid"]))
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     recs = records(out)
-    # where the kill really landed: the last step the killed process logged
-    last_killed = max(r["step"] for r in recs if r["pid"] == killed["pid"])
-    assert (1 if last_killed < 250 else 2) == kill_stage, f"the kill landed at step {last_killed}"
     resumed = [e["text"] for e in events(out) if e["event"] == "message" and "resumed from" in e["text"]]
-    assert len(resumed) == 1 and f"in stage {kill_stage}" in resumed[0], resumed
-    ckpt_step = int(resumed[0].split("step-")[1][:8])
-    assert ckpt_step <= last_killed < ckpt_step + 50 + 10
-    first_pids = {r["pid"] for r in recs if r["step"] <= 1}
-    for rank in (0, 1):   # every rank restarted (new process) and ran every later step exactly once
-        after = sorted(r["step"] for r in recs if r["rank"] == rank and r["pid"] not in first_pids)
-        assert after == list(range(ckpt_step + 1, 501)), (rank, after[:3], after[-3:])
+    assert len(resumed) == 2, resumed
+    groups = [{r["pid"] for r in recs if r["step"] <= 1}]   # the processes of each worker group
+    for kill_stage, killed, text in zip((1, 2), kills, resumed):
+        # where the kill really landed: the last step the killed process logged
+        last_killed = max(r["step"] for r in recs if r["pid"] == killed["pid"])
+        assert (1 if last_killed < 250 else 2) == kill_stage, f"the kill landed at step {last_killed}"
+        assert f"in stage {kill_stage}" in text, resumed
+        ckpt_step = int(text.split("step-")[1][:8])
+        assert ckpt_step <= last_killed < ckpt_step + 50 + 10
+        seen = set().union(*groups)
+        restarted = {r["pid"] for r in recs if r["step"] == ckpt_step + 1 and r["pid"] not in seen}
+        assert len(restarted) == 2, (kill_stage, restarted)      # every rank restarted (new process)
+        groups.append(restarted)
+    for rank in (0, 1):   # each restarted group ran every step from its checkpoint on exactly once
+        for g, text in zip(groups[1:], resumed):
+            ckpt_step = int(text.split("step-")[1][:8])
+            mine = sorted(r["step"] for r in recs if r["rank"] == rank and r["pid"] in g)
+            assert mine[0] == ckpt_step + 1 and mine == list(range(mine[0], mine[-1] + 1)), (rank, mine[:3], mine[-3:])
+        assert max(r["step"] for r in recs if r["rank"] == rank and r["pid"] in groups[-1]) == 500
     assert all((r["stage"] == 1) == (r["step"] <= 250) for r in recs)
-    # exact: the same per-step losses after the restart, the same final weights on both ranks
-    ref, mine = _losses(uninterrupted), _losses(out, {r["pid"] for r in recs} - first_pids)
+    # exact: the same per-step losses after each restart, the same final weights on both ranks
+    ref, mine = _losses(uninterrupted), _losses(out, set().union(*groups[1:]))
     assert mine == {k: ref[k] for k in mine}
     digests = {e["param_sha256"] for e in events(out) + events(uninterrupted) if e["event"] == "final"}
     assert len(digests) == 1, digests
