@@ -329,8 +329,6 @@ def test_a_trained_student_draws_the_background_its_caption_names():
     samples; afterwards the median colour of each generated image is the caption's background
     (white, black or grey; chance 1/3) for (nearly) every caption. A student that ignored its
     caption could do no better than the most frequent background."""
-    import json
-
     import numpy as np
 
     from sdn_dist.data.synth import BACKGROUNDS, synth_sample
