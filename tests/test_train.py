@@ -143,8 +143,7 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, shards, uninterrupted):
     kills = []
     try:
         kills.append(_kill_rank0_when(out, lambda r: r["step"] >= 60))
-        # the second kill: a process of the restarted group, in stage 2
-        kills.append(_kill_rank0_when(out, lambda r: r["step"] >= 310 and r["pid"] != kills[0]["pid"]))
+        kills.append(_kill_rank0_when(out, lambda r: r["step"] >= 310))   # the restarted group, in stage 2
         stdout, stderr = proc.communicate(timeout=600)
     finally:
         proc.kill()
@@ -306,9 +305,11 @@ def test_a_stale_ray_cluster_file_does_not_stall_the_local_run(tmp_path, tiny):
     whether the controller lives) used to wait on that dead GCS, so every local run's teardown hung
     on the cleaner's stop timeout; the embedded Ray names its own API server instead."""
     import tempfile
+
+    from cluster import free_port
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))   # short: Ray's socket paths are limited
     (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_closed_port()}")
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")   # nothing listens there
     out = tmp_path / "run"
     args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}", "--set", f"data.train={tiny}/train-*.tar",
                   "--set", f"data.test={tiny}/test-*.tar", "--set", "stage1.steps=2", "--set", "stage2.steps=2"]
@@ -319,10 +320,3 @@ def test_a_stale_ray_cluster_file_does_not_stall_the_local_run(tmp_path, tiny):
     text = "".join(p.read_text() for p in logs)
     assert "Worker group shutdown successful" in text
     assert "Failed to stop PlacementGroupCleaner" not in text, text[-3000:]
-
-
-def _closed_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]   # nothing listens once the socket is closed

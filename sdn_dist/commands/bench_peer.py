@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -23,11 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sdn_dist.training.driver import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batches, stage: int,

@@ -49,7 +49,8 @@ def prepare_run_dir(cfg: Config) -> None:
     fsio.atomic_write(fsio.join(cfg.out, "config.yaml"), to_yaml(cfg))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the embedded Ray's API server; the bench's peers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +70,7 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
         # finds "the cluster" through RAY_ADDRESS or /tmp/ray/ray_current_cluster, which a `ray
         # start` head that did not shut down cleanly leaves behind: every state call then waited
         # on a dead GCS and each run's teardown on a 12 s timeout. Name this Ray's own API server.
-        port = _free_port()
+        port = free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.max_workers * cfg.threads_per_worker),
                  include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
