@@ -22,9 +22,12 @@ import re
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from sdn_dist import fsio
+from sdn_dist.data.text import encoder_from_record
 from sdn_dist.errors import UserError
+from sdn_dist.training.export import load_student
 
 SLUG_MAX = 60
 
@@ -51,7 +54,6 @@ def to_png(image: torch.Tensor) -> bytes:
 
 def text_encoder_for(blob: dict, checkpoint: str):
     """The encoder the run recorded; UserError if it cannot encode free text."""
-    from sdn_dist.data.text import encoder_from_record
     record = blob.get("text")
     if not isinstance(record, dict):
         raise UserError(f"{checkpoint}: the exported student records no text encoder")
@@ -86,8 +88,6 @@ def generate(checkpoint: str, captions: list[str], out: str, batch_size: int = 3
     """Write one PNG per caption to ``out`` (created; any fsspec URL). Returns the file URLs in
     caption order. UserError (exit 2) for a missing/unreadable checkpoint, no captions, a bad
     batch size, or a run whose text encoder cannot encode free text."""
-    from sdn_dist.training.export import load_student
-
     captions = [str(c) for c in captions]
     if not captions:
         raise UserError("no captions to generate from")
@@ -103,7 +103,6 @@ def generate(checkpoint: str, captions: list[str], out: str, batch_size: int = 3
     names = file_names(captions)
     gen = torch.Generator().manual_seed(int(seed))
     paths: list[str] = []
-    from tqdm import tqdm
     for s in tqdm(range(0, len(captions), batch_size), desc="generate", unit="batch",
                   disable=not progress):
         chunk = captions[s:s + batch_size]

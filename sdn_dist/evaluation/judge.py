@@ -52,9 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+from tqdm import tqdm
 
 from sdn_dist import fsio
 from sdn_dist.data.labels import class_order, sample_labels
+from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.errors import DataError, UserError
 
 FORMAT = "sdn-dist-evaluator/1"
@@ -219,9 +221,6 @@ def load_evaluator(url: str) -> Evaluator:
 
 def _load_split(train_urls, image_size: int, progress: bool):
     """Every training sample once, in shard order: uint8 images [N,3,S,S], label dicts, keys."""
-    from tqdm import tqdm
-
-    from sdn_dist.data.pipeline import iter_batches
     per_image = 3 * image_size * image_size
     imgs, labels, keys = [], [], []
     bar = tqdm(desc="evaluator: reading", unit="img", disable=not progress, leave=False)
@@ -314,8 +313,6 @@ def train_evaluator(train_urls, image_size: int, out: str | None, steps: int | N
     measure its accuracy. Returns {"path", "accuracy", "heldout_samples", "train_samples",
     "steps", "seconds", "evaluator" (the :class:`Evaluator`)}.
     """
-    from tqdm import tqdm
-
     t0 = time.time()
     if image_size < 8:
         raise UserError(f"evaluator image_size must be >= 8, got {image_size}")

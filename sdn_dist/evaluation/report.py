@@ -25,15 +25,29 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Any
 
 import numpy as np
+import piq
 import torch
 import torch.nn.functional as F
+from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2, _inception_v3
+from torchvision.models import inception_v3
+from tqdm import tqdm
 
 from sdn_dist import fsio
+from sdn_dist.data.labels import sample_labels
+from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.shards import expand_urls
+from sdn_dist.data.text import encoder_from_record
 from sdn_dist.errors import DataError, UserError
+from sdn_dist.evaluation.generate import default_device, render
+from sdn_dist.evaluation.judge import (MAX_SIDE, describe, evaluator_matches, load_evaluator, save_evaluator,
+                                       train_evaluator)
+from sdn_dist.training.export import load_student, resolve
+from sdn_dist.training.grids import grid_png
 
 REPORT_FORMAT = "sdn-dist-eval/1"
 INCEPTION_SIZE = 299
@@ -79,8 +93,6 @@ def fid_inception_v3() -> torch.nn.Module:
     pooling differs, and a 1008-way fc). Its ``state_dict()`` has the layout of pytorch-fid's
     ``pt_inception-2015-12-05-6726825d.pth``. pytorch-fid's own ``fid_inception_v3()`` always
     downloads that file, so the same network is assembled here from its blocks instead."""
-    from pytorch_fid.inception import (FIDInceptionA, FIDInceptionC, FIDInceptionE_1,
-                                       FIDInceptionE_2, _inception_v3)
     net = _inception_v3(num_classes=FID_CLASSES, aux_logits=False, weights=None)
     net.Mixed_5b = FIDInceptionA(192, pool_features=32)
     net.Mixed_5c = FIDInceptionA(256, pool_features=64)
@@ -123,8 +135,6 @@ def load_inception(url: str, device="cpu") -> InceptionNet:
     no auxiliary classifier), or a torchvision Inception-v3 state dict (with or without the
     auxiliary classifier; ``transform_input=True``, as torchvision's own ImageNet weights).
     Either may carry a ``module.`` prefix or be wrapped as {"state_dict": ...}."""
-    from torchvision.models import inception_v3
-
     if not fsio.exists(url):
         raise UserError(f"no Inception-v3 weights at {url}")
     state = fsio.load_torch(url, "Inception-v3 weights")
@@ -257,8 +267,6 @@ def _mean(d: dict[str, float]) -> float | None:
 
 def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_size: int,
                    steps: int | None, progress: bool, notes: list[str]):
-    from sdn_dist.evaluation.judge import MAX_SIDE, evaluator_matches, load_evaluator, train_evaluator
-
     if evaluator:
         return load_evaluator(evaluator), False
     train_urls = (blob.get("data") or {}).get("train")
@@ -278,7 +286,6 @@ def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_siz
         except UserError as e:
             notes.append(f"cached evaluator unusable ({e}): retrained")
     if progress:
-        import sys
         print(f"training the attribute evaluator on {train_urls} at {size} px (cached as {cache})",
               file=sys.stderr)
     try:
@@ -289,7 +296,6 @@ def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_siz
                         f"evaluator file") from None
     ev = res["evaluator"]
     try:
-        from sdn_dist.evaluation.judge import save_evaluator
         ev.path = cache
         save_evaluator(ev, cache)
     except Exception as e:  # noqa: BLE001 - a read-only run directory must not fail the eval
@@ -315,18 +321,6 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     URL of Inception-v3 weights (pytorch-fid's FID Inception file or a torchvision state dict);
     the Inception Score and FID are computed only then.
     """
-    import piq
-    from tqdm import tqdm
-
-    from sdn_dist.data.pipeline import iter_batches
-    from sdn_dist.data.shards import expand_urls
-    from sdn_dist.data.text import encoder_from_record
-    from sdn_dist.data.labels import sample_labels
-    from sdn_dist.evaluation.judge import describe
-    from sdn_dist.training.export import load_student, resolve
-    from sdn_dist.evaluation.generate import default_device, render
-    from sdn_dist.training.grids import grid_png
-
     t0 = time.time()
     if limit is None:
         limit = 0
