@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -34,8 +35,12 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from sdn_dist import fsio
+from sdn_dist.config import CheckpointConfig
 from sdn_dist.errors import UserError
 
 _TAG = re.compile(r"^step-(\d{8})$")
@@ -57,7 +62,6 @@ class Checkpointer:
         """``cfg``: the ``checkpoint`` config section (defaults if None); ``report(records)`` and
         ``say(text)`` send checkpoint records / messages to the driver (they may be called from
         the upload thread)."""
-        from sdn_dist.config import CheckpointConfig
         self.cfg = cfg or CheckpointConfig(keep=keep)
         self.root = fsio.join(out, "checkpoints")
         self.keep = keep
@@ -335,9 +339,6 @@ class _Upload:
 
 def _deepspeed_safe_globals() -> list:
     """The few DeepSpeed classes its ZeRO checkpoints pickle besides tensors and plain data."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -345,7 +346,6 @@ def verify_safe(directory: str) -> None:
     """DeepSpeed loads checkpoints without torch's weights-only restriction, which would run any code a hostile
     file carries. Every file is first opened with torch's restricted unpickler (tensors, plain data
     and the allow-listed DeepSpeed classes only); anything else is refused before DeepSpeed sees it."""
-    import pickle
     allowed = _deepspeed_safe_globals()
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".pt"):

@@ -9,10 +9,12 @@ it down, and it decides nothing (the stage schedule runs on every rank, ``traini
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 @dataclasses.dataclass
@@ -62,7 +64,6 @@ class RecordCollector:
     without blocking ``report`` and ``drain``."""
 
     def __init__(self):
-        import asyncio
         self.records: list[dict] = []
         self._preempted = asyncio.Event()
 
@@ -84,7 +85,6 @@ class RecordCollector:
 
 def start_collector():
     """The run's collector, on the driver's node (soft=False: never elsewhere)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     here = ray.get_runtime_context().get_node_id()
     return RecordCollector.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()

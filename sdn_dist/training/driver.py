@@ -15,13 +15,18 @@ import socket
 import threading
 import time
 
+import ray
 from tqdm import tqdm
 
 from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
+from sdn_dist.data.readers import DataSpec
 from sdn_dist.errors import UserError
 from sdn_dist.training import preflight
+from sdn_dist.training.collector import start_collector
 from sdn_dist.training.failures import stop_on_user_error, user_error_in
+from sdn_dist.training.metrics import MetricsSink
+from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
 
 
 def _absolute(url):
@@ -57,7 +62,6 @@ def free_port() -> int:
 
 
 def init_ray(cfg: Config, quiet: bool = True) -> None:
-    import ray
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -81,16 +85,12 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
 def run_training(cfg: Config, progress: bool = True) -> dict:
     cfg = resolve_config(cfg)
     preflight.run(cfg)  # everything knowable, in seconds, before Ray (even its imports) starts
-    # Imported here, after the preflight: Ray Train and DeepSpeed take seconds to import, and bad
-    # input should be told at once.
+    # Imported here, after the preflight: Ray Train and DeepSpeed (training.loop) add 1-1.5 s of
+    # imports to this module's, and bad input should be told at once.
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sdn_dist.data.readers import DataSpec
-    from sdn_dist.training.collector import start_collector
     from sdn_dist.training.loop import train_worker
-    from sdn_dist.training.metrics import MetricsSink
-    from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
 
     spec = DataSpec.build(cfg)
     prepare_run_dir(cfg)
@@ -196,7 +196,6 @@ def _user_error_in(err: BaseException) -> UserError | None:
 
 
 def _drain(collector, sink) -> list[dict]:
-    import ray
     records = ray.get(collector.drain.remote())
     fatal = user_error_in(records)   # a worker's bad-input error: never retried (training/failures.py)
     try:

@@ -14,6 +14,7 @@ import torch
 from sdn_dist import fsio
 from sdn_dist.config import Config, ModelConfig
 from sdn_dist.errors import UserError
+from sdn_dist.model.student import Student
 
 FORMAT = "sdn-dist-student/1"
 
@@ -38,7 +39,6 @@ def resolve(checkpoint: str) -> str:
 
 def load_student(checkpoint: str, device="cpu"):
     """-> (Student in eval mode, blob). Names the file in every error."""
-    from sdn_dist.model.student import Student
     url = resolve(checkpoint)
     if not fsio.exists(url):
         raise UserError(f"no exported student at {url} (is the run finished? `sdn-dist train` writes it at the end)")

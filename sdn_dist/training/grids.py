@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import torch
 from torchvision.utils import make_grid, save_image
 
 from sdn_dist import fsio
+from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.text import encoder_from_record
 
 
 def grid_png(generated: torch.Tensor, real: torch.Tensor | None = None) -> bytes:
@@ -34,8 +35,6 @@ class SampleGrid:
 
     def __init__(self, cfg, text_spec: dict, device, report=None, rank: int = 0):
         self.rank = rank
-        from sdn_dist.data.pipeline import iter_batches
-        from sdn_dist.data.text import encoder_from_record
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
         self.report = report   # records -> the driver (RecordCollector.report.remote), or None
@@ -61,6 +60,7 @@ class SampleGrid:
         fsio.atomic_write(url, grid_png(gen, self.real))
         fsio.atomic_write(url[:-4] + ".json", json.dumps({"step": step, "stage": stage, "captions": self.captions}))
         if self.report is not None:
+            # lazy: the collector module imports Ray (~0.3 s), which `sdn-dist eval` (grid_png) never needs
             from sdn_dist.training.collector import event
             self.report([event("samples", step=step, stage=stage, rank=0, url=url)])
         return url

@@ -12,12 +12,19 @@ process; ``rank`` < ``workers``; ``stage`` in {1, 2}; ``level`` is one of the mo
 from __future__ import annotations
 
 import errno
+import io
 import json
+import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 
+import numpy as np
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from torch.utils.tensorboard import SummaryWriter
 
 from sdn_dist import fsio
 from sdn_dist.config import MetricsConfig
@@ -229,9 +236,6 @@ class TensorBoardWriter:
     UPLOAD_SECONDS = 30.0
 
     def __init__(self, out: str):
-        import tempfile
-
-        from torch.utils.tensorboard import SummaryWriter
         self.url = fsio.join(out, "tensorboard")
         local = fsio.local_path(self.url)
         self.remote = local is None
@@ -254,10 +258,6 @@ class TensorBoardWriter:
             self.upload()
 
     def _image(self, rec: dict) -> None:
-        import io
-
-        import numpy as np
-        from PIL import Image
         if (rec["step"], rec["url"]) == self._last_image:   # the loop rewrites a grid at a stage end
             return
         self._last_image = (rec["step"], rec["url"])
@@ -273,7 +273,6 @@ class TensorBoardWriter:
 
     def upload(self) -> None:
         """Copy the local event files to the remote ``<out>/tensorboard/`` (whole files: small)."""
-        import os
         self.writer.flush()
         self._uploaded = time.time()
         if not self.remote:
@@ -284,7 +283,6 @@ class TensorBoardWriter:
                 fs.put_file(os.path.join(self.dir, name), f"{root}/{name}")
 
     def close(self) -> None:
-        import shutil
         self.writer.close()
         if self.remote:
             self.upload()

@@ -33,6 +33,11 @@ import ray
 import torch
 import torch.distributed as dist
 
+try:  # the private function WorkerPreemption wraps (module docstring); a Ray without it: its default
+    import ray._private.worker as ray_worker
+except ImportError:
+    ray_worker = None
+
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): a checkpoint was saved; rerun the same command
 
 
@@ -47,12 +52,8 @@ class WorkerPreemption:
         self.since: float | None = None
         self._driver = collector.until_preempted.remote()
         self._flag = torch.zeros(1)
-        self._ray_exit = None
-        try:
-            import ray._private.worker as ray_worker
-            self._ray_worker = ray_worker
-            self._ray_exit = ray_worker.raise_sys_exit_with_custom_error_message
-        except (ImportError, AttributeError):   # another Ray: its default (restart from the checkpoint)
+        self._ray_exit = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
+        if self._ray_exit is None:   # another Ray: its default (restart from the checkpoint)
             return
         if threading.current_thread() is not threading.main_thread():   # inside a Ray worker process
             ray_worker.raise_sys_exit_with_custom_error_message = self._on_exit_request
@@ -93,7 +94,7 @@ class WorkerPreemption:
         with the job (the driver exits with EXIT_PREEMPTED)."""
         self.active = False
         if self._ray_exit is not None:
-            self._ray_worker.raise_sys_exit_with_custom_error_message = self._ray_exit
+            ray_worker.raise_sys_exit_with_custom_error_message = self._ray_exit
 
 
 class DriverPreemption:

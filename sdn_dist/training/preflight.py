@@ -22,9 +22,16 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from sdn_dist import fsio
 from sdn_dist.config import Config
+from sdn_dist.data.pipeline import decode_problem
+from sdn_dist.data.shards import configure_network, expand_urls
+from sdn_dist.data.text import build_text_encoder
 from sdn_dist.errors import ConfigError, DataError, UserError
+from sdn_dist.model.losses import check_point_weights
+from sdn_dist.model.teacher import build_teacher
 
 # Keys of the resolved config that fix the shapes of what a run directory's checkpoints hold.
 _TEXT_SHAPE_KEYS = ("encoder", "dim")
@@ -32,7 +39,6 @@ _TEXT_SHAPE_KEYS = ("encoder", "dim")
 
 def run(cfg: Config) -> None:
     """All checks, cheapest first. Raises UserError naming the offending key, file or value."""
-    from sdn_dist.data.shards import configure_network
     configure_network(cfg.data)
     check_config(cfg)
     check_run_dir(cfg)
@@ -43,7 +49,6 @@ def run(cfg: Config) -> None:
 
 def check_config(cfg: Config) -> None:
     """What the typed config cannot check on its own: point names and the DeepSpeed JSON."""
-    from sdn_dist.model.losses import check_point_weights
     check_point_weights(cfg.stage1, "stage1")
     check_point_weights(cfg.stage2, "stage2")
     url = cfg.deepspeed.config
@@ -70,8 +75,6 @@ def _differences(old: dict, new: dict, prefix: str) -> list[str]:
 
 def check_run_dir(cfg: Config) -> None:
     """A rerun resumes from ``out``'s checkpoints: they must be of the configured model."""
-    import yaml
-
     previous = fsio.join(cfg.out, "config.yaml")
     try:
         if not fsio.exists(previous):
@@ -105,9 +108,6 @@ def check_run_dir(cfg: Config) -> None:
 
 def check_data(cfg: Config) -> None:
     """Read and decode the first sample of the first training shard as a reader would."""
-    from sdn_dist.data.pipeline import decode_problem
-    from sdn_dist.data.shards import expand_urls
-    from sdn_dist.data.text import build_text_encoder
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                           "(make some with `sdn-dist shards synth --out shards/synth`)")
@@ -131,7 +131,6 @@ def check_data(cfg: Config) -> None:
 
 def check_teacher(cfg: Config) -> None:
     """Teacher weights that do not fit the configured VGG19 (names the file and the key)."""
-    from sdn_dist.model.teacher import build_teacher
     build_teacher(cfg.model, cfg.teacher)
 
 
