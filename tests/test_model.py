@@ -301,7 +301,7 @@ def _fake_batches(n=60, size=32, batch=8):
 
 def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
     import sdn_dist.commands.teacher_train as tt
-    monkeypatch.setattr(tt, "_batches", _fake_batches())
+    monkeypatch.setattr(tt, "iter_batches", _fake_batches())
     cfg = _cfg("debug", "teacher.train.steps=30", "teacher.train.lr=3e-3", "teacher.train.batch_size=16")
     out = tmp_path / "sub" / "teacher.pt"
     res = tt.train_teacher(cfg, "fake://shards", str(out), progress=False)

@@ -42,6 +42,7 @@ the two stages' samples/s), as the demo preset runs equal steps per stage.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -55,9 +56,25 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ray
 import torch
+from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                           estimate_zero3_model_states_mem_needs_all_cold)
+from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
+                                                  estimate_zero2_model_states_mem_needs_all_cold)
+from torch.utils.flop_counter import FlopCounterMode
 
-from sdn_dist.commands.bench_peer import run_peer
+from sdn_dist.commands.bench_peer import _models, run_peer
+from sdn_dist.config import Config, load_config
+from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.readers import DataFeed, DataSpec
+from sdn_dist.data.synth import make_synth
+from sdn_dist.data.text import build_text_encoder
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import build_teacher
+from sdn_dist.training.driver import init_ray, run_training
+from sdn_dist.training.export import load_student
+from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
 
 GOALS = {  # name: (comparison, threshold)
     "overhead_ratio": (">=", 0.90),
@@ -174,21 +191,8 @@ def matmul_flops(n_threads: int, n: int = 4096, reps: int = 3) -> dict:
             "best_flops_per_sec": max(rates), "all": rates}
 
 
-def _models(cfg, text_dim: int, seed: int = 0):
-    from sdn_dist.model.student import Student
-    from sdn_dist.model.teacher import build_teacher
-    from sdn_dist.training.loop import prepare_student, prepare_teacher
-    torch.manual_seed(seed)
-    teacher = build_teacher(cfg.model, cfg.teacher)
-    student = Student(cfg.model, text_dim)
-    return prepare_teacher(teacher), prepare_student(student)
-
-
 def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
     """FLOPs of one training step (forward + backward; Adam's elementwise work is not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from sdn_dist.training.loop import distill_step
     with threads(1):   # counting needs no speed, and 2 threads stall on a busy 2-core machine
         teacher, student = _models(cfg, text_dim)
         real = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size)
@@ -201,8 +205,6 @@ def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
 
 def load_batches(cfg, n: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` micro-batches of the training shards, decoded once and held in memory."""
-    from sdn_dist.data.pipeline import iter_batches
-    from sdn_dist.data.text import build_text_encoder
     enc = build_text_encoder(cfg.text)
     out = []
     for b in iter_batches(cfg.data.train, image_size=cfg.model.image_size, batch_size=batch,
@@ -218,7 +220,6 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
     """A plain single-process PyTorch loop: the trainer's forward (``distill_step``), backward and
     torch Adam (what DeepSpeed's torch_adam runs) on batches held in memory. Timed in chunks of
     ``chunk`` steps (the trainer's logging window); samples/s is the median chunk's."""
-    from sdn_dist.training.loop import distill_step, prepare_batch
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
     text_dim = batches[0][1].shape[1]
     with threads(n_threads):
@@ -251,8 +252,6 @@ def batches_loss(cfg, student, batches, stage: int) -> float:
     """Mean ``stage`` loss of ``student`` over the in-memory ``batches`` (no gradients), against
     the teacher the trainer builds (seeded as in ``loop.train_worker``): a trained student must
     score lower than its initialisation."""
-    from sdn_dist.model.teacher import build_teacher
-    from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
     with threads(1), torch.no_grad():
         torch.manual_seed(cfg.seed)
         teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher))
@@ -266,7 +265,6 @@ def batches_loss(cfg, student, batches, stage: int) -> float:
 
 def init_student(cfg, text_dim: int):
     """The student as ``loop.build_engine`` initialises it (same seed, same order)."""
-    from sdn_dist.model.student import Student
     torch.manual_seed(cfg.seed)
     return Student(cfg.model, text_dim)
 
@@ -274,7 +272,6 @@ def init_student(cfg, text_dim: int):
 def pipeline_rate(cfg, n_batches: int) -> dict:
     """Samples/s one rank's reader actors deliver (the default ``data.readers``), drained as fast
     as possible by this process; Ray must be running. The first batch (actor start) is not timed."""
-    from sdn_dist.data.readers import DataFeed, DataSpec
     feed = DataFeed(DataSpec.build(cfg), rank=0, world_size=1, micro_batch=cfg.data.batch_size, start_sample=0)
     try:
         feed.next()
@@ -349,7 +346,6 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
               batches=None) -> dict:
     """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures;
     with ``batches``, also the stage-2 loss of the exported student over them against its init."""
-    from sdn_dist.training.driver import run_training
     out = workdir / f"run-{workers}x{n_threads}"
     steps = steps or plan.steps
     cfg = base_cfg.model_copy(deep=True)
@@ -367,7 +363,6 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
     res.update(workers=workers, threads_per_worker=n_threads, batch=cfg.data.batch_size,
                micro_batch=cfg.micro_batch, wall_seconds=time.time() - t, steps_per_stage=steps)
     if batches is not None:
-        from sdn_dist.training.export import load_student
         text_dim = batches[0][1].shape[1]
         res["batches_loss"] = {"init": batches_loss(cfg, init_student(cfg, text_dim), batches, 2),
                                "final": batches_loss(cfg, load_student(str(out))[0], batches, 2)}
@@ -381,8 +376,6 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
 def activation_bytes(model_cfg, teacher_cfg, stage_cfgs, text_dim: int, batch: int = 1) -> dict:
     """Bytes autograd saves for backward (distinct storages, parameters excluded) plus the teacher's
     real-image targets, for one micro-batch of ``batch``, per stage, measured on CPU in fp32."""
-    from sdn_dist.config import Config
-    from sdn_dist.training.loop import distill_step
     cfg = Config(model=model_cfg, teacher=teacher_cfg, stage1=stage_cfgs[0], stage2=stage_cfgs[1])
     teacher, student = _models(cfg, text_dim)
     params = {p.untyped_storage().data_ptr() for m in (teacher, student) for p in m.parameters()}
@@ -421,14 +414,6 @@ def model_state_bytes(n_params: int, world: int, zero_stage: int) -> int:
 
 def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
     """Per-GPU memory of the ``paper`` preset by ZeRO stage and GPU count (see module docstring)."""
-    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                               estimate_zero3_model_states_mem_needs_all_cold)
-    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                      estimate_zero2_model_states_mem_needs_all_cold)
-
-    from sdn_dist.config import load_config
-    from sdn_dist.model.student import Student
-    from sdn_dist.model.teacher import build_teacher
     cfg = load_config("paper")
     dim = cfg.text.dim
     with torch.device("meta"):   # counts only: no memory, no init
@@ -478,8 +463,6 @@ def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
 def make_shards(directory: Path, cfg, n_train: int) -> None:
     """Synthetic shards at the preset's image size with the run's caption embeddings stored, as
     `sdn-dist demo` writes them (readers then take the stored rows instead of encoding)."""
-    from sdn_dist.data.synth import make_synth
-    from sdn_dist.data.text import build_text_encoder
     make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size, per_shard=500,
                seed=0, progress=False, embed=build_text_encoder(cfg.text))
 
@@ -500,11 +483,6 @@ def _goals(res: dict) -> dict:
 
 def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None) -> dict:
     """Run the benchmark, print a summary and write the JSON to ``out``; returns the dict."""
-    import ray
-
-    from sdn_dist.config import load_config
-    from sdn_dist.training.driver import init_ray
-
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     t_start = time.time()
     started_ray = not ray.is_initialized()
@@ -685,7 +663,6 @@ def summary(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, metavar="FILE.json")
     g = ap.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ reader actors (docs/performance.md, "Where the 2-worker step goes").
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import os
@@ -21,20 +22,29 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from sdn_dist.config import Config, load_config
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.driver import free_port
+from sdn_dist.training.loop import _digest, build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher
+
+
+def _models(cfg, text_dim: int, seed: int = 0):
+    """(teacher, student) as the trainer's step runs them; here, not in bench.py, which imports
+    this module (the peers and bench's plain loops share it)."""
+    torch.manual_seed(seed)
+    teacher = build_teacher(cfg.model, cfg.teacher)
+    student = Student(cfg.model, text_dim)
+    return prepare_teacher(teacher), prepare_student(student)
 
 
 def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batches, stage: int,
                steps: int, warmup: int, chunk: int, out_dir: str, use_gpu: bool) -> None:
     # 1 thread, as the trainer's workers (threads_per_worker); set before any torch work.
     torch.set_num_threads(cfg_json["threads_per_worker"])
-    import torch.distributed as dist
-
-    from sdn_dist.config import Config
-    from sdn_dist.training.loop import build_engine, distill_step, prepare_batch
-
-    from sdn_dist.commands.bench import _models
     cfg = Config.model_validate(cfg_json)
     device = torch.device(f"cuda:{rank}") if use_gpu else torch.device("cpu")
     if use_gpu:
@@ -85,7 +95,6 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         dt = time.perf_counter() - t
         chunks.append(batch * len(out) / dt)
         step_seconds += [dt / len(out)] * len(out)
-    from sdn_dist.training.loop import _digest
     weights = {k: v.detach().float().cpu() for k, v in model.module.state_dict().items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "step_seconds": step_seconds, "chunk_samples_per_sec": chunks, "losses": losses,
@@ -99,7 +108,6 @@ def run_peer(kind: str, cfg, batches, stage: int, steps: int, world: int = 2, wa
     """``world`` processes (torch.multiprocessing, 127.0.0.1) training ``stage`` for ``steps``
     timed steps on the in-memory global ``batches`` -> samples/s (all ranks; the median chunk of
     rank 0, as the trainer's median window) and every step's loss on rank 0."""
-    import torch.multiprocessing as mp
     cfg = cfg.model_copy(deep=True)
     cfg.workers = world
     cfg = type(cfg).model_validate(cfg.model_dump())
@@ -124,9 +132,6 @@ def run_peer(kind: str, cfg, batches, stage: int, steps: int, world: int = 2, wa
 def main(argv: list[str] | None = None) -> int:
     """The peers on their own (benchmarks/gpu.sh runs them on the GPUs after gpu_bench.py):
     random in-memory batches at the preset's size, one JSON line per kind and stage."""
-    import argparse
-
-    from sdn_dist.config import load_config
     ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench_peer", description=main.__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, metavar="FILE.json")
     ap.add_argument("--preset", default="paper")

@@ -18,7 +18,8 @@ from pathlib import Path
 from sdn_dist.errors import UserError
 
 # Each command imports what it needs inside its function, on purpose: torch, Ray and DeepSpeed take
-# seconds to import, and `sdn-dist --help`, `config show` or a bad-usage error should not wait for them.
+# seconds to import, and `sdn-dist --help`, `config show` or a bad-usage error should not wait for them
+# (commands that take a config parse it before their heavy import, so a bad key is told at once too).
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,8 +47,8 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from sdn_dist.training.driver import run_training
     cfg = _config(args)
+    from sdn_dist.training.driver import run_training
     result = run_training(cfg, progress=not args.quiet)
     print(f"run directory: {result['out']}")
     if result.get("preempted") is not None:   # SIGTERM: checkpoint saved, rerun to resume (75)
@@ -58,15 +59,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_model(args) -> int:
+    cfg = _config(args)
     from sdn_dist.commands.model_table import format_table, model_table
-    table = model_table(_config(args))
+    table = model_table(cfg)
     print(json.dumps(table, indent=2) if args.json else format_table(table))
     return 0
 
 
 def cmd_teacher_train(args) -> int:
-    from sdn_dist.commands.teacher_train import train_teacher
     cfg = _config(args)
+    from sdn_dist.commands.teacher_train import train_teacher
     res = train_teacher(cfg, shards=args.shards, out=args.out, progress=True)
     print(json.dumps(res, indent=2))
     return 0

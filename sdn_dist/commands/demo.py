@@ -26,8 +26,13 @@ import shutil
 import time
 
 from sdn_dist import fsio
+from sdn_dist.commands.teacher_train import train_teacher
 from sdn_dist.config import load_config
+from sdn_dist.data.synth import write_synth
+from sdn_dist.data.text import build_text_encoder
 from sdn_dist.errors import UserError
+from sdn_dist.evaluation.report import evaluate, format_report, report_paths
+from sdn_dist.training.driver import run_training
 
 # The synthetic benchmark at each preset's size. demo: 4,000 training images, 800 test images
 # (half of them held-out attribute combinations), 64 px, MiniLM caption embeddings stored in the
@@ -48,7 +53,6 @@ def _step(i: int, title: str) -> float:
 def _shard_encoder(cfg):
     """The run's text encoder, using every core while the shards are written (nothing else runs
     then); None for encoders that need nothing stored."""
-    from sdn_dist.data.text import build_text_encoder
     if cfg.text.encoder == "precomputed":
         raise UserError("the demo encodes its own captions: text.encoder must be minilm or hash")
     enc = build_text_encoder(cfg.text)
@@ -59,8 +63,6 @@ def _shard_encoder(cfg):
 
 def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None,
              preset: str = "demo") -> dict:
-    from sdn_dist.data.synth import write_synth
-
     if preset not in SHARDS_BY_PRESET:
         raise UserError(f"sdn-dist demo --preset {preset!r}: choose from {', '.join(SHARDS_BY_PRESET)}")
     spec = SHARDS_BY_PRESET[preset]
@@ -96,7 +98,6 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
         print("  already there: reusing")
         reused.append("teacher")
     else:
-        from sdn_dist.commands.teacher_train import train_teacher
         res = train_teacher(cfg, shards=f"{shards}/train-*.tar", out=teacher, progress=True)
         print(f"  held-out accuracy {json.dumps(res.get('accuracy', {}))} in {time.time() - t:.0f}s")
     times["teacher"] = time.time() - t
@@ -107,13 +108,11 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
         print("  already trained: reusing")
         reused.append("train")
     else:
-        from sdn_dist.training.driver import run_training
         run_training(cfg, progress=True)
         print(f"  done in {time.time() - t:.0f}s")
     times["train"] = time.time() - t
 
     t = _step(4, "evaluation on the test split (SSIM, FSIM, attribute accuracy by a separate evaluator)")
-    from sdn_dist.evaluation.report import evaluate, format_report, report_paths
     if fsio.exists(report):
         print("  already there: reusing")
         reused.append("eval")

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from sdn_dist.config import Config
 from sdn_dist.data.labels import class_order, sample_labels
+from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.errors import DataError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
 from sdn_dist.model.plan import scaled_cfg
@@ -58,12 +59,6 @@ HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
 MAX_CLASSES = 1000        # an attribute with more distinct values is not a class label
 RESCALE_IMAGES = 512      # training images (at 64 px; fewer when larger) that set the activation scales
-
-
-def _batches(urls, **kw):
-    # Imported here: the data package (webdataset, PIL) is not needed to build or load models.
-    from sdn_dist.data.pipeline import iter_batches
-    return iter_batches(urls, **kw)
 
 
 def _heldout(key: str) -> bool:
@@ -149,8 +144,8 @@ def _scan(shards, image_size: int, batch_size: int, seed: int):
     """One ordered pass: label vocabulary over all samples + the held-out images."""
     values: dict[str, set[str]] = {}
     held_img, held_meta, n = [], [], 0
-    for batch in _batches(shards, image_size=image_size, batch_size=batch_size, text_encoder=None,
-                          shuffle=False, seed=seed, epochs=1, caption="first"):
+    for batch in iter_batches(shards, image_size=image_size, batch_size=batch_size, text_encoder=None,
+                              shuffle=False, seed=seed, epochs=1, caption="first"):
         for i, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
             n += 1
             for k, v in sample_labels(meta, with_label=True).items():
@@ -221,8 +216,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     teacher.train()
     heads.train()
 
-    stream = _batches(shards, image_size=size, batch_size=tcfg.batch_size, text_encoder=None,
-                      shuffle=True, seed=cfg.seed, epochs=None, caption="first")
+    stream = iter_batches(shards, image_size=size, batch_size=tcfg.batch_size, text_encoder=None,
+                          shuffle=True, seed=cfg.seed, epochs=None, caption="first")
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not progress, unit="step")
     step, loss_ema = 0, None
     for batch in stream:
