@@ -7,12 +7,14 @@ its upload completes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import uuid
 
-import contextlib
-
 import fsspec
+import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from sdn_dist.errors import UserError
@@ -94,6 +96,8 @@ def check_bucket(url: str, name: str | None = None) -> None:
         return
     if not bucket:
         raise UserError(f"{url}: no bucket in the URL (s3://BUCKET/prefix)")
+    # lazy: s3fs and botocore add ~0.2 s and ~20 MB to every process that imports sdn_dist.data
+    # (reader actors included), and only s3:// URLs need them (fsspec loads s3fs lazily too)
     import s3fs
     from botocore.exceptions import BotoCoreError
     # Short timeouts and few attempts: this is a yes/no question asked before anything starts.
@@ -134,6 +138,8 @@ def arrow_storage(url: str):
     fs, path = url_to_fs(url)
     if isinstance(fs, LocalFileSystem):
         return os.path.abspath(path), None
+    # lazy: pyarrow adds ~27 MB to every process that imports sdn_dist.data (reader actors
+    # included); only the driver's Ray Train storage on a remote `out` needs it
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     return path, PyFileSystem(FSSpecHandler(fs))
 
@@ -156,10 +162,6 @@ def load_torch(url: str, what: str, error: type[UserError] = UserError, map_loca
     """``torch.load(weights_only=True)`` from any fsspec URL: tensors and plain data only, never
     code. Any failure (missing, truncated, not torch, unsafe pickle) is ``error`` naming ``what``
     and the file."""
-    import io
-    import re
-
-    import torch
     try:
         with fsspec.open(url, "rb") as f:
             # torch.load needs random access; remote files that cannot seek are read whole.
