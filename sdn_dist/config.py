@@ -77,6 +77,7 @@ class TeacherTrainConfig(Section):
     lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate for teacher training (linear warm-up over 5 % of the steps, cosine decay to 0).")
     batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
     heads: Literal["spatial", "pooled"] = Field("spatial", description="Input of the attribute heads: pool5 flattened (spatial: where and what colour is linearly readable) or averaged over height and width (pooled).")
+    colour_heads: float = Field(0.0, ge=0, description="Weight of an auxiliary loss in teacher training (0 = off): at every matched point after the image, a linear 1x1 read-out must predict the input image's RGB averaged down to that point's resolution (mean squared error), so that every level of the teacher keeps the colours it sees instead of only what the attribute heads need. The read-outs are dropped after training; the teacher file has the usual keys.")
     rescale: bool = Field(True, description="After training, rescale each conv so every channel's mean activation on training images is 1 (Gatys et al. 2016; the function is unchanged), so that no level dominates SDN's sums of per-point L1 distances.")
 
 

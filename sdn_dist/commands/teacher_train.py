@@ -17,6 +17,12 @@ without normalisation layers trains from scratch far better so than at a constan
 10 % of the samples, chosen by a hash of their key, are held out of training and measure the
 accuracy.
 
+``teacher.train.colour_heads`` (> 0) adds a training aid: a linear 1x1 read-out at every matched
+point must predict the input's RGB averaged down to that point's resolution. A classifier needs
+the colours only as far as its labels do, and SDN's stage 2 cannot ask the student for a colour the
+teacher's features do not carry (docs/results.md, "What we tried"). The read-outs are dropped
+after training.
+
 After training, ``teacher.train.rescale`` (default on) rescales the trunk as Gatys et al. (2016)
 did for VGG19 in style transfer: each conv's weights and bias are scaled so that the mean
 activation of each of its channels over (up to 512) training images and positions is 1, and the
@@ -88,6 +94,25 @@ class AttributeHeads(nn.Module):
             for j, n in enumerate(self.names):
                 t[b, j] = self.index[n].get(labels.get(n), -100)
         return t
+
+
+class ColourReadouts(nn.Module):
+    """teacher.train.colour_heads: one linear 1x1 conv per matched point (after the image) that
+    predicts the input's RGB averaged down to that point's resolution. A training aid only."""
+
+    def __init__(self, channels: dict[str, int]):
+        super().__init__()
+        self.points = list(channels)
+        self.readouts = nn.ModuleList(nn.Conv2d(c, 3, kernel_size=1) for c in channels.values())
+
+    def loss(self, feats: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Mean over points of the MSE between each read-out and the pooled image (in [0, 1])."""
+        losses = []
+        for p, r in zip(self.points, self.readouts):
+            f = feats[p]
+            target = F.adaptive_avg_pool2d(images, f.shape[-2:])
+            losses.append(F.mse_loss(r(f), target))
+        return torch.stack(losses).mean()
 
 
 def _head_input(pool5: torch.Tensor, mode: str) -> torch.Tensor:
@@ -209,6 +234,12 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     in_features = c5 * s5 * s5 if tcfg.heads == "spatial" else c5
     heads = AttributeHeads(in_features, classes, tcfg.heads)
     params = list(teacher.parameters()) + list(heads.parameters())
+    readouts = None
+    if tcfg.colour_heads > 0:
+        with torch.no_grad():
+            shapes = {p: f.shape[1] for p, f in teacher(torch.zeros(1, 3, size, size)).items() if p != "image"}
+        readouts = ColourReadouts(shapes)
+        params += list(readouts.parameters())
     opt = torch.optim.Adam(params, lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tcfg.steps))
     calib: list[torch.Tensor] = []   # training images for the rescale (uint8)
@@ -228,12 +259,15 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         if tcfg.rescale and len(calib) < n_calib:
             calib.extend((x[:n_calib - len(calib)] * 255).round().to(torch.uint8))
         t = heads.targets([batch["meta"][i] for i in keep])
+        feats = teacher(x)
         losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
-                  for j, logits in enumerate(heads(_head_input(teacher(x)["pool5"], tcfg.heads)))
+                  for j, logits in enumerate(heads(_head_input(feats["pool5"], tcfg.heads)))
                   if (t[:, j] >= 0).any()]
         if not losses:
             continue
         loss = torch.stack(losses).mean()
+        if readouts is not None:
+            loss = loss + tcfg.colour_heads * readouts.loss(feats, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -273,6 +307,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
             "keys": "heads['<i>.weight'] [n_classes_i, in_features], heads['<i>.bias'] [n_classes_i]; i = index in names",
         },
         "schedule": "Adam, linear warm-up 5 % of the steps, cosine decay to 0",
+        "colour_heads": tcfg.colour_heads,
         "accuracy": {k: v for k, v in accuracy.items() if v is not None},
         "heldout_samples": len(held_img),
         "steps": step,
