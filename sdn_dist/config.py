@@ -258,12 +258,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"encoder": "minilm", "dim": 384},
         "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming"},
         "data": {"batch_size": 16},
-        "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3}},
-        # 2500 + 2500 steps: ~6.5 minutes of training on 2 quiet cores, the demo ~9 in all. Stage 2
-        # weighs the pixel point 5x: the teacher's colour features are easy to satisfy with the
-        # wrong colours, the pixels are not (docs/results.md, "What we tried").
-        "stage1": {"steps": 2500, "lr": 1e-3},
-        "stage2": {"steps": 2500, "lr": 1e-3, "point_weights": {"image": 5.0}},
+        # The teacher keeps the colours at every level (teacher.train.colour_heads), both stages
+        # warm up and decay (warmup_cosine: at a constant 1e-3 stage 2 diverged on one CPU
+        # model), and both weigh the pixel point 5x: the teacher's features are easy to satisfy
+        # with the wrong colours, the pixels are not. 3500 + 3500 steps: ~9.5 minutes of training
+        # on 2 quiet cores, the demo ~12 in all (docs/results.md, "What we tried").
+        "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0}},
+        "stage1": {"steps": 3500, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
+                   "point_weights": {"image": 5.0}},
+        "stage2": {"steps": 3500, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
+                   "point_weights": {"image": 5.0}},
         "checkpoint": {"every": 250, "keep": 2},
         "metrics": {"log_every": 10},
         "samples": {"every": 500, "count": 8},
