@@ -1,0 +1,67 @@
+"""How well each matched point of a teacher carries the object's colour: a linear probe.
+
+    python benchmarks/colour_probe.py TEACHER.pt --shards 'runs/demo-pipeline/shards/train-*.tar'
+
+For the synthetic benchmark (docs/results.md, "What we tried, round 2"): the teacher's activation
+vector at the centre of the object's quadrant, for 1500 training images, standardised; ridge
+regression onto the one-hot colour on the first 1200, accuracy (argmax) on the last 300. Chance
+is 1/6. Prints one `point:accuracy` per matched point, shallow to deep. A raw pixel (`image`,
+3 numbers) is not linearly separable into six colours, hence its low score.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from sdn_dist.config import load_config
+from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.synth import VOCAB
+from sdn_dist.model.teacher import build_teacher
+
+N, FIT = 1500, 1200
+
+
+def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, float]:
+    cfg = load_config(preset, overrides=[f"teacher.weights={teacher_url}"])
+    teacher = build_teacher(cfg.model, cfg.teacher).eval()
+    images, metas = [], []
+    for b in iter_batches(shards, image_size=cfg.model.image_size, batch_size=100, text_encoder=None,
+                          shuffle=False, seed=0, epochs=1, caption="first"):
+        images.append(b["image"])
+        metas += b["meta"]
+        if len(metas) >= N:
+            break
+    x, metas = torch.cat(images)[:N], metas[:N]
+    colour = np.array([VOCAB["colour"].index(m["attributes"]["colour"]) for m in metas])
+    where = [m["attributes"]["position"] for m in metas]
+    with torch.no_grad():
+        feats = teacher(x)
+    out = {}
+    for point, f in feats.items():
+        s = f.shape[-1]
+        rows = [int((0.25 if "top" in q else 0.75) * s) for q in where]
+        cols = [int((0.25 if "left" in q else 0.75) * s) for q in where]
+        v = torch.stack([f[i, :, rows[i], cols[i]] for i in range(len(metas))]).numpy().astype(np.float64)
+        v = (v - v[:FIT].mean(0)) / (v[:FIT].std(0) + 1e-6)
+        a = np.c_[v, np.ones(len(v))]
+        y = np.eye(len(VOCAB["colour"]))[colour]
+        w = np.linalg.solve(a[:FIT].T @ a[:FIT] + 1e-2 * np.eye(a.shape[1]), a[:FIT].T @ y[:FIT])
+        out[point] = round(float((np.argmax(a[FIT:] @ w, 1) == colour[FIT:]).mean()), 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("teacher", help="teacher weights (any fsspec URL)")
+    ap.add_argument("--shards", required=True, help="synthetic training shards (with attributes)")
+    ap.add_argument("--preset", default="demo")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print(" ".join(f"{k}:{v}" for k, v in probe(args.teacher, args.shards, args.preset).items()))
+
+
+if __name__ == "__main__":
+    main()
