@@ -73,6 +73,19 @@ def test_data_parallel_peer_trains_in_step(cfg, batches, kind):
         assert a == b, "the ranks' weights diverged: gradients were not averaged"
 
 
+@pytest.mark.slow
+def test_independent_peer_trains_without_averaging(cfg, batches):
+    """The ceiling peer: the DDP loop without the all-reduce. Each rank trains (its loss falls on
+    its own halves of the batches) and the ranks' weights differ, because nothing averages them;
+    were it to synchronise, it would measure communication it claims not to have."""
+    r = bench.run_peer("independent", cfg, batches, 1, steps=8, world=2, warmup=4, chunk=4)
+    assert r["micro_batch"] == 4 and len(r["losses"]) == 12
+    first, last = cycle_means(r["losses"], len(batches))
+    assert last < 0.97 * first, r["losses"]
+    a, b = r["param_sha256"]
+    assert a != b, "the independent ranks ended with the same weights: something averaged them"
+
+
 def test_paper_memory_table():
     m = bench.paper_memory(act_image_size=32)
     assert m["student_params"] == 143_789_123          # the method's ~143.8 M
@@ -125,6 +138,8 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
         assert data["ddp_ratio"][s] == pytest.approx(raw["train_2x1"][s]["samples_per_sec"] / raw["ddp_2proc"][s]["samples_per_sec"])
     assert data["parallel_efficiency"] == pytest.approx(
         raw["train_2x1"]["samples_per_sec"] / (2 * raw["plain_1thread"]["samples_per_sec"]))
+    assert data["parallel_ceiling"] == pytest.approx(
+        raw["independent_2proc"]["samples_per_sec"] / (2 * raw["plain_1thread"]["samples_per_sec"]))
     assert data["goals"]["ddp_ratio"]["met"] == all(v >= 1.0 for v in data["ddp_ratio"].values())
     # the peer is a real 2-process DDP run of the same step on the same per-rank batch
     assert raw["ddp_2proc"]["stage1"]["backend"] == "gloo"
@@ -144,7 +159,7 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
         assert data["machine"][k]
     for k in ("torch", "deepspeed", "ray", "python"):
         assert data["versions"][k]
-    for run in ("plain_1thread", "train_1x1", "train_2x1", "train_1x2", "ddp_2proc", "deepspeed_2proc"):
+    for run in ("plain_1thread", "train_1x1", "train_2x1", "train_1x2", "ddp_2proc", "deepspeed_2proc", "independent_2proc"):
         for stage in ("stage1", "stage2"):
             assert positive(raw[run][stage]["samples_per_sec"]), (run, stage)
     assert raw["train_2x1"]["workers"] == 2 and raw["train_1x2"]["threads_per_worker"] == 2

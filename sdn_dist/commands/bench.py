@@ -558,6 +558,11 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         run21 = train_run(cfg, work, 2, 1, plan, batches=batches)
         _log("plain torch DDP, 2 processes x 1 thread (after)")
         ddp_b = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        _log("2 independent processes x 1 thread: the DDP loop without the all-reduce (the machine's ceiling)")
+        indep = {s: run_peer("independent", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every)
+                 for s in (1, 2)}
+        raw["independent_2proc"] = {**{f"stage{s}": r for s, r in indep.items()},
+                                    "samples_per_sec": combine(indep[1]["samples_per_sec"], indep[2]["samples_per_sec"])}
         _log("the trainer's DeepSpeed engine in the same 2 plain processes (no Ray, no readers)")
         ds_peer = {s: run_peer("deepspeed", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every)
                    for s in (1, 2)}
@@ -579,6 +584,9 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
                for s in (1, 2)}
         res["parallel_efficiency"] = run21["samples_per_sec"] / (2 * plain["samples_per_sec"])
         raw["parallel_efficiency_per_stage"] = {**eff, "combined": res["parallel_efficiency"]}
+        # what this machine allows any 2-process layout at this micro-batch (no communication):
+        # parallel_efficiency cannot exceed it
+        res["parallel_ceiling"] = raw["independent_2proc"]["samples_per_sec"] / (2 * plain["samples_per_sec"])
         probe = [plain_loop(cfg, batches, s, 2, 2, warmup=1)["step_seconds_median"] for s in (1, 2)]
         fit = int(plan.budget_1x2_seconds / sum(probe)) // plan.log_every * plan.log_every
         steps12 = max(3 * plan.log_every, min(plan.steps, fit))
@@ -645,10 +653,12 @@ def summary(res: dict) -> str:
         shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
                  else f"{v:8.3f}")
         lines.append(f"  {name:20s} {shown}   goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
-    for k in ("plain_1thread", "train_1x1", "train_2x1", "ddp_2proc", "deepspeed_2proc", "train_1x2"):
+    for k in ("plain_1thread", "train_1x1", "train_2x1", "ddp_2proc", "deepspeed_2proc", "independent_2proc", "train_1x2"):
         r = raw[k]
         lines.append(f"  {k:20s} stage 1 {r['stage1']['samples_per_sec']:7.1f}  stage 2 {r['stage2']['samples_per_sec']:7.1f}  "
                      f"combined {r['samples_per_sec']:7.1f} samples/s")
+    lines.append(f"  parallel_ceiling     {res['parallel_ceiling']:8.3f}   (2 independent processes / twice the 1-thread "
+                 f"loop: the most parallel_efficiency can reach on this machine)")
     bf = raw["autocast_bf16"]
     lines.append(f"  bf16 autocast speed-up (plain loop, 1 thread): stage 1 {bf['stage1']['speedup']:.2f} x, "
                  f"stage 2 {bf['stage2']['speedup']:.2f} x (bf16 instructions: {res['machine']['bf16_instructions']})")

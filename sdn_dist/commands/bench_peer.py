@@ -7,7 +7,10 @@ the trainer's ``distill_step`` on the same per-rank micro-batch (rank r takes it
 global batch, as the trainer's readers give it), the batches held in memory, torch Adam.
 ``kind="deepspeed"`` runs the trainer's own DeepSpeed engine (``loop.build_engine``, so the
 ``deepspeed.*`` options apply) in the same harness: what the engine costs apart from Ray and the
-reader actors (docs/performance.md, "Where the 2-worker step goes").
+reader actors (docs/performance.md, "Where the 2-worker step goes"). ``kind="independent"`` is
+the DDP loop without the gradient all-reduce: each process trains its own copy on its micro-batch.
+It does no data-parallel training at all; it measures what the machine itself gives N processes at
+that micro-batch, the ceiling any data-parallel layout can reach here.
 """
 
 from __future__ import annotations
@@ -57,9 +60,10 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
     text_dim = batches[0][1].shape[1]
     teacher, student = _models(cfg, text_dim, cfg.seed)
     teacher = teacher.to(device)
-    if kind == "ddp":
+    if kind in ("ddp", "independent"):
         student = student.to(device)
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[rank] if use_gpu else None)
+        model = (torch.nn.parallel.DistributedDataParallel(student, device_ids=[rank] if use_gpu else None)
+                 if kind == "ddp" else student)
         opt_cls = torch.optim.AdamW if stage_cfg.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(model.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas,
                       weight_decay=stage_cfg.weight_decay)
@@ -75,7 +79,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         image, text = image[rank * micro:(rank + 1) * micro], text[rank * micro:(rank + 1) * micro]
         real, text = prepare_batch(image, text, device, torch.float32)
         loss, _ = distill_step(teacher, model, real, text, stage, cfg)
-        if kind == "ddp":
+        if kind != "deepspeed":
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -95,7 +99,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         dt = time.perf_counter() - t
         chunks.append(batch * len(out) / dt)
         step_seconds += [dt / len(out)] * len(out)
-    weights = {k: v.detach().float().cpu() for k, v in model.module.state_dict().items()}
+    weights = {k: v.detach().float().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "step_seconds": step_seconds, "chunk_samples_per_sec": chunks, "losses": losses,
         "param_sha256": _digest(weights)}))
