@@ -274,9 +274,9 @@ def test_unknown_point_weight_names_key():
 
 # ------------------------------------------------------------------------------- teacher training
 
-def _fake_batches(n=60, size=32, batch=8):
-    """A stand-in for sdn_dist.data.pipeline.iter_batches: red squares on the left, blue on the
-    right; attributes colour/side, plus a float attribute that must not become a head."""
+def _fake_stream(n: int, size: int, sample):
+    """A stand-in for sdn_dist.data.pipeline.iter_batches over ``n`` samples; ``sample(i)`` ->
+    (image [3, size, size], attributes of sample i)."""
     def gen(urls, *, image_size, batch_size, text_encoder=None, shuffle=True, seed=0, epochs=None, caption="random"):
         assert image_size == size
         g = torch.Generator().manual_seed(seed)
@@ -285,18 +285,23 @@ def _fake_batches(n=60, size=32, batch=8):
             order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
             for s in range(0, n, batch_size):
                 idx = order[s:s + batch_size]
-                imgs, metas = [], []
-                for i in idx:
-                    colour, side = ("red", "blue")[i % 2], ("left", "right")[(i // 2) % 2]
-                    img = torch.zeros(3, size, size)
-                    c0 = 0 if side == "left" else size // 2
-                    img[0 if colour == "red" else 2, 4:-4, c0:c0 + size // 2] = 1.0
-                    imgs.append(img)
-                    metas.append({"attributes": {"colour": colour, "side": side, "x": 0.5}})
+                imgs, attrs = zip(*(sample(i) for i in idx))
                 yield {"image": torch.stack(imgs), "text": None, "captions": [""] * len(idx),
-                       "meta": metas, "key": [f"s{i:05d}" for i in idx]}
+                       "meta": [{"attributes": a} for a in attrs], "key": [f"s{i:05d}" for i in idx]}
             epoch += 1
     return gen
+
+
+def _fake_batches(n=60, size=32):
+    """Red squares on the left, blue on the right; attributes colour/side, plus a float attribute
+    that must not become a head."""
+    def sample(i):
+        colour, side = ("red", "blue")[i % 2], ("left", "right")[(i // 2) % 2]
+        img = torch.zeros(3, size, size)
+        c0 = 0 if side == "left" else size // 2
+        img[0 if colour == "red" else 2, 4:-4, c0:c0 + size // 2] = 1.0
+        return img, {"colour": colour, "side": side, "x": 0.5}
+    return _fake_stream(n, size, sample)
 
 
 def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
@@ -327,22 +332,12 @@ def _random_colour_batches(n=96, size=32):
     stand-in, colours [n, 3])."""
     colours = torch.rand(n, 3, generator=torch.Generator().manual_seed(1))
 
-    def gen(urls, *, image_size, batch_size, text_encoder=None, shuffle=True, seed=0, epochs=None, caption="random"):
-        g = torch.Generator().manual_seed(seed)
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
-            for s in range(0, n, batch_size):
-                idx = order[s:s + batch_size]
-                imgs = torch.full((len(idx), 3, size, size), 0.5)
-                for b, i in enumerate(idx):
-                    c0 = 0 if i % 2 == 0 else size // 2
-                    imgs[b, :, 4:-4, c0:c0 + size // 2] = colours[i].view(3, 1, 1)
-                yield {"image": imgs, "text": None, "captions": [""] * len(idx),
-                       "meta": [{"attributes": {"side": ("left", "right")[i % 2]}} for i in idx],
-                       "key": [f"s{i:05d}" for i in idx]}
-            epoch += 1
-    return gen, colours
+    def sample(i):
+        img = torch.full((3, size, size), 0.5)
+        c0 = 0 if i % 2 == 0 else size // 2
+        img[:, 4:-4, c0:c0 + size // 2] = colours[i].view(3, 1, 1)
+        return img, {"side": ("left", "right")[i % 2]}
+    return _fake_stream(n, size, sample), colours
 
 
 def test_teacher_colour_heads_keep_the_colour_in_the_trunk(tmp_path, monkeypatch):

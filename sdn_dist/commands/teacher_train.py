@@ -59,7 +59,7 @@ from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.errors import DataError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
-from sdn_dist.model.plan import scaled_cfg
+from sdn_dist.model.plan import point_shapes, scaled_cfg
 
 HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
@@ -236,9 +236,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     params = list(teacher.parameters()) + list(heads.parameters())
     readouts = None
     if tcfg.colour_heads > 0:
-        with torch.no_grad():
-            shapes = {p: f.shape[1] for p, f in teacher(torch.zeros(1, 3, size, size)).items() if p != "image"}
-        readouts = ColourReadouts(shapes)
+        readouts = ColourReadouts({p: c for p, (c, _, _) in point_shapes(model_cfg).items() if p != "image"})
         params += list(readouts.parameters())
     opt = torch.optim.Adam(params, lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tcfg.steps))
