@@ -242,6 +242,24 @@ def test_resume_gives_same_continuation(tmp_path):
     assert odd == seq[8:38]
 
 
+def test_readers_ship_uint8_and_the_trainer_gets_the_same_float_batch(synth_dir):
+    """Reader actors send the decoded uint8 images (a quarter of the bytes through Ray's object
+    store) and the trainer converts them: the step sees exactly the float batch the stream would
+    have made itself."""
+    from sdn_dist.training.loop import prepare_batch
+    urls = expand_urls(str(synth_dir / "train-*.tar"))
+    stream = RankStream(urls, shard_counts(urls), 0, 1, seed=5, shuffle=True, image_size=SIZE, shuffle_buffer=4)
+    as_float = list(stream.iter_samples(0, batch_size=4, stop_sample=12))
+    as_uint8 = list(stream.iter_samples(0, batch_size=4, stop_sample=12, uint8=True))
+    assert len(as_float) == len(as_uint8) == 3
+    for f, u in zip(as_float, as_uint8):
+        assert u["image"].dtype == torch.uint8 and u["image"].shape == (4, SIZE, SIZE, 3)
+        assert u["image"].numpy().nbytes * 4 == f["image"].numpy().nbytes
+        real, _ = prepare_batch(u["image"].numpy(), np.zeros((4, 2), np.float32), torch.device("cpu"), torch.float32)
+        assert real.dtype == torch.float32 and torch.equal(real, f["image"])
+        assert f["image"].max() <= 1.0 and f["image"].max() > 0.5     # [0, 1], not [0, 255]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad data
 # ---------------------------------------------------------------------------------------------

@@ -236,10 +236,10 @@ def load_config_of(out):
     return Config.model_validate(yaml.safe_load((Path(out) / "config.yaml").read_text()))
 
 
-def _popen_train(out, shards, attempt):
+def _popen_train(out, shards, attempt, extra=()):
     args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
                   "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar"]
-    for s in RESUME:
+    for s in RESUME + list(extra):
         args += ["--set", s]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, SDN_ATTEMPT=attempt))
@@ -264,13 +264,15 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
     """Preemption, both ways in, one run: SIGTERM to the driver in stage 1, rerun; SIGTERM to the
     rank-1 worker process in stage 2, rerun. Each time: a checkpoint at the step the run stopped at,
     exit status 75, and the rerun's first step is the next one (no step lost). The whole run ends
-    bit-identical to the uninterrupted one (same per-step losses, same final weights)."""
+    bit-identical to the uninterrupted one (same per-step losses, same final weights). The ranks
+    agree on a stop every checkpoint.preempt_check_every steps (7 here), so it lands on one of those."""
     from sdn_dist.training.preemption import EXIT_PREEMPTED
     out = tmp_path / "preempted"
+    every = 7
     plan = [("a1", lambda r: r["rank"] == 0 and r["step"] >= 60, lambda r: proc.pid, 1),       # the driver
             ("a2", lambda r: r["rank"] == 1 and r["step"] >= 310, lambda r: r["pid"], 2)]      # a training worker
     for attempt, when, target, stage in plan:
-        proc = _popen_train(out, shards, attempt)
+        proc = _popen_train(out, shards, attempt, [f"checkpoint.preempt_check_every={every}"])
         try:
             hit = _sigterm_when(proc, out, attempt, when, target)
             stdout, stderr = proc.communicate(timeout=300)
@@ -283,6 +285,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
         pre = [e for e in events(out) if e["event"] == "preempted" and e["step"] == stopped]
         assert len(pre) == 1 and pre[0]["stage"] == stage, (stopped, pre)
         assert hit["step"] <= stopped < hit["step"] + 50       # soon (metrics.jsonl lags the run by ~0.5 s)
+        assert stopped % every == 0, stopped                   # at an agreement step, not the next one
         assert json.loads((out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").read_text())["step"] == stopped
     proc = _popen_train(out, shards, "a3")
     stdout, stderr = proc.communicate(timeout=600)

@@ -215,6 +215,12 @@ def decode_captions(data: bytes, max_chars: int | None = None) -> list[str]:
     return lines
 
 
+def as_float_images(image: torch.Tensor) -> torch.Tensor:
+    """Decoded uint8 [b,S,S,3] -> float [b,3,S,S] in [0,1]: a channels-last view, no copy of the
+    layout (``.contiguous()`` makes it NCHW). The batches of every reader and stream come out of it."""
+    return image.permute(0, 3, 1, 2).float().div_(255.0)
+
+
 def decode_embedding(data: bytes, n_captions: int, dim: int) -> np.ndarray:
     """KEY.emb.npy bytes -> float32 [n_captions, dim]; never unpickles."""
     try:
@@ -350,7 +356,8 @@ class RankStream:
                 j = next(it, None)
 
     def iter_samples(self, start_sample: int = 0, worker: int = 0, num_workers: int = 1,
-                     batch_size: int = 1, stop_sample: int | None = None) -> Iterator[dict]:
+                     batch_size: int = 1, stop_sample: int | None = None,
+                     uint8: bool = False) -> Iterator[dict]:
         """Micro-batches of this rank's stream from absolute position ``start_sample``.
 
         Batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)`` (clipped at ``stop_sample``);
@@ -359,7 +366,8 @@ class RankStream:
         ``meta`` list[dict]; ``key`` list[str]; ``epoch`` list[int]; ``index`` (the absolute position
         of the batch's first slot); ``size`` (positions covered, = B except at ``stop_sample``);
         ``skipped`` {reason: n} for the bad samples in this batch's positions. ``b`` <= B when
-        samples were skipped (b may be 0).
+        samples were skipped (b may be 0). ``uint8``: ``image`` is the decoded uint8 [b,S,S,3] instead
+        (a quarter of the bytes to ship; :func:`as_float_images` makes the float batch from it).
         """
         if batch_size < 1 or not 0 <= worker < num_workers:
             raise ValueError("need batch_size >= 1 and 0 <= worker < num_workers")
@@ -378,7 +386,7 @@ class RankStream:
                 ep, ep_whole, ep_good, ep_skips = epoch, start <= self.epoch_start(epoch), 0, SkipCounter()
             i = (pos - start) // bs
             if cur is not None and i != cur:
-                yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
+                yield self._collate(start + cur * bs, bs, items, skipped, stop_sample, uint8)
                 items, skipped = [], SkipCounter()
             cur = i
             s = self._decode(raw, epoch, skipped, ep_skips)
@@ -388,7 +396,7 @@ class RankStream:
         if ep is not None and stop_sample is not None and self.epoch_start(ep + 1) <= stop_sample:
             self._check_epoch(ep, ep_whole, ep_good, ep_skips)
         if cur is not None:
-            yield self._collate(start + cur * bs, bs, items, skipped, stop_sample)
+            yield self._collate(start + cur * bs, bs, items, skipped, stop_sample, uint8)
 
     def _check_epoch(self, epoch, whole: bool, good: int, skips: SkipCounter) -> None:
         if epoch is None or not whole or good or not skips.total:
@@ -452,13 +460,14 @@ class RankStream:
         return matches is not None and record is not None and matches(record)
 
     def _collate(self, index: int, bs: int, items: list[dict], skipped: SkipCounter,
-                 stop: int | None) -> dict:
+                 stop: int | None, uint8: bool = False) -> dict:
         s = self.image_size
         if items:
-            image = torch.from_numpy(np.stack([it["image"] for it in items]))
-            image = image.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # [b,S,S,3] -> [b,3,S,S]
+            image = torch.from_numpy(np.stack([it["image"] for it in items]))      # uint8 [b,S,S,3]
         else:
-            image = torch.zeros(0, 3, s, s)
+            image = torch.zeros(0, s, s, 3, dtype=torch.uint8)
+        if not uint8:
+            image = as_float_images(image).contiguous()
         captions = [it["caption"] for it in items]
         text = None
         if self.text_encoder is not None:

@@ -96,9 +96,10 @@ class DataSpec:
 class Batch:
     """One micro-batch of a rank's stream, as a reader actor delivers it.
 
-    ``image`` float32 [b,3,S,S] in [0,1]; ``text`` float32 [b,D] (b <= the micro-batch: bad samples
-    are skipped, b may be 0); ``index`` the stream position of its first slot; ``skipped`` the
-    reader's cumulative skip counts by reason."""
+    ``image`` uint8 [b,S,S,3] as decoded (a quarter of the bytes of the float batch through Ray's
+    object store; the trainer converts it, ``loop.prepare_batch``); ``text`` float32 [b,D] (b <= the
+    micro-batch: bad samples are skipped, b may be 0); ``index`` the stream position of its first
+    slot; ``skipped`` the reader's cumulative skip counts by reason."""
 
     image: np.ndarray
     text: np.ndarray | None
@@ -128,7 +129,7 @@ class ShardReader:
                                  strict=spec.data.strict, shuffle_buffer=spec.data.shuffle_buffer,
                                  **sample_caps(spec.data))
         self.it = self.stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
-                                           batch_size=micro_batch)
+                                           batch_size=micro_batch, uint8=True)
 
     def next(self) -> Batch:
         t = time.time()

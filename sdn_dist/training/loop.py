@@ -24,6 +24,7 @@ import ray.train
 
 from sdn_dist import fsio
 from sdn_dist.config import Config, StageConfig, deep_merge
+from sdn_dist.data.pipeline import as_float_images
 from sdn_dist.data.readers import DataFeed, DataSpec, peak_rss_bytes, run_at_raylet_priority
 from sdn_dist.model.losses import stage1_loss, stage2_loss
 from sdn_dist.model.student import Student
@@ -130,9 +131,13 @@ def prepare_student(student: torch.nn.Module) -> torch.nn.Module:
 
 
 def prepare_batch(image, text, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A reader's micro-batch (numpy or tensors) -> (real images, text embeddings) on ``device``."""
-    real = torch.as_tensor(image).to(device).contiguous(memory_format=MEMORY_FORMAT)
-    return real, torch.as_tensor(text).to(device, dtype)
+    """A micro-batch (numpy or tensors) -> (real images, text embeddings) on ``device``. ``image``:
+    float [b,3,S,S] in [0,1], or a reader's uint8 [b,S,S,3], converted on ``device`` (the same
+    values: pipeline.as_float_images)."""
+    real = torch.as_tensor(image).to(device)
+    if real.dtype == torch.uint8:
+        real = as_float_images(real)
+    return real.contiguous(memory_format=MEMORY_FORMAT), torch.as_tensor(text).to(device, dtype)
 
 
 def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage: int,
@@ -299,7 +304,8 @@ def train_worker(config: dict) -> None:
         saved = due(state.step, cfg.checkpoint.every, schedule)
         if saved:
             save(ckpt, engine, averaged, state)
-        if preempt.requested():   # collective: every rank stops at this same step
+        # Collective (every rank stops at the same step), so not every step: see preempt_check_every.
+        if due(state.step, cfg.checkpoint.preempt_check_every, schedule) and preempt.requested():
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
             return
         if state.stage == 1 and state.step == schedule.switch_step:

@@ -42,7 +42,8 @@ EXIT_PREEMPTED = 75   # EX_TEMPFAIL (sysexits.h): a checkpoint was saved; rerun 
 
 
 class WorkerPreemption:
-    """One per rank per attempt. ``requested()`` is collective: call it at every step boundary."""
+    """One per rank per attempt. ``requested()`` is collective: every rank calls it at the same steps
+    (every ``checkpoint.preempt_check_every`` steps and at each stage end)."""
 
     def __init__(self, collector, grace_seconds: float):
         self.grace = grace_seconds
