@@ -64,6 +64,7 @@ class ModelConfig(Section):
     distill_fc7: bool = Field(False, description="Extension, off by default: also distil the teacher's fc7 (needs classifier weights).")
     pool: Literal["avg", "max"] = Field("avg", description="Teacher pooling: the method uses average pooling in place of VGG's max pooling.")
     init: Literal["reference", "kaiming"] = Field("reference", description="Student init: reference = N(0, 0.02) convs / N(0, 0.1) FCs as in the released code; kaiming = He init.")
+    text_norm: Literal["none", "standardize"] = Field("none", description="Extension, off by default: standardize = the student centres its text input on the training captions' mean embedding and divides it by their standard deviation (one number for all components, so the embedding's geometry is kept), so that its first layer sees inputs of the scale its init assumes. L2-normalised sentence embeddings vary by ~0.03 per component: at the paper's plain input the demo learnt nothing from the captions for its first ~1000 steps (docs/results.md). The statistics come from the first 1024 training samples (data.caption's choice of caption), computed once by the driver, and live in the student's weights (export, generate and eval use them).")
 
     @model_validator(mode="after")
     def _check(self):

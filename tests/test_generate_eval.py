@@ -120,9 +120,10 @@ def fid_weights(shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ge-run") / "run"
+    # model.text_norm on: generate and eval must apply the statistics the driver measured.
     r = cli("train", "--preset", "debug", "--quiet", "--set", f"out={out}",
             "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
-            timeout=600)
+            "--set", "model.text_norm=standardize", "--set", "data.caption=first", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (out / "export" / "student.pt").exists()
     return out
@@ -135,6 +136,22 @@ def report(run, shards, tmp_path_factory):
     r = cli("eval", "--checkpoint", run, "--shards", f"{shards}/test-*.tar", "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_text_norm_statistics_reach_the_exported_student(run, shards):
+    """The driver measures the training captions' embeddings (model.text_norm=standardize) and
+    the exported student carries them: mean and 1/std of all 160 training captions here."""
+    from sdn_dist.data.pipeline import iter_batches
+    from sdn_dist.data.text import build_text_encoder
+    from sdn_dist.config import load_config
+    enc = build_text_encoder(load_config("debug").text)
+    text = torch.cat([b["text"] for b in iter_batches(f"{shards}/train-*.tar", image_size=32, batch_size=64,
+                                                      text_encoder=enc, shuffle=False, epochs=1, caption="first")]).double()
+    assert len(text) == 160
+    sd = torch.load(run / "export" / "student.pt", weights_only=True)["state_dict"]
+    assert torch.allclose(sd["text_shift"].double(), text.mean(0), atol=1e-6)
+    assert float(sd["text_scale"]) == pytest.approx(1.0 / float((text - text.mean(0)).pow(2).mean().sqrt()), rel=1e-5)
 
 
 @pytest.mark.slow

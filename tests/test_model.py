@@ -83,6 +83,27 @@ def test_student_options():
     assert isinstance(build_teacher(_cfg().model, _cfg().teacher).features[4], torch.nn.AvgPool2d)
 
 
+def test_text_norm_standardizes_the_input_and_travels_with_the_weights():
+    """model.text_norm=standardize: the student sees (text - mean) / std, with the statistics in
+    its state dict (so an exported student standardizes as the trained one did)."""
+    cfg = _cfg("debug", "model.text_norm=standardize")
+    torch.manual_seed(0)
+    student = Student(cfg.model, cfg.text.dim)
+    mean, std = torch.randn(cfg.text.dim) * 0.1, 0.03
+    student.set_text_statistics({"mean": mean.tolist(), "std": std})
+    plain = Student(_cfg("debug").model, cfg.text.dim)
+    plain.load_state_dict({k: v for k, v in student.state_dict().items() if not k.startswith("text_")})
+    text = torch.randn(4, cfg.text.dim) * 0.03 + mean
+    got, want = student(text), plain((text - mean) / std)
+    assert all(torch.allclose(got[p], want[p], atol=1e-5) for p in POINTS)
+    assert not torch.allclose(got["image"], plain(text)["image"], atol=1e-3)   # the transform matters
+    copy = Student(cfg.model, cfg.text.dim)
+    copy.load_state_dict(student.state_dict())                   # buffers included
+    assert torch.equal(copy(text)["image"], got["image"])
+    with pytest.raises(ValueError, match="do not fit"):
+        copy.set_text_statistics({"mean": [0.0] * 3, "std": 1.0})
+
+
 # ------------------------------------------------------------------------------- teacher
 
 def test_teacher_image_point_is_input_and_gradient_reaches_input():

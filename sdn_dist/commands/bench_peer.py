@@ -68,7 +68,8 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         opt = opt_cls(model.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas,
                       weight_decay=stage_cfg.weight_decay)
     elif kind == "deepspeed":
-        model = build_engine(cfg, stage_cfg, text_dim, device)
+        # The same statistics as the plain loops' students (identity): the peers compare speed.
+        model = build_engine(cfg, stage_cfg, text_dim, device, {"mean": [0.0] * text_dim, "std": 1.0})
     else:
         raise ValueError(f"unknown peer kind {kind!r}")
     micro = batches[0][0].shape[0] // world

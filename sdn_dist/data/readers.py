@@ -76,6 +76,7 @@ class DataSpec:
     data: DataConfig
     text: dict
     text_dim: int
+    text_stats: dict | None = None    # model.text_norm = standardize: text_statistics()
 
     @classmethod
     def build(cls, cfg) -> "DataSpec":
@@ -88,8 +89,34 @@ class DataSpec:
         if sum(counts) < cfg.data.batch_size:
             raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")
         encoder = build_text_encoder(cfg.text)
+        stats = text_statistics(urls, counts, cfg, encoder) if cfg.model.text_norm == "standardize" else None
         return cls(urls=urls, counts=counts, seed=cfg.seed, image_size=cfg.model.image_size,
-                   data=cfg.data, text=encoder.record(), text_dim=encoder.dim)
+                   data=cfg.data, text=encoder.record(), text_dim=encoder.dim, text_stats=stats)
+
+
+TEXT_STATISTICS_SAMPLES = 1024
+
+
+def text_statistics(urls: list[str], counts: list[int], cfg, encoder) -> dict:
+    """model.text_norm = standardize: the mean embedding of the captions of the first
+    TEXT_STATISTICS_SAMPLES samples of the training stream (rank 0 of 1, the run's seed and
+    caption choice) and their standard deviation around it (one number: the root mean square
+    over samples and components). Deterministic: every driver of a run computes the same."""
+    stream = RankStream(urls, counts, 0, 1, cfg.seed, cfg.data.shuffle, image_size=cfg.model.image_size,
+                        text_encoder=encoder, caption=cfg.data.caption, strict=cfg.data.strict,
+                        shuffle_buffer=cfg.data.shuffle_buffer, **sample_caps(cfg.data))
+    n = min(TEXT_STATISTICS_SAMPLES, sum(counts))
+    rows = [b["text"] for b in stream.iter_samples(0, batch_size=256, stop_sample=n, uint8=True)]
+    text = torch.cat(rows).double() if rows else torch.zeros(0)
+    if len(text) < 2:
+        raise UserError(f"data.train={cfg.data.train!r}: model.text_norm=standardize needs the captions of at "
+                        f"least 2 readable samples, found {len(text)}")
+    mean = text.mean(0)
+    std = float((text - mean).pow(2).mean().sqrt())
+    if not std > 0:
+        raise UserError(f"data.train={cfg.data.train!r}: the first {len(text)} captions all have the same "
+                        f"embedding; model.text_norm=standardize cannot scale by their spread (0)")
+    return {"mean": mean.float().tolist(), "std": std, "samples": len(text)}
 
 
 @dataclasses.dataclass

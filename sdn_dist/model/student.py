@@ -44,6 +44,12 @@ class Student(nn.Module):
         hidden = fc_dim(model_cfg)
         c5, s5, _ = self.pool5_shape
 
+        # model.text_norm: the input standardisation, set by set_text_statistics before training and
+        # saved with the weights (buffers).
+        self.text_norm = model_cfg.text_norm
+        if self.text_norm == "standardize":
+            self.register_buffer("text_shift", torch.zeros(text_dim))
+            self.register_buffer("text_scale", torch.ones(()))
         self.fc7 = nn.Linear(text_dim + self.noise_dim, hidden)
         self.fc6 = nn.Linear(hidden, hidden)
         self.fc_pool5 = nn.Linear(hidden, c5 * s5 * s5)
@@ -78,6 +84,17 @@ class Student(nn.Module):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
+    @torch.no_grad()
+    def set_text_statistics(self, stats: dict) -> None:
+        """model.text_norm = standardize: {"mean": [text_dim], "std": float} of the training
+        captions' embeddings (data.readers.text_statistics)."""
+        mean = torch.as_tensor(stats["mean"], dtype=self.text_shift.dtype)
+        if mean.shape != self.text_shift.shape or not float(stats["std"]) > 0:
+            raise ValueError(f"text statistics of shape {tuple(mean.shape)} / std {stats['std']} do not fit "
+                             f"a text input of {self.text_dim}")
+        self.text_shift.copy_(mean)
+        self.text_scale.fill_(1.0 / float(stats["std"]))
+
     def producer(self, point: str) -> nn.Module | None:
         """The layer whose output is ``point`` (None for a parameter-free upsample)."""
         if point == FC7:
@@ -89,6 +106,8 @@ class Student(nn.Module):
     def forward(self, text: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """text [B, text_dim] (+ noise [B, noise_dim]) -> {point: tensor} in POINTS order, plus
         "fc7" (the first FC output, matched only when model.distill_fc7 is on)."""
+        if self.text_norm == "standardize":
+            text = (text - self.text_shift) * self.text_scale
         if self.noise_dim:
             if noise is None:
                 noise = torch.randn(text.shape[0], self.noise_dim, device=text.device, dtype=text.dtype)

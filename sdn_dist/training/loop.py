@@ -95,11 +95,17 @@ def _this_environments_tools_first() -> None:
         os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
 
 
-def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device):
-    """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method says)."""
+def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device, text_stats: dict | None = None):
+    """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method
+    says). ``text_stats``: the driver's DataSpec.text_stats (model.text_norm = standardize)."""
     _this_environments_tools_first()
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
-    student = prepare_student(Student(cfg.model, text_dim).to(device))
+    student = Student(cfg.model, text_dim)
+    if cfg.model.text_norm == "standardize":
+        if text_stats is None:
+            raise ValueError("model.text_norm=standardize needs the training captions' statistics (DataSpec.text_stats)")
+        student.set_text_statistics(text_stats)
+    student = prepare_student(student.to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
                                            config=deepspeed_config(cfg, stage_cfg))
     return engine
@@ -270,7 +276,7 @@ def train_worker(config: dict) -> None:
         ckpt.clean_incomplete()
     dist.barrier()
 
-    state, engine = resume(cfg, ckpt, world, spec.text_dim, device)
+    state, engine = resume(cfg, ckpt, world, spec, device)
     if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
         collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
     if rank == 0 and state.step:
@@ -311,7 +317,7 @@ def train_worker(config: dict) -> None:
         if state.stage == 1 and state.step == schedule.switch_step:
             # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
             del engine
-            engine = build_engine(cfg, cfg.stage2, spec.text_dim, device)
+            engine = build_engine(cfg, cfg.stage2, spec.text_dim, device, spec.text_stats)
             ckpt.load(engine, f"step-{state.step:08d}", module_only=True)
             averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
             state.stage = 2
@@ -348,15 +354,16 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
     preempt.close()
 
 
-def resume(cfg: Config, ckpt: Checkpointer, world: int, text_dim: int, device) -> tuple[TrainState, object]:
+def resume(cfg: Config, ckpt: Checkpointer, world: int, spec: DataSpec, device) -> tuple[TrainState, object]:
     """The last complete checkpoint's state and engine, or a fresh start. A checkpoint saved at the
     switch holds stage-1 optimizer state: it brings only the weights into a fresh stage-2 engine."""
     latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
     if latest is None:
         state = TrainState.start(cfg, world)
-        return state, build_engine(cfg, cfg.stage1 if state.stage == 1 else cfg.stage2, text_dim, device)
+        return state, build_engine(cfg, cfg.stage1 if state.stage == 1 else cfg.stage2, spec.text_dim, device,
+                                   spec.text_stats)
     stage = TrainState.restore(latest, {}, cfg, world).schedule.stage_at(latest["step"])
-    engine = build_engine(cfg, cfg.stage1 if stage == 1 else cfg.stage2, text_dim, device)
+    engine = build_engine(cfg, cfg.stage1 if stage == 1 else cfg.stage2, spec.text_dim, device, spec.text_stats)
     saved = ckpt.load(engine, latest["tag"], module_only=latest["stage"] != stage)
     state = TrainState.restore(saved, saved["tensors"], cfg, world)
     restore_rng(state.rng)
