@@ -133,8 +133,8 @@ class CheckpointConfig(Section):
     upload_retry_seconds: float = Field(1.0, gt=0, le=600, description="Wait before the first upload retry; doubles each retry (capped at 60 s).")
     upload_timeout_seconds: float = Field(1800.0, gt=0, description="Rank 0 gives up a checkpoint whose other ranks have not all finished uploading within this long.")
     preempt_grace_seconds: float = Field(25.0, gt=0, le=3600, description="After SIGTERM (to the driver or any training worker: Kubernetes eviction, spot reclaim), save a checkpoint at the next step boundary and exit with status 75 (EX_TEMPFAIL) within this many seconds; keep it below the pod's terminationGracePeriodSeconds (30 s by default). Rerunning the same command resumes from that checkpoint.")
-
     preempt_check_every: int = Field(10, ge=1, description="Steps between the ranks' agreement on whether a SIGTERM came (a collective: every rank must stop at the same step); also at each stage end. The stop comes within this many steps of the signal, so preempt_grace_seconds must cover them plus one checkpoint save. 1 = every step (one more all-reduce per step: 2-3 % of a 2-worker CPU step, docs/performance.md).")
+
 
 class MetricsConfig(Section):
     port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint port (0 = off).")
@@ -258,9 +258,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "out": "runs/demo",
         "workers": 2,
         "text": {"encoder": "minilm", "dim": 384},
-        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming"},
+        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming", "text_norm": "standardize"},
         "data": {"batch_size": 16},
-        # The teacher keeps the colours at every level (teacher.train.colour_heads), both stages
+        # text_norm: MiniLM's unit-length embeddings vary by ~0.03 per component, so He init's
+        # first layer saw almost nothing of the caption: at the plain input the student learnt
+        # nothing from the text for ~1000 steps and the colour (the attribute it learns last)
+        # only half (seed 0 seen colour 0.58 -> 0.87, docs/results.md). The teacher keeps the colours at every level (teacher.train.colour_heads), both stages
         # warm up and decay (warmup_cosine: at a constant 1e-3 stage 2 diverged on one CPU
         # model), and both weigh the pixel point 5x: the teacher's features are easy to satisfy
         # with the wrong colours, the pixels are not. 3500 + 3500 steps: ~9.5 minutes of training
