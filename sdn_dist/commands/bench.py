@@ -51,6 +51,7 @@ import os
 import platform
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -347,6 +348,7 @@ def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan,
     """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures;
     with ``batches``, also the stage-2 loss of the exported student over them against its init."""
     out = workdir / f"run-{workers}x{n_threads}"
+    shutil.rmtree(out, ignore_errors=True)      # a fresh run: a reused workdir must not resume
     steps = steps or plan.steps
     cfg = base_cfg.model_copy(deep=True)
     cfg.out, cfg.workers, cfg.threads_per_worker = str(out), workers, n_threads
