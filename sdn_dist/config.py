@@ -263,11 +263,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # text_norm: MiniLM's unit-length embeddings vary by ~0.03 per component, so He init's
         # first layer saw almost nothing of the caption: at the plain input the student learnt
         # nothing from the text for ~1000 steps and the colour (the attribute it learns last)
-        # only half (seed 0 seen colour 0.58 -> 0.87, docs/results.md). The teacher keeps the colours at every level (teacher.train.colour_heads), both stages
-        # warm up and decay (warmup_cosine: at a constant 1e-3 stage 2 diverged on one CPU
-        # model), and both weigh the pixel point 5x: the teacher's features are easy to satisfy
-        # with the wrong colours, the pixels are not. 3500 + 3500 steps: ~9.5 minutes of training
-        # on 2 quiet cores, the demo ~12 in all (docs/results.md, "What we tried").
+        # only half (seed 0 seen colour 0.58 -> 0.87, docs/results.md). The teacher keeps the
+        # colours at every level (teacher.train.colour_heads), both stages warm up and decay
+        # (warmup_cosine: at a constant 1e-3 stage 2 diverged on one CPU model), and both weigh
+        # the pixel point 5x: the teacher's features are easy to satisfy with the wrong colours,
+        # the pixels are not. 3500 + 3500 steps: ~9 minutes of training on 2 quiet cores, the
+        # demo ~11 in all (docs/results.md, "What we tried").
         "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0}},
         "stage1": {"steps": 3500, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
                    "point_weights": {"image": 5.0}},
