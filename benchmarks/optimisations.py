@@ -67,7 +67,9 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
     if name == "engine":
         teacher = trainer.prepare_teacher(teacher)
         cfg_e = cfg.model_copy(update={"workers": 1})
-        engine = trainer.build_engine(cfg_e, st, text.shape[1], torch.device("cpu"))
+        # model.text_norm: identity statistics, as the other variants' students have (speed only).
+        engine = trainer.build_engine(cfg_e, st, text.shape[1], torch.device("cpu"),
+                                      {"mean": [0.0] * text.shape[1], "std": 1.0})
 
         def engine_step():
             r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
