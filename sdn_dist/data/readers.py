@@ -116,7 +116,7 @@ def text_statistics(urls: list[str], counts: list[int], cfg, encoder) -> dict:
     if not std > 0:
         raise UserError(f"data.train={cfg.data.train!r}: the first {len(text)} captions all have the same "
                         f"embedding; model.text_norm=standardize cannot scale by their spread (0)")
-    return {"mean": mean.float().tolist(), "std": std, "samples": len(text)}
+    return {"mean": mean.float().tolist(), "std": std}
 
 
 @dataclasses.dataclass
