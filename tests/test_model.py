@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from sdn_dist.config import PRESETS, StageConfig, load_config
+from sdn_dist.config import PRESETS, ModelConfig, StageConfig, load_config
 from sdn_dist.errors import ConfigError, WeightsError
 from sdn_dist.model.losses import stage1_loss, stage2_loss
 from sdn_dist.commands.model_table import format_table, model_table
@@ -347,6 +347,24 @@ def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
     assert teacher.frozen and torch.equal(teacher.features[0].weight, sd["features.0.weight"])
 
 
+def test_teacher_train_labels_choose_the_heads(tmp_path, monkeypatch):
+    """teacher.train.labels: only the named labels get a head (and are what the teacher is trained
+    and scored on); a name the shards do not carry is refused naming the key, the name and the
+    labels they do carry, and writes no file."""
+    import sdn_dist.commands.teacher_train as tt
+    monkeypatch.setattr(tt, "iter_batches", _fake_batches())
+    cfg = _cfg("debug", "teacher.train.steps=5", "teacher.train.batch_size=16", "teacher.train.labels=[side]")
+    out = tmp_path / "teacher.pt"
+    res = tt.train_teacher(cfg, "fake://shards", str(out), progress=False)
+    assert set(res["accuracy"]) == {"side"}
+    assert torch.load(out, weights_only=True)["meta"]["heads"]["classes"] == {"side": ["left", "right"]}
+
+    bad = _cfg("debug", "teacher.train.steps=5", "teacher.train.labels=[side,hue]")
+    with pytest.raises(ConfigError, match=r"teacher\.train\.labels: \['hue'\].*carry: colour, side"):
+        tt.train_teacher(bad, "fake://shards", str(tmp_path / "bad.pt"), progress=False)
+    assert not list(tmp_path.glob("bad.pt*"))
+
+
 def _random_colour_batches(n=96, size=32):
     """Squares of a random RGB colour on the left or right of a grey image; the only label is the
     side, so the attribute heads alone have no reason to keep the colour. -> (iter_batches
@@ -433,3 +451,25 @@ def test_a_trained_student_draws_the_background_its_caption_names():
         loss.backward()
         opt.step()
     assert accuracy(student) >= 0.9 > majority + 0.3, (accuracy(student), majority)
+
+
+def test_negative_slope_lets_a_unit_that_is_off_everywhere_learn():
+    """model.negative_slope: a student unit whose input is negative at every position (a ReLU
+    unit 'dead' for every object it would have to draw) gets no gradient from the distillation
+    loss under ReLU, and does with a leaky slope."""
+    torch.manual_seed(0)
+    text = torch.randn(4, 16)
+
+    def conv1_1_grad(slope: float) -> float:
+        cfg = ModelConfig(image_size=32, width=1 / 16, fc_dim=32, init="kaiming", negative_slope=slope)
+        torch.manual_seed(1)
+        s = Student(cfg, text_dim=16)
+        with torch.no_grad():
+            s.convs["conv1_1"].bias[0] = -1e3          # channel 0 of g_conv1_1 is below 0 everywhere
+        g = s(text)
+        target = torch.ones_like(g["conv1_1"])          # the teacher's unit is on everywhere
+        torch.nn.functional.l1_loss(g["conv1_1"], target).backward()
+        return float(s.convs["conv1_1"].weight.grad[0].abs().sum())
+
+    assert conv1_1_grad(0.0) == 0.0
+    assert conv1_1_grad(0.1) > 0.0

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from sdn_dist.config import Config
 from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.data.pipeline import iter_batches
-from sdn_dist.errors import DataError
+from sdn_dist.errors import ConfigError, DataError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
 from sdn_dist.model.plan import point_shapes, scaled_cfg
 
@@ -224,6 +224,12 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
 
     classes, held_img, held_meta, n_scanned = _scan(shards, size, tcfg.batch_size, cfg.seed)
+    if tcfg.labels:
+        unknown = [n for n in tcfg.labels if n not in classes]
+        if unknown:
+            raise ConfigError(f"teacher.train.labels: {unknown} not among the labels of {shards} "
+                              f"(they carry: {', '.join(classes) or 'none'})")
+        classes = {n: classes[n] for n in tcfg.labels}
     if not classes:
         raise DataError(f"shards {shards}: no usable labels (need meta 'attributes' with 2+ values "
                         f"per name, or meta 'label'); `teacher train` trains a classifier on them")

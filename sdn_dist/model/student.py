@@ -73,15 +73,16 @@ class Student(nn.Module):
                 if init == "reference":
                     nn.init.normal_(m.weight, 0.0, 0.02)
                 else:
-                    # The image conv is linear: He init with gain 1 there, ReLU gain elsewhere.
+                    # The image conv is linear: He init with gain 1 there, (leaky) ReLU gain elsewhere.
                     lin = m is self.convs["image"]
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="linear" if lin else "relu")
+                    nn.init.kaiming_normal_(m.weight, a=self.model_cfg.negative_slope,
+                                            nonlinearity="linear" if lin else "leaky_relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 if init == "reference":
                     nn.init.normal_(m.weight, 0.0, 0.1)
                 else:
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.kaiming_normal_(m.weight, a=self.model_cfg.negative_slope, nonlinearity="leaky_relu")
                 nn.init.zeros_(m.bias)
 
     @torch.no_grad()
@@ -94,6 +95,10 @@ class Student(nn.Module):
                              f"a text input of {self.text_dim}")
         self.text_shift.copy_(mean)
         self.text_scale.fill_(1.0 / float(stats["std"]))
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        slope = self.model_cfg.negative_slope
+        return F.leaky_relu(x, slope) if slope else F.relu(x)
 
     def producer(self, point: str) -> nn.Module | None:
         """The layer whose output is ``point`` (None for a parameter-free upsample)."""
@@ -112,9 +117,10 @@ class Student(nn.Module):
             if noise is None:
                 noise = torch.randn(text.shape[0], self.noise_dim, device=text.device, dtype=text.dtype)
             text = torch.cat([text, noise], dim=1)          # [B, D + N]
-        g_fc7 = F.relu(self.fc7(text))                        # [B, H]
-        g_fc6 = F.relu(self.fc6(g_fc7))                       # [B, H]
-        x = F.relu(self.fc_pool5(g_fc6))                      # [B, C5*s5*s5]
+        act = self._act
+        g_fc7 = act(self.fc7(text))                           # [B, H]
+        g_fc6 = act(self.fc6(g_fc7))                          # [B, H]
+        x = act(self.fc_pool5(g_fc6))                         # [B, C5*s5*s5]
         x = x.view(x.shape[0], *self.pool5_shape)             # [B, C5, s5, s5] = g_pool5
         out = {"pool5": x}
         for point, kind in self._steps:
@@ -123,7 +129,7 @@ class Student(nn.Module):
             else:
                 x = self.convs[point](x)
                 if point != "image":       # the image is linear (pixels are a regression target)
-                    x = F.relu(x)
+                    x = act(x)
             out[point] = x
         g = {p: out[p] for p in POINTS}
         if self.model_cfg.distill_fc7:
