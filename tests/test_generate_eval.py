@@ -227,6 +227,14 @@ def test_eval_report_fields_and_ranges(report, run):
         assert 0 <= v["ssim"] <= 1 and 0 <= v["fsim"] <= 1
         assert set(v["attribute_accuracy"]) == attrs
         assert all(0 <= x <= 1 for x in {**v["attribute_accuracy"], **v["attribute_accuracy_real"]}.values())
+    # The confusion table: caption's value -> what the evaluator sees in the generated image. Its
+    # rows hold every scored image and its diagonal is the generated images' accuracy.
+    for v in [rep, *rep["by_split"].values()]:
+        for a, rows in v["attribute_confusion"].items():
+            assert sum(sum(r.values()) for r in rows.values()) == v["attribute_n"][a]
+            right = sum(r.get(t, 0) for t, r in rows.items())
+            assert right / v["attribute_n"][a] == pytest.approx(v["attribute_accuracy"][a], abs=1e-4)
+    assert set(rep["attribute_confusion"]) == attrs
     assert "inception_score" not in rep                          # only with user-supplied weights
     assert Path(rep["summary"]).read_text().count("SSIM") >= 1
     with Image.open(rep["grid"]) as im:

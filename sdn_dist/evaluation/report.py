@@ -238,6 +238,8 @@ class _Tally:
         self.correct_real = {a: 0 for a in names}
         self.scored = {a: 0 for a in names}
         self.counts: dict[str, dict[int, int]] = {a: {} for a in names}
+        # (caption's class, class the evaluator sees in the generated image) -> images
+        self.confusion: dict[str, dict[tuple[int, int], int]] = {a: {} for a in names}
 
     def metrics(self, classes: dict[str, list[str]]) -> dict[str, Any]:
         out: dict[str, Any] = {"n_images": self.n,
@@ -250,7 +252,16 @@ class _Tally:
             out["attribute_n"] = {a: self.scored[a] for a in scored}
             out["attribute_accuracy_mean"] = _mean(out["attribute_accuracy"])
             out["attribute_accuracy_real_mean"] = _mean(out["attribute_accuracy_real"])
+            out["attribute_confusion"] = {a: _confusion(self.confusion[a], classes[a]) for a in scored}
         return out
+
+
+def _confusion(pairs: dict[tuple[int, int], int], names: list[str]) -> dict[str, dict[str, int]]:
+    """{caption's class: {class seen in the generated image: images}}, non-zero cells only."""
+    out: dict[str, dict[str, int]] = {}
+    for (t, p), c in sorted(pairs.items()):
+        out.setdefault(names[t], {})[names[p]] = c
+    return out
 
 
 def _r(x: float, nd: int = 4) -> float:
@@ -394,6 +405,8 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
                         tl.correct_gen[a] += int(pg[a][i] == t)
                         tl.correct_real[a] += int(pr[a][i] == t)
                         tl.counts[a][t] = tl.counts[a].get(t, 0) + 1
+                        cell = (t, int(pg[a][i]))
+                        tl.confusion[a][cell] = tl.confusion[a].get(cell, 0) + 1
         if inception is not None:
             f, p = inception_outputs(inception, fake)
             feats_gen.append(f)
@@ -436,6 +449,7 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
         report["attribute_accuracy_mean"] = overall.get("attribute_accuracy_mean")
         report["attribute_accuracy_real_mean"] = overall.get("attribute_accuracy_real_mean")
         report["attribute_n"] = overall.get("attribute_n", {})
+        report["attribute_confusion"] = overall.get("attribute_confusion", {})
         scored = list(report["attribute_accuracy"])
         report["chance"] = {a: _r(1.0 / len(classes[a])) for a in scored}
         allc = tallies["all"].counts
@@ -506,6 +520,11 @@ def format_report(report: dict) -> str:
         if acc:
             lines.append(f"  {'mean':12s} {report['attribute_accuracy_mean']:9.3f} "
                          f"{report['attribute_accuracy_real_mean']:6.3f}")
+        mistakes = _top_mistakes(report.get("attribute_confusion") or {})
+        if mistakes:
+            lines.append("most frequent mistakes in the generated images (caption's value -> what "
+                         "the evaluator sees; attribute_confusion in report.json has them all)")
+            lines.extend(f"  {a:12s} {m}" for a, m in mistakes)
     if "inception_score" in report:
         lines.append("")
         lines.append(f"Inception Score {report['inception_score']:.3f} +- "
@@ -519,6 +538,16 @@ def format_report(report: dict) -> str:
     if report.get("grid"):
         lines.append(f"grid: {report['grid']}")
     return "\n".join(lines) + "\n"
+
+
+def _top_mistakes(confusion: dict[str, dict[str, dict[str, int]]], top: int = 3) -> list[tuple[str, str]]:
+    """[(attribute, "blue -> purple 85, ...")] for each attribute with off-diagonal cells."""
+    out = []
+    for a, rows in confusion.items():
+        off = sorted(((c, t, p) for t, row in rows.items() for p, c in row.items() if p != t), reverse=True)
+        if off:
+            out.append((a, ", ".join(f"{t} -> {p} {c}" for c, t, p in off[:top])))
+    return out
 
 
 def _fmt(x) -> str:
