@@ -237,8 +237,8 @@ class _Tally:
         self.correct_gen = {a: 0 for a in names}
         self.correct_real = {a: 0 for a in names}
         self.scored = {a: 0 for a in names}
-        self.counts: dict[str, dict[int, int]] = {a: {} for a in names}
-        # (caption's class, class the evaluator sees in the generated image) -> images
+        # (caption's class, class the evaluator sees in the generated image) -> images; a row's
+        # sum is how many scored samples have that class
         self.confusion: dict[str, dict[tuple[int, int], int]] = {a: {} for a in names}
 
     def metrics(self, classes: dict[str, list[str]]) -> dict[str, Any]:
@@ -261,6 +261,14 @@ def _confusion(pairs: dict[tuple[int, int], int], names: list[str]) -> dict[str,
     out: dict[str, dict[str, int]] = {}
     for (t, p), c in sorted(pairs.items()):
         out.setdefault(names[t], {})[names[p]] = c
+    return out
+
+
+def _class_counts(pairs: dict[tuple[int, int], int]) -> dict[int, int]:
+    """{caption's class: scored samples} from the confusion cells."""
+    out: dict[int, int] = {}
+    for (t, _), c in pairs.items():
+        out[t] = out.get(t, 0) + c
     return out
 
 
@@ -404,7 +412,6 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
                         tl.scored[a] += 1
                         tl.correct_gen[a] += int(pg[a][i] == t)
                         tl.correct_real[a] += int(pr[a][i] == t)
-                        tl.counts[a][t] = tl.counts[a].get(t, 0) + 1
                         cell = (t, int(pg[a][i]))
                         tl.confusion[a][cell] = tl.confusion[a].get(cell, 0) + 1
         if inception is not None:
@@ -452,8 +459,9 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
         report["attribute_confusion"] = overall.get("attribute_confusion", {})
         scored = list(report["attribute_accuracy"])
         report["chance"] = {a: _r(1.0 / len(classes[a])) for a in scored}
-        allc = tallies["all"].counts
-        report["majority"] = {a: _r(max(allc[a].values()) / sum(allc[a].values())) for a in scored}
+        conf = tallies["all"].confusion
+        report["majority"] = {a: _r(max(_class_counts(conf[a]).values()) / tallies["all"].scored[a])
+                              for a in scored}
         unscored = [a for a in names if a not in scored]
         if unscored:
             notes.append(f"not scored (no test sample has a value the evaluator knows): "
