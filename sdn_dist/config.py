@@ -108,6 +108,7 @@ class StageConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
     loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
     point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1.")
+    tv_weight: float = Field(0.0, ge=0, description="Extension, off by default (0 = the paper): weight of the generated image's total variation, the mean absolute difference between neighbouring pixels (down plus right, on [0,1] pixels), added to this stage's loss and logged as point `tv`. The image prior of feature-inversion and perceptual-loss generators (Mahendran & Vedaldi 2015, Johnson et al. 2016): matching a teacher's features leaves pixel noise the features do not see, which costs FSIM. Real images of the synthetic benchmark have ~0.02.")
     plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="Early switch rule (stage 1 only).")
 
 

@@ -260,15 +260,20 @@ def test_losses_zero_when_equal_positive_otherwise():
         assert torch.isclose(weighted, total + 2 * per["image"])
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage):
-    from sdn_dist.training.loop import distill_step
+def _step_inputs(n: int):
+    """debug preset: (cfg, student, frozen teacher, n real images, n text embeddings), seed 0."""
     torch.manual_seed(0)
     cfg = _cfg("debug")
     student, teacher = _models(cfg)
     teacher.freeze()
-    real = torch.rand(4, 3, cfg.model.image_size, cfg.model.image_size)
-    text = torch.randn(4, cfg.text.dim)
+    return (cfg, student, teacher, torch.rand(n, 3, cfg.model.image_size, cfg.model.image_size),
+            torch.randn(n, cfg.text.dim))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage):
+    from sdn_dist.training.loop import distill_step
+    cfg, student, teacher, real, text = _step_inputs(4)
     dtypes = []
     hook = student.convs["image"].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     results = {}
@@ -285,6 +290,27 @@ def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage)
     assert l16 == pytest.approx(l32, rel=0.05)              # bf16 keeps ~3 significant digits
     assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.9
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_tv_weight_adds_the_generated_images_total_variation(stage):
+    """stageN.tv_weight: the training step's loss (``loop.distill_step``) gains tv_weight times the
+    total variation of the image the student generated, logged as point "tv", and its gradient
+    reaches the student in both stages (in stage 2 through the frozen teacher's input)."""
+    from sdn_dist.training.loop import distill_step
+    cfg, student, teacher, real, text = _step_inputs(2)
+    base, parts = distill_step(teacher, student, real, text, stage, cfg)
+    assert "tv" not in parts                                   # off by default: the paper's loss
+    on = cfg.model_copy(update={f"stage{stage}": getattr(cfg, f"stage{stage}").model_copy(update={"tv_weight": 2.5})})
+    total, parts = distill_step(teacher, student, real, text, stage, on)
+    image = student(text)["image"]
+    tv = ((image[..., 1:, :] - image[..., :-1, :]).abs().mean() + (image[..., :, 1:] - image[..., :, :-1]).abs().mean())
+    assert parts["tv"].item() == pytest.approx(tv.item(), rel=1e-5) and tv.item() > 0
+    assert total.item() == pytest.approx(base.item() + 2.5 * tv.item(), rel=1e-5)
+    # the gradient of the tv term alone reaches the student's last conv
+    student.zero_grad()
+    (total - base).backward()          # both graphs are the same but for the tv term
+    assert student.convs["image"].weight.grad.abs().sum() > 0
 
 
 def test_unknown_point_weight_names_key():

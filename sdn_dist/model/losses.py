@@ -5,7 +5,8 @@
 
 loss = sum over matched points X of w_X * mean |a_X - b_X|   (l2: mean (a_X - b_X)^2)
 with w_X = stageN.point_weights[X], default 1 (the paper: L1, all weights 1). A point whose weight
-is 0 is not computed. "fc7" joins when both sides carry it (model.distill_fc7).
+is 0 is not computed. "fc7" joins when both sides carry it (model.distill_fc7). An extension,
+stageN.tv_weight > 0, adds that weight times the generated image's total variation (point "tv").
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ def check_point_weights(cfg: StageConfig, stage: str) -> None:
                               f"(valid: {', '.join(KNOWN_POINTS)})")
 
 
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Mean |x[i+1, j] - x[i, j]| + mean |x[i, j+1] - x[i, j]| of images [B, C, H, W] (anisotropic TV)."""
+    return ((image[..., 1:, :] - image[..., :-1, :]).abs().mean()
+            + (image[..., :, 1:] - image[..., :, :-1]).abs().mean())
+
+
 def distill_loss(target: dict[str, torch.Tensor], pred: dict[str, torch.Tensor], cfg: StageConfig,
                  stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum over points of the mean L1 / L2 distance -> (total, {point: detached loss}).
+    """Weighted sum over points of the mean L1 / L2 distance (+ the image's weighted total
+    variation) -> (total, {point: detached loss}).
 
     ``target`` is the teacher on the real image (constant: detached here so no gradient can reach
     the real-image branch); ``pred`` carries the gradient to the student. Per-point values are the
@@ -51,6 +59,10 @@ def distill_loss(target: dict[str, torch.Tensor], pred: dict[str, torch.Tensor],
         d = dist(pred[p], target[p].detach())
         per_point[p] = d.detach()
         total = w * d if total is None else total + w * d
+    if cfg.tv_weight:  # pred["image"] is the generated image in both stages
+        tv = total_variation(pred["image"])
+        per_point["tv"] = tv.detach()
+        total = cfg.tv_weight * tv if total is None else total + cfg.tv_weight * tv
     if total is None:  # every weight 0: a zero that still connects to the graph
         total = pred["image"].sum() * 0.0
     return total, per_point
