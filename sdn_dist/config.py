@@ -277,17 +277,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         # its ReLU units were off at every pixel of one colour's objects). Together they took
         # seed 0's seen colour from 0.87 to 1.00 and held-out colour to 0.89; neither alone
         # stopped the student drawing two colours as one, and seed 1 still draws three pairs so.
-        # tv_weight: the images carried pixel noise on flat regions that the small teacher's
-        # features barely see (25x the real images' there); the total variation at 10 took FSIM
-        # on seen captions from 0.811 to 0.839 at seed 0 and 0.806 to 0.834 at seed 1 (round 5).
+        # stageN.tv_weight stays 0 here: at 10 in both stages it took FSIM on seen captions from
+        # 0.807 to 0.836 at every seed but seed 2's seen colour from 1.00 to 0.71 (round 5).
         # 3500 + 3500 steps: ~9 minutes of training on 2 quiet cores, the demo ~11.5 in all
         # (docs/results.md, "What we tried", rounds 2-4).
         "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0,
                               "labels": ["shape", "colour", "size", "position", "background"]}},
         "stage1": {"steps": 3500, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 5.0}, "tv_weight": 10.0},
+                   "point_weights": {"image": 5.0}},
         "stage2": {"steps": 3500, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 5.0}, "tv_weight": 10.0},
+                   "point_weights": {"image": 5.0}},
         "checkpoint": {"every": 250, "keep": 2},
         "metrics": {"log_every": 10},
         "samples": {"every": 500, "count": 8},
