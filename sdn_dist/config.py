@@ -277,8 +277,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # its ReLU units were off at every pixel of one colour's objects). Together they took
         # seed 0's seen colour from 0.87 to 1.00 and held-out colour to 0.89; neither alone
         # stopped the student drawing two colours as one, and seed 1 still draws three pairs so.
-        # stageN.tv_weight stays 0 here: at 10 in both stages it took FSIM on seen captions from
-        # 0.807 to 0.836 at every seed but seed 2's seen colour from 1.00 to 0.71 (round 5).
+        # stageN.tv_weight stays 0 here: at 10 in both stages it raised FSIM on seen captions at
+        # each of seeds 0-2 (mean 0.807 -> 0.836) but took seed 2's seen colour from 1.00 to 0.71
+        # (docs/results.md, round 5).
         # 3500 + 3500 steps: ~9 minutes of training on 2 quiet cores, the demo ~11.5 in all
         # (docs/results.md, "What we tried", rounds 2-4).
         "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0,
