@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +80,7 @@ class TeacherTrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
     heads: Literal["spatial", "pooled"] = Field("spatial", description="Input of the attribute heads: pool5 flattened (spatial: where and what colour is linearly readable) or averaged over height and width (pooled).")
     colour_heads: float = Field(0.0, ge=0, description="Weight of an auxiliary loss in teacher training (0 = off): at every matched point after the image, a linear 1x1 read-out must predict the input image's RGB averaged down to that point's resolution (mean squared error), so that every level of the teacher keeps the colours it sees instead of only what the attribute heads need. The read-outs are dropped after training; the teacher file has the usual keys.")
+    level_heads: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="Extension, off by default: {label name: weight} of an auxiliary loss in teacher training: at every matched point after the image, a linear classifier on the point's channel means must predict the label (cross-entropy, mean over points, times the weight), so that every level of the teacher carries it, not only what pool5's heads need, e.g. {colour: 1.0}. Any label the shards carry (it need not be in teacher.train.labels); the classifiers are dropped after training.")
     labels: list[str] = Field(default_factory=list, description="Label names the teacher learns to classify (one head each), e.g. [shape, colour, size, position, background]; empty = every label the shards carry, meta 'label' included (on the synthetic benchmark the joint shape-colour class, whose head asks the teacher to encode the pair rather than the two attributes). A name the shards do not carry is an error that lists the ones they do.")
     rescale: bool = Field(True, description="After training, rescale each conv so every channel's mean activation on training images is 1 (Gatys et al. 2016; the function is unchanged), so that no level dominates SDN's sums of per-point L1 distances.")
 

@@ -23,6 +23,14 @@ the colours only as far as its labels do, and SDN's stage 2 cannot ask the stude
 teacher's features do not carry (docs/results.md, "What we tried"). The read-outs are dropped
 after training.
 
+``teacher.train.level_heads`` ({label: weight}) adds another: at every matched point a linear
+classifier on the point's channel means must predict the label (e.g. the object's colour, where
+the colour read-outs above predict the mean colour of a region, mostly background at the deep
+points). Trained without them, the demo's teachers classified the colour from pool5 but their
+conv4 and conv5 points held it as 20-40 % of the variance of their object-region features, where
+the student is free to lose it (docs/results.md, round 6); with them every level carries it. Their held-out accuracy per point goes into the file's meta
+(``level_heads_accuracy``); the classifiers are dropped after training.
+
 After training, ``teacher.train.rescale`` (default on) rescales the trunk as Gatys et al. (2016)
 did for VGG19 in style transfer: each conv's weights and bias are scaled so that the mean
 activation of each of its channels over (up to 512) training images and positions is 1, and the
@@ -86,14 +94,18 @@ class AttributeHeads(nn.Module):
         return [h(pooled) for h in self.heads]
 
     def targets(self, metas: list[dict]) -> torch.Tensor:
-        """[B, n_heads] class indices, -100 (ignored) where a sample lacks the label or has a
-        value the scan did not see."""
-        t = torch.full((len(metas), len(self.names)), -100, dtype=torch.long)
-        for b, meta in enumerate(metas):
-            labels = sample_labels(meta, with_label=True)
-            for j, n in enumerate(self.names):
-                t[b, j] = self.index[n].get(labels.get(n), -100)
-        return t
+        return _targets(metas, self.names, self.index)
+
+
+def _targets(metas: list[dict], names: list[str], index: dict[str, dict[str, int]]) -> torch.Tensor:
+    """[B, len(names)] class indices, -100 (ignored) where a sample lacks the label or has a
+    value the scan did not see."""
+    t = torch.full((len(metas), len(names)), -100, dtype=torch.long)
+    for b, meta in enumerate(metas):
+        labels = sample_labels(meta, with_label=True)
+        for j, n in enumerate(names):
+            t[b, j] = index[n].get(labels.get(n), -100)
+    return t
 
 
 class ColourReadouts(nn.Module):
@@ -113,6 +125,36 @@ class ColourReadouts(nn.Module):
             target = F.adaptive_avg_pool2d(images, f.shape[-2:])
             losses.append(F.mse_loss(r(f), target))
         return torch.stack(losses).mean()
+
+
+class LevelHeads(nn.Module):
+    """teacher.train.level_heads: per label name, one linear classifier per matched point (after
+    the image) on the point's channel means, so that every level of the trunk carries the label,
+    not only pool5. A training aid only, dropped after training."""
+
+    def __init__(self, channels: dict[str, int], classes: dict[str, list[str]], weights: dict[str, float]):
+        super().__init__()
+        self.points = list(channels)
+        self.names = list(weights)
+        self.index = {n: {v: i for i, v in enumerate(classes[n])} for n in weights}
+        self.weights = [float(w) for w in weights.values()]
+        self.readouts = nn.ModuleList(
+            nn.ModuleList(nn.Linear(c, len(classes[n])) for c in channels.values()) for n in weights)
+
+    def logits(self, feats: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
+        """[label][point] -> logits [B, n_classes]."""
+        means = [feats[p].mean(dim=(2, 3)) for p in self.points]
+        return [[r(m) for r, m in zip(per_point, means)] for per_point in self.readouts]
+
+    def loss(self, feats: dict[str, torch.Tensor], metas: list[dict]) -> torch.Tensor:
+        """Weighted sum over labels of the mean over points of the cross-entropy."""
+        t = _targets(metas, self.names, self.index)
+        total = torch.zeros(())
+        for j, (w, per_point) in enumerate(zip(self.weights, self.logits(feats))):
+            if (t[:, j] >= 0).any():
+                ce = [F.cross_entropy(lg, t[:, j], ignore_index=-100) for lg in per_point]
+                total = total + w * torch.stack(ce).mean()
+        return total
 
 
 def _head_input(pool5: torch.Tensor, mode: str) -> torch.Tensor:
@@ -198,6 +240,24 @@ def _accuracy(teacher: Teacher, heads: AttributeHeads, images: list[torch.Tensor
             for j, n in enumerate(heads.names)}
 
 
+@torch.no_grad()
+def _level_accuracy(teacher: Teacher, levels: LevelHeads, images: list[torch.Tensor], metas: list[dict],
+                    batch_size: int) -> dict[str, dict[str, float]]:
+    """teacher.train.level_heads: {label: {point: held-out accuracy of that level's read-out}}."""
+    correct = torch.zeros(len(levels.names), len(levels.points))
+    total = torch.zeros(len(levels.names))
+    for s in range(0, len(images), batch_size):
+        t = _targets(metas[s:s + batch_size], levels.names, levels.index)
+        logits = levels.logits(teacher(torch.stack(images[s:s + batch_size]).float() / 255))
+        for j, per_point in enumerate(logits):
+            ok = t[:, j] >= 0
+            total[j] += ok.sum()
+            for k, lg in enumerate(per_point):
+                correct[j, k] += (lg.argmax(1)[ok] == t[ok, j]).sum()
+    return {n: {p: round(float(correct[j, k] / total[j]), 4) for k, p in enumerate(levels.points)}
+            for j, n in enumerate(levels.names) if total[j]}
+
+
 def _save_atomic(obj: Any, out: str) -> str:
     """torch.save to a temporary name beside ``out``, then rename: a crash never leaves a
     half-written teacher where a run would load it."""
@@ -224,6 +284,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     torch.manual_seed(cfg.seed)
 
     classes, held_img, held_meta, n_scanned = _scan(shards, size, tcfg.batch_size, cfg.seed)
+    all_classes = classes
     if tcfg.labels:
         unknown = [n for n in tcfg.labels if n not in classes]
         if unknown:
@@ -244,6 +305,16 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     if tcfg.colour_heads > 0:
         readouts = ColourReadouts({p: c for p, (c, _, _) in point_shapes(model_cfg).items() if p != "image"})
         params += list(readouts.parameters())
+    levels = None
+    level_weights = {n: w for n, w in tcfg.level_heads.items() if w > 0}
+    if level_weights:
+        unknown = [n for n in level_weights if n not in all_classes]
+        if unknown:
+            raise ConfigError(f"teacher.train.level_heads: {unknown} not among the labels of {shards} "
+                              f"(they carry: {', '.join(all_classes) or 'none'})")
+        levels = LevelHeads({p: c for p, (c, _, _) in point_shapes(model_cfg).items() if p != "image"},
+                            all_classes, level_weights)
+        params += list(levels.parameters())
     opt = torch.optim.Adam(params, lr=tcfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tcfg.steps))
     calib: list[torch.Tensor] = []   # training images for the rescale (uint8)
@@ -272,6 +343,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         loss = torch.stack(losses).mean()
         if readouts is not None:
             loss = loss + tcfg.colour_heads * readouts.loss(feats, x)
+        if levels is not None:
+            loss = loss + levels.loss(feats, [batch["meta"][i] for i in keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -287,6 +360,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         raise DataError(f"shards {shards}: no labelled training samples outside the held-out split")
 
     teacher.eval()
+    # Before the rescale: the read-outs were trained on the unscaled channels.
+    level_accuracy = _level_accuracy(teacher, levels, held_img, held_meta, tcfg.batch_size) if levels else {}
     rescaled = None
     if tcfg.rescale and calib:
         before = rescale_trunk(teacher, heads, torch.stack(calib).float() / 255, tcfg.heads)
@@ -312,6 +387,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         },
         "schedule": "Adam, linear warm-up 5 % of the steps, cosine decay to 0",
         "colour_heads": tcfg.colour_heads,
+        "level_heads": level_weights,
+        "level_heads_accuracy": level_accuracy,
         "accuracy": {k: v for k, v in accuracy.items() if v is not None},
         "heldout_samples": len(held_img),
         "steps": step,
