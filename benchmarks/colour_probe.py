@@ -7,6 +7,14 @@ vector at the centre of the object's quadrant, for 1500 training images, standar
 regression onto the one-hot colour on the first 1200, accuracy (argmax) on the last 300. Chance
 is 1/6. Prints one `point:accuracy` per matched point, shallow to deep. A raw pixel (`image`,
 3 numbers) is not linearly separable into six colours, hence its low score.
+
+    python benchmarks/colour_probe.py TEACHER.pt --shards '...test-*.tar' --share
+
+--share (round 6): instead, the share of the variance of each point's object-region features
+(the activations averaged over the positions of the object's pixels, the object being where the
+image differs from its corner pixel by more than 0.3) that the colour explains: between-colour
+over total sum of squares, on the first 1500 images. A large share means the colour is a large
+direction of the point's features, which a student matching them with L1 cannot leave out.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from sdn_dist.model.teacher import build_teacher
 N, FIT = 1500, 1200
 
 
-def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, float]:
+def _teacher_on_images(teacher_url: str, shards: str, preset: str):
+    """-> (teacher, the first N images [N,3,S,S], their metas, colour indices [N])."""
     cfg = load_config(preset, overrides=[f"teacher.weights={teacher_url}"])
     teacher = build_teacher(cfg.model, cfg.teacher).eval()
     images, metas = [], []
@@ -36,6 +45,11 @@ def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
             break
     x, metas = torch.cat(images)[:N], metas[:N]
     colour = np.array([VOCAB["colour"].index(m["attributes"]["colour"]) for m in metas])
+    return teacher, x, metas, colour
+
+
+def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, float]:
+    teacher, x, metas, colour = _teacher_on_images(teacher_url, shards, preset)
     where = [m["attributes"]["position"] for m in metas]
     with torch.no_grad():
         feats = teacher(x)
@@ -53,14 +67,31 @@ def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
     return out
 
 
+def share(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, float]:
+    teacher, x, _, colour = _teacher_on_images(teacher_url, shards, preset)
+    obj = ((x - x[..., :1, :1]).abs().sum(1, keepdim=True) > 0.3).float()
+    with torch.no_grad():
+        feats = teacher(x)
+    out = {}
+    for point, f in feats.items():
+        m = torch.nn.functional.adaptive_avg_pool2d(obj, f.shape[-1])
+        v = ((f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6)).numpy().astype(np.float64)
+        v = v - v.mean(0)
+        between = sum((colour == c).sum() * (v[colour == c].mean(0) ** 2).sum() for c in np.unique(colour))
+        out[point] = round(float(between / (v ** 2).sum()), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("teacher", help="teacher weights (any fsspec URL)")
     ap.add_argument("--shards", required=True, help="synthetic training shards (with attributes)")
     ap.add_argument("--preset", default="demo")
+    ap.add_argument("--share", action="store_true", help="the colour's share of each point's object-region variance")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(" ".join(f"{k}:{v}" for k, v in probe(args.teacher, args.shards, args.preset).items()))
+    fn = share if args.share else probe
+    print(" ".join(f"{k}:{v}" for k, v in fn(args.teacher, args.shards, args.preset).items()))
 
 
 if __name__ == "__main__":

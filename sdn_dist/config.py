@@ -80,7 +80,7 @@ class TeacherTrainConfig(Section):
     batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
     heads: Literal["spatial", "pooled"] = Field("spatial", description="Input of the attribute heads: pool5 flattened (spatial: where and what colour is linearly readable) or averaged over height and width (pooled).")
     colour_heads: float = Field(0.0, ge=0, description="Weight of an auxiliary loss in teacher training (0 = off): at every matched point after the image, a linear 1x1 read-out must predict the input image's RGB averaged down to that point's resolution (mean squared error), so that every level of the teacher keeps the colours it sees instead of only what the attribute heads need. The read-outs are dropped after training; the teacher file has the usual keys.")
-    level_heads: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="Extension, off by default: {label name: weight} of an auxiliary loss in teacher training: at every matched point after the image, a linear classifier on the point's channel means must predict the label (cross-entropy, mean over points, times the weight), so that every level of the teacher carries it, not only what pool5's heads need, e.g. {colour: 1.0}. Any label the shards carry (it need not be in teacher.train.labels); the classifiers are dropped after training.")
+    level_heads: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="Extension, off by default: {label name: weight} of an auxiliary loss in teacher training: at every matched point after the image, a linear classifier on the point's channel means must predict the label (cross-entropy, mean over points, times the weight), so that the trunk's levels carry it, not only what pool5's heads need, e.g. {colour: 1.0} (docs/results.md, round 6). Any label the shards carry (it need not be in teacher.train.labels); the classifiers are dropped after training.")
     labels: list[str] = Field(default_factory=list, description="Label names the teacher learns to classify (one head each), e.g. [shape, colour, size, position, background]; empty = every label the shards carry, meta 'label' included (on the synthetic benchmark the joint shape-colour class, whose head asks the teacher to encode the pair rather than the two attributes). A name the shards do not carry is an error that lists the ones they do.")
     rescale: bool = Field(True, description="After training, rescale each conv so every channel's mean activation on training images is 1 (Gatys et al. 2016; the function is unchanged), so that no level dominates SDN's sums of per-point L1 distances.")
 
@@ -279,9 +279,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # seed 0's seen colour from 0.87 to 1.00 and held-out colour to 0.89; neither alone
         # stopped the student drawing two colours as one, and seed 1 still draws three pairs so.
         # Round 6: the teacher also classifies the object's colour at every level
-        # (teacher.train.level_heads; its deep levels held the colour as a small share of their
-        # features, which the student could lose) and trains 1500 steps so that its shape head
-        # stays at 1.0; seed 1 went from seen colour 0.40 to 1.00. The level-head teacher left
+        # (teacher.train.level_heads; some of its middle levels held the colour as a small share
+        # of their features, which the student could lose) and trains 1500 steps so that its shape
+        # head stays at 1.0; seed 1 went from seen colour 0.40 to 1.00. The level-head teacher left
         # a pixel pattern that stageN.tv_weight (the generated image's total variation) removes:
         # seed 1's FSIM 0.757 -> 0.797 (docs/results.md, round 6).
         # 3500 + 3500 steps: ~9 minutes of training on 2 quiet cores, the demo ~13.5 in all

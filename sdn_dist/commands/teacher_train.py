@@ -26,9 +26,11 @@ after training.
 ``teacher.train.level_heads`` ({label: weight}) adds another: at every matched point a linear
 classifier on the point's channel means must predict the label (e.g. the object's colour, where
 the colour read-outs above predict the mean colour of a region, mostly background at the deep
-points). Trained without them, the demo's teachers classified the colour from pool5 but their
-conv4 and conv5 points held it as 20-40 % of the variance of their object-region features, where
-the student is free to lose it (docs/results.md, round 6); with them every level carries it. Their held-out accuracy per point goes into the file's meta
+points). Trained without them, the demo's teachers classified the colour from pool5, but at
+their weakest point between conv2_2 and conv4_2 the colour explained only 2-34 % of the variance
+of the object-region features (five seeds), room for the student to lose it; with them, seed 1's
+teacher held it at 85-99 % at every point from conv1_1 to conv4_2 but conv3_4 and pool3 (40-46 %;
+docs/results.md, round 6). Their held-out accuracy per point goes into the file's meta
 (``level_heads_accuracy``); the classifiers are dropped after training.
 
 After training, ``teacher.train.rescale`` (default on) rescales the trunk as Gatys et al. (2016)
