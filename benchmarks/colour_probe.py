@@ -15,6 +15,11 @@ is 1/6. Prints one `point:accuracy` per matched point, shallow to deep. A raw pi
 image differs from its corner pixel by more than 0.3) that the colour explains: between-colour
 over total sum of squares, on the first 1500 images. A large share means the colour is a large
 direction of the point's features, which a student matching them with L1 cannot leave out.
+
+    python benchmarks/colour_probe.py --captions [--seed 0]
+
+--captions (round 6): the same share for the caption embeddings the demo's student reads (MiniLM,
+the first caption of training samples 0-1023 of the synthetic benchmark), per attribute.
 """
 
 from __future__ import annotations
@@ -82,14 +87,35 @@ def share(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
     return out
 
 
+def caption_share(seed: int = 0, n: int = 1024) -> dict[str, float]:
+    from sdn_dist.data.synth import ATTRIBUTES, synth_sample
+    from sdn_dist.data.text import build_text_encoder
+    samples = [synth_sample("train", i, seed=seed) for i in range(n)]
+    e = build_text_encoder(load_config("demo").text).encode([s["captions"][0] for s in samples]).astype(np.float64)
+    e = e - e.mean(0)
+    out = {}
+    for a in ATTRIBUTES:
+        v = np.array([s["meta"]["attributes"][a] for s in samples])
+        between = sum((v == c).sum() * (e[v == c].mean(0) ** 2).sum() for c in np.unique(v))
+        out[a] = round(float(between / (e ** 2).sum()), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("teacher", help="teacher weights (any fsspec URL)")
-    ap.add_argument("--shards", required=True, help="synthetic training shards (with attributes)")
+    ap.add_argument("teacher", nargs="?", help="teacher weights (any fsspec URL)")
+    ap.add_argument("--shards", help="synthetic training shards (with attributes)")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--share", action="store_true", help="the colour's share of each point's object-region variance")
+    ap.add_argument("--captions", action="store_true", help="each attribute's share of the caption embeddings' variance")
+    ap.add_argument("--seed", type=int, default=0, help="--captions: the benchmark's seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.captions:
+        print(" ".join(f"{k}:{v}" for k, v in caption_share(args.seed).items()))
+        return
+    if not (args.teacher and args.shards):
+        ap.error("give TEACHER and --shards (or --captions)")
     fn = share if args.share else probe
     print(" ".join(f"{k}:{v}" for k, v in fn(args.teacher, args.shards, args.preset).items()))
 
