@@ -283,8 +283,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # (docs/results.md, round 5).
         # Round 6 (docs/results.md): a teacher that also classifies the colour at every level
         # (teacher.train.level_heads={colour: 1.0}, 1500 teacher steps) with tv_weight 10 in both
-        # stages met every attribute goal over seeds 0-2 (seen colour 0.97) but is not the preset:
-        # the demo took 17 min (teacher 208 s), over the 15-minute budget, and FSIM stayed ~0.80.
+        # stages met every attribute goal over seeds 0-2 (seen colour 0.96) but is not the preset:
+        # the demo took 17 min (teacher 208 s), over the 15-minute budget, FSIM stayed ~0.80, and
+        # over seeds 0-4 colours still merged (seen colour 0.92 +- 0.14).
         # 3500 + 3500 steps: ~9 minutes of training on 2 quiet cores, the demo ~11.5 in all
         # (docs/results.md, "What we tried", rounds 2-4).
         "teacher": {"train": {"steps": 600, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0,
