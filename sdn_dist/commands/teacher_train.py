@@ -131,8 +131,8 @@ class ColourReadouts(nn.Module):
 
 class LevelHeads(nn.Module):
     """teacher.train.level_heads: per label name, one linear classifier per matched point (after
-    the image) on the point's channel means, so that every level of the trunk carries the label,
-    not only pool5. A training aid only, dropped after training."""
+    the image) on the point's channel means, so that the trunk's levels carry the label, not only
+    what pool5's heads need. A training aid only, dropped after training."""
 
     def __init__(self, channels: dict[str, int], classes: dict[str, list[str]], weights: dict[str, float]):
         super().__init__()
@@ -363,7 +363,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
 
     teacher.eval()
     # Before the rescale: the read-outs were trained on the unscaled channels.
-    level_accuracy = _level_accuracy(teacher, levels, held_img, held_meta, tcfg.batch_size) if levels else {}
+    level_accuracy = (_level_accuracy(teacher, levels, held_img, held_meta, tcfg.batch_size)
+                      if levels is not None and held_img else {})
     rescaled = None
     if tcfg.rescale and calib:
         before = rescale_trunk(teacher, heads, torch.stack(calib).float() / 255, tcfg.heads)
