@@ -72,6 +72,13 @@ def probe(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
     return out
 
 
+def _explained(v: np.ndarray, labels: np.ndarray) -> float:
+    """Between-class over total sum of squares of the rows of ``v`` [n, d] grouped by ``labels``."""
+    v = v - v.mean(0)
+    return float(sum((labels == c).sum() * (v[labels == c].mean(0) ** 2).sum() for c in np.unique(labels))
+                 / (v ** 2).sum())
+
+
 def share(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, float]:
     teacher, x, _, colour = _teacher_on_images(teacher_url, shards, preset)
     obj = ((x - x[..., :1, :1]).abs().sum(1, keepdim=True) > 0.3).float()
@@ -81,9 +88,7 @@ def share(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
     for point, f in feats.items():
         m = torch.nn.functional.adaptive_avg_pool2d(obj, f.shape[-1])
         v = ((f * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-6)).numpy().astype(np.float64)
-        v = v - v.mean(0)
-        between = sum((colour == c).sum() * (v[colour == c].mean(0) ** 2).sum() for c in np.unique(colour))
-        out[point] = round(float(between / (v ** 2).sum()), 2)
+        out[point] = round(_explained(v, colour), 2)
     return out
 
 
@@ -92,13 +97,8 @@ def caption_share(seed: int = 0, n: int = 1024) -> dict[str, float]:
     from sdn_dist.data.text import build_text_encoder
     samples = [synth_sample("train", i, seed=seed) for i in range(n)]
     e = build_text_encoder(load_config("demo").text).encode([s["captions"][0] for s in samples]).astype(np.float64)
-    e = e - e.mean(0)
-    out = {}
-    for a in ATTRIBUTES:
-        v = np.array([s["meta"]["attributes"][a] for s in samples])
-        between = sum((v == c).sum() * (e[v == c].mean(0) ** 2).sum() for c in np.unique(v))
-        out[a] = round(float(between / (e ** 2).sum()), 3)
-    return out
+    return {a: round(_explained(e, np.array([s["meta"]["attributes"][a] for s in samples])), 3)
+            for a in ATTRIBUTES}
 
 
 def main() -> None:
