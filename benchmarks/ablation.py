@@ -8,6 +8,7 @@ teacher; only the stage settings below differ. The step budget is the demo prese
 stage1.steps + stage2.steps (--quick: a quarter of it) for every variant:
 
     a  pixel L1 only   stage 1 with every point weight 0 but `image`, all steps (no teacher signal)
+    a2 pixel L1, no TV (a) with stage1.tv_weight 0 (the preset's image prior smooths a lone pixel loss)
     b  stage 1 only    direct distillation, all steps
     c  stage 2 only    indirect distillation through the teacher, all steps, from the random init
     d  SDN             stage 1 then stage 2 (the demo preset's split)
@@ -44,6 +45,11 @@ def variants(s1: int, s2: int) -> dict[str, dict]:
         "a-pixel-l1": {"label": "(a) pixel L1 only, no teacher",
                        "config": {"stage1": {"steps": total, "point_weights": pixel_only},
                                   "stage2": {"steps": 0}}},
+        # The preset's image prior (stageN.tv_weight) weighs far more against a lone pixel loss
+        # than against the teacher's features: (a) without it is the fairer pixel baseline.
+        "a2-pixel-l1-no-tv": {"label": "(a') pixel L1 only, no teacher, no total variation",
+                              "config": {"stage1": {"steps": total, "point_weights": pixel_only, "tv_weight": 0.0},
+                                         "stage2": {"steps": 0}}},
         "b-stage1": {"label": "(b) stage 1 only", "config": {"stage1": {"steps": total}, "stage2": {"steps": 0}}},
         "c-stage2": {"label": "(c) stage 2 only", "config": {"stage1": {"steps": 0}, "stage2": {"steps": total}}},
         "d-sdn": {"label": "(d) SDN: stage 1 then stage 2", "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}}},
