@@ -277,7 +277,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # 0.61 -> 0.92 without it), and the student's units are leaky (negative_slope: some of
         # its ReLU units were off at every pixel of one colour's objects). Together they took
         # seed 0's seen colour from 0.87 to 1.00 and held-out colour to 0.89; neither alone
-        # stopped the student drawing two colours as one, and seed 1 still draws three pairs so.
+        # stopped the student drawing two colours as one, and seed 1 still drew three pairs so.
         # Round 6: the teacher also classifies the object's colour at every level
         # (teacher.train.level_heads; some of its middle levels held the colour as a small share
         # of their features, which the student could leave out) and needs 1500 steps for its

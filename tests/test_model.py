@@ -519,8 +519,8 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
     """teacher.train.level_heads: a label the attribute heads do not learn (the hue of the object;
     the only head is its side) is classified from the channel means of the matched points far
     above chance on held-out images, on average over the 21 points, as the teacher file records;
-    and learning it changes the trunk (the aid's gradient reaches it). A name the shards do not carry is refused with the key and the labels
-    they do."""
+    and learning it changes the trunk (the aid's gradient reaches it). A name the shards do not
+    carry is refused with the key and the labels they do."""
     import sdn_dist.commands.teacher_train as tt
     monkeypatch.setattr(tt, "iter_batches", _hue_batches(n=400))
 
