@@ -83,6 +83,26 @@ def test_student_options():
     assert isinstance(build_teacher(_cfg().model, _cfg().teacher).features[4], torch.nn.AvgPool2d)
 
 
+def test_sigmoid_output_is_the_sigmoid_of_the_linear_image_layer():
+    """model.output=sigmoid: the same weights draw sigmoid(linear image), inside (0, 1) however
+    large the layer's output; every other point is untouched; the layer table says which."""
+    torch.manual_seed(0)
+    lin = Student(_cfg("debug").model, 16)
+    sig = Student(_cfg("debug", "model.output=sigmoid").model, 16)
+    sig.load_state_dict(lin.state_dict())
+    with torch.no_grad():
+        lin.convs["image"].bias.fill_(5.0)
+        sig.convs["image"].bias.fill_(5.0)
+    text = torch.randn(4, 16)
+    a, b = lin(text), sig(text)
+    assert a["image"].max() > 1                                   # the linear layer leaves [0, 1]
+    assert torch.allclose(b["image"], torch.sigmoid(a["image"]))
+    assert 0 < b["image"].min() and b["image"].max() < 1
+    assert all(torch.equal(a[p], b[p]) for p in POINTS if p != "image")
+    rows = {r["point"]: r["student_layer"] for r in model_table(_cfg("debug", "model.output=sigmoid"))["rows"]}
+    assert rows["image"] == "conv3x3 (sigmoid)"
+
+
 def test_text_norm_standardizes_the_input_and_travels_with_the_weights():
     """model.text_norm=standardize: the student sees (text - mean) / std, with the statistics in
     its state dict (so an exported student standardizes as the trained one did)."""

@@ -39,7 +39,7 @@ def model_table(cfg: Config) -> dict:
     for point, t in t_out.items():
         layer = student.producer(point)
         name = {FC7: "fc7 (Linear)", "pool5": "fc_pool5 (Linear) + reshape"}.get(
-            point, "conv3x3" + (" (linear)" if point == "image" else "") if layer is not None else "nearest x2 upsample")
+            point, "conv3x3" + (f" ({cfg.model.output})" if point == "image" else "") if layer is not None else "nearest x2 upsample")
         rows.append({
             "point": point,
             "teacher_shape": list(t.shape[1:]),

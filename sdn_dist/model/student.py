@@ -16,7 +16,8 @@ the student computes ``g_Y = mirror(g_X)``:
                               (e.g. g_pool4 = conv(g_conv5_1), 512->512 at S/16;
                                     g_pool3 = conv(g_conv4_1), 512->256 at S/8)
 
-The last one, mirroring conv1_1, is g_image = conv(g_conv1_1), 64->3, linear. So every g_X has
+The last one, mirroring conv1_1, is g_image = conv(g_conv1_1), 64->3, linear (or its sigmoid,
+``model.output``). So every g_X has
 exactly the teacher's shape at X, and each teacher conv has one student conv (same parameter count
 up to the bias). At 224 px / width 1 / text 1024: ~143.8 M parameters, ~102.8 M in the last FC.
 No normalisation layers, as in the reference.
@@ -130,6 +131,8 @@ class Student(nn.Module):
                 x = self.convs[point](x)
                 if point != "image":       # the image is linear (pixels are a regression target)
                     x = act(x)
+                elif self.model_cfg.output == "sigmoid":
+                    x = torch.sigmoid(x)
             out[point] = x
         g = {p: out[p] for p in POINTS}
         if self.model_cfg.distill_fc7:
