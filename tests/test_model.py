@@ -83,9 +83,10 @@ def test_student_options():
     assert isinstance(build_teacher(_cfg().model, _cfg().teacher).features[4], torch.nn.AvgPool2d)
 
 
-def test_sigmoid_output_is_the_sigmoid_of_the_linear_image_layer():
+def test_sigmoid_output_is_the_sigmoid_of_the_linear_image_layer(tmp_path):
     """model.output=sigmoid: the same weights draw sigmoid(linear image), inside (0, 1) however
-    large the layer's output; every other point is untouched; the layer table says which."""
+    large the layer's output; every other point is untouched; the layer table says which, and
+    the exported student (what generate and eval load) draws the same."""
     torch.manual_seed(0)
     lin = Student(_cfg("debug").model, 16)
     sig = Student(_cfg("debug", "model.output=sigmoid").model, 16)
@@ -101,6 +102,11 @@ def test_sigmoid_output_is_the_sigmoid_of_the_linear_image_layer():
     assert all(torch.equal(a[p], b[p]) for p in POINTS if p != "image")
     rows = {r["point"]: r["student_layer"] for r in model_table(_cfg("debug", "model.output=sigmoid"))["rows"]}
     assert rows["image"] == "conv3x3 (sigmoid)"
+    from sdn_dist.training.export import export_student, load_student
+    cfg = _cfg("debug", "model.output=sigmoid", f"out={tmp_path}")
+    export_student(cfg, sig.state_dict(), {"dim": 16}, step=1)
+    loaded, _ = load_student(str(tmp_path))
+    assert torch.equal(loaded(text)["image"], b["image"])
 
 
 def test_text_norm_standardizes_the_input_and_travels_with_the_weights():

@@ -129,9 +129,9 @@ class Student(nn.Module):
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             else:
                 x = self.convs[point](x)
-                if point != "image":       # the image is linear (pixels are a regression target)
+                if point != "image":
                     x = act(x)
-                elif self.model_cfg.output == "sigmoid":
+                elif self.model_cfg.output == "sigmoid":   # else linear, the paper's: pixels are a regression target
                     x = torch.sigmoid(x)
             out[point] = x
         g = {p: out[p] for p in POINTS}
