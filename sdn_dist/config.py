@@ -291,7 +291,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # sigmoid image layer (model.output) and the pixel point 60x in stage 2 (stage 1 keeps 5x:
         # it sets the colours) took FSIM on seen captions from 0.803 +- 0.021 to 0.853 +- 0.007
         # over seeds 0-2 and the held-out pairs from 89.5 % to 91.7 % of real (docs/results.md).
-        # 3000 + 3000 steps: ~8.5-11 minutes of training on 2 cores, the demo 13.5-16 in all.
+        # 3000 + 3000 steps: ~8.5-11 minutes of training on 2 cores, the demo 13.5-17 in all.
         "teacher": {"train": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0,
                               "level_heads": {"colour": 1.0},
                               "labels": ["shape", "colour", "size", "position", "background"]}},
