@@ -17,7 +17,8 @@ With --run, the run's exported student's images for the same captions, and
 * ``object_from_real``: the generated image with the region within 2 px of the object's bounding
   box copied from the real one (what the object costs);
 * ``background_from_real``: the rest copied instead (what the background costs);
-* ``flat_noise``: mean |vertical neighbour difference| where the real image is flat (< 0.02);
+* ``flat_noise``: mean |vertical neighbour difference| (the largest of the three channels') where
+  the real image is flat (< 0.02);
 * ``soft_edge``: of the pixels near the box that are part object (alpha > 0.1, alpha the pixel's
   share of the object's colour over the background's), the share that is only partly so
   (0.1 < alpha < 0.9): real images have only their antialiased rim there;
@@ -36,6 +37,7 @@ import json
 import numpy as np
 import piq
 import torch
+from torchvision.transforms.functional import to_tensor
 
 from sdn_dist.data.pipeline import expand_urls, iter_batches
 from sdn_dist.data.synth import _draw
@@ -52,10 +54,6 @@ class _Middle:
 
     def integers(self, a, b):
         return (a + b - 1) // 2
-
-
-def _to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
 def _fsim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -80,13 +78,18 @@ def _corner_colour(img: torch.Tensor) -> torch.Tensor:
     return corners.permute(1, 0, 2, 3).reshape(3, -1).median(1).values
 
 
-def _geometry(img: torch.Tensor, real: torch.Tensor, bbox, size: int) -> tuple[float, float]:
+def _box_centre(bbox, size: int) -> tuple[int, int]:
+    """The pixel (y, x) at the centre of a normalised bounding box."""
+    return int((bbox[1] + bbox[3]) / 2 * size), int((bbox[0] + bbox[2]) / 2 * size)
+
+
+def _geometry(img: torch.Tensor, real: torch.Tensor, bbox, size: int) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
     """(soft-edge share, alpha-weighted centre [y, x]) of ``img``'s object, colours read off
     ``img`` itself: background = median of the four corners, object = median over the real
     object's core (real alpha > 0.9)."""
     bg, rbg = _corner_colour(img), _corner_colour(real)
     near = _object_mask(bbox, size, 3)
-    cy, cx = int((bbox[1] + bbox[3]) / 2 * size), int((bbox[0] + bbox[2]) / 2 * size)
+    cy, cx = _box_centre(bbox, size)
     robj = real[:, cy, cx]
     core = (_alpha(real, rbg, robj) > 0.9) & near
     obj = img[:, core].median(1).values if core.any() else robj
@@ -101,7 +104,7 @@ def _geometry(img: torch.Tensor, real: torch.Tensor, bbox, size: int) -> tuple[f
 
 def _two_colour(img: torch.Tensor, bbox, size: int) -> torch.Tensor:
     bg = _corner_colour(img)
-    cy, cx = int((bbox[1] + bbox[3]) / 2 * size), int((bbox[0] + bbox[2]) / 2 * size)
+    cy, cx = _box_centre(bbox, size)
     obj = img[:, max(0, cy - 1):cy + 2, max(0, cx - 1):cx + 2].reshape(3, -1).median(1).values
     inside = ((_alpha(img, bg, obj) * _object_mask(bbox, size, 3)) > 0.5).float()
     return bg.view(3, 1, 1) * (1 - inside) + obj.view(3, 1, 1) * inside
@@ -128,9 +131,9 @@ def main() -> None:
             continue
         real = batch["image"][keep].float()
         metas = [batch["meta"][i] for i in keep]
-        redraw = torch.stack([_to_tensor(_draw(m["attributes"], size, np.random.default_rng([m["seed"], 99, m["index"]]))[0])
+        redraw = torch.stack([to_tensor(_draw(m["attributes"], size, np.random.default_rng([m["seed"], 99, m["index"]]))[0])
                               for m in metas])
-        nominal = torch.stack([_to_tensor(_draw(m["attributes"], size, _Middle())[0]) for m in metas])
+        nominal = torch.stack([to_tensor(_draw(m["attributes"], size, _Middle())[0]) for m in metas])
         rows = {"redraw": _fsim(redraw, real), "nominal": _fsim(nominal, real)}
         if student is not None:
             fake = render(student, torch.as_tensor(batch["text"][keep]).float(), generator=gen)
