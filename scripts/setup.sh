@@ -22,3 +22,14 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
     (command -v systemctl >/dev/null && $SUDO systemctl disable --now prometheus >/dev/null 2>&1) || true
     pkill -x prometheus 2>/dev/null || true
 fi
+# DeepSpeed JIT-compiles its shared-memory collective op (deepspeed_shm_comm) the first time a
+# process group starts, and caches it in ~/.cache/torch_extensions: compile it here, once, so
+# that the first `sdn-dist demo` or `train` does not pay the ~25-50 s inside its start-up. With
+# the venv's ninja first on PATH, as the trainer puts it (training/loop.py: another ninja hashes
+# the build differently and would build it again).
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and builder.is_compatible():
+    builder.load(verbose=False)
+PY

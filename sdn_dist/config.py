@@ -40,6 +40,7 @@ class DataConfig(Section):
     prefetch: int = Field(4, ge=1, description="Decoded micro-batches each worker keeps in flight.")
     shuffle: bool = Field(True, description="Shuffle shard order (per epoch, seeded) and samples within a shard buffer.")
     shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
+    keep_in_memory: bool = Field(False, description="Keep every sample read (its tar members) and its decoded image in memory, so that later epochs read neither the shards nor the PNGs again: the same samples in the same order. For data sets that fit and are read many times: `sdn-dist teacher train` (the demo's twelve epochs: reading and decoding 1.04 -> 0.19 s per epoch) and each of a worker's reader actors (up to the whole data set each: ~90 MB for the demo's 4,000 images at 64 px; on local disk no measurable gain there, as their decoding overlaps the steps; for shards on object storage it saves every re-read).")
     caption: Literal["random", "first"] = Field("random", description="Which of a sample's captions to use: a seeded random one per epoch, or always the first.")
     strict: bool = Field(False, description="Fail on the first bad sample instead of skipping and counting it.")
     # Bounds on what one sample may cost a reader (docs/reliability.md, "Bounded memory").
@@ -265,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {"encoder": "minilm", "dim": 384},
         "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming", "text_norm": "standardize",
                   "negative_slope": 0.1, "output": "sigmoid"},
-        "data": {"batch_size": 16},
+        "data": {"batch_size": 16, "keep_in_memory": True},
         # text_norm: MiniLM's unit-length embeddings vary by ~0.03 per component, so He init's
         # first layer saw almost nothing of the caption: at the plain input the student learnt
         # nothing from the text for ~1000 steps and the colour (the attribute it learns last)
@@ -291,7 +292,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # sigmoid image layer (model.output) and the pixel point 60x in stage 2 (stage 1 keeps 5x:
         # it sets the colours) took FSIM on seen captions from 0.803 +- 0.021 to 0.853 +- 0.007
         # over seeds 0-2 and the held-out pairs from 89.5 % to 91.7 % of real (docs/results.md).
-        # 3000 + 3000 steps: ~8.5-11 minutes of training on 2 cores, the demo 13.5-17 in all.
+        # 3000 + 3000 steps: ~9-11 minutes of training on 2 cores, the demo ~14-17 in all (14 min
+        # 17 s on round 8's machine; docs/performance.md). keep_in_memory: the teacher's 1500 steps
+        # read the 4,000 images from memory after the first epoch (the same batches).
         "teacher": {"train": {"steps": 1500, "batch_size": 32, "lr": 1e-3, "colour_heads": 1.0,
                               "level_heads": {"colour": 1.0},
                               "labels": ["shape", "colour", "size", "position", "background"]}},

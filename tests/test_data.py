@@ -242,6 +242,28 @@ def test_resume_gives_same_continuation(tmp_path):
     assert odd == seq[8:38]
 
 
+def test_keep_in_memory_reads_each_shard_once_and_changes_no_batch(tmp_path):
+    """keep_in_memory (teacher training): after the first epoch the stream needs neither the
+    shards nor the PNG decoder, and every batch is the one the plain stream gives."""
+    urls = _uneven_shards(tmp_path)
+    counts = shard_counts(urls)
+
+    def stream(**kw):
+        return RankStream(urls, counts, 0, 1, seed=3, shuffle=True, image_size=8, caption="random",
+                          shuffle_buffer=5, **kw)
+    plain = list(stream().iter_samples(0, batch_size=5, stop_sample=105))     # 3 epochs of 35
+    kept = stream(keep_in_memory=True).iter_samples(0, batch_size=5)
+    got = [next(kept) for _ in range(7)]                                       # the first epoch
+    for u in urls:
+        os.remove(u)
+    got += [next(kept) for _ in range(14)]
+    assert len(got) == len(plain) == 21
+    assert [b["key"] for b in got[7:14]] != [b["key"] for b in got[:7]]      # reshuffled per epoch
+    for g, p in zip(got, plain):
+        assert g["key"] == p["key"] and g["captions"] == p["captions"] and g["index"] == p["index"]
+        assert torch.equal(g["image"], p["image"])
+
+
 def test_readers_ship_uint8_and_the_trainer_gets_the_same_float_batch(synth_dir):
     """Reader actors send the decoded uint8 images (a quarter of the bytes through Ray's object
     store) and the trainer converts them: the step sees exactly the float batch the stream would

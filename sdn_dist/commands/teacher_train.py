@@ -121,11 +121,13 @@ class ColourReadouts(nn.Module):
 
     def loss(self, feats: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Mean over points of the MSE between each read-out and the pooled image (in [0, 1])."""
-        losses = []
+        losses, targets = [], {}
         for p, r in zip(self.points, self.readouts):
             f = feats[p]
-            target = F.adaptive_avg_pool2d(images, f.shape[-2:])
-            losses.append(F.mse_loss(r(f), target))
+            size = tuple(f.shape[-2:])
+            if size not in targets:   # 21 points, 6 resolutions: each pooled image made once
+                targets[size] = F.adaptive_avg_pool2d(images, size)
+            losses.append(F.mse_loss(r(f), targets[size]))
         return torch.stack(losses).mean()
 
 
@@ -325,7 +327,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     heads.train()
 
     stream = iter_batches(shards, image_size=size, batch_size=tcfg.batch_size, text_encoder=None,
-                          shuffle=True, seed=cfg.seed, epochs=None, caption="first")
+                          shuffle=True, seed=cfg.seed, epochs=None, caption="first",
+                          keep_in_memory=cfg.data.keep_in_memory)
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not progress, unit="step")
     step, loss_ema = 0, None
     for batch in stream:
