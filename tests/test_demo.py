@@ -19,7 +19,8 @@ SDN = [sys.executable, "-m", "sdn_dist"]
 
 def demo(out, timeout=600):
     t = time.time()
-    r = subprocess.run(SDN + ["demo", "--preset", "debug", "--out", str(out)],
+    # The teacher as the demo preset trains it: two data-parallel processes (teacher.train.processes).
+    r = subprocess.run(SDN + ["demo", "--preset", "debug", "--out", str(out), "--set", "teacher.train.processes=2"],
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout, time.time() - t
@@ -35,7 +36,7 @@ def test_demo_debug_end_to_end_and_reuse(tmp_path):
     assert sorted(p.name for p in (out / "shards").glob("test-*.tar"))
     teacher = torch.load(out / "teacher.pt", weights_only=True)
     assert teacher["format"] == "sdn-dist-teacher/1"
-    assert teacher["meta"]["rescaled"]["images"] > 0
+    assert teacher["meta"]["rescaled"]["images"] > 0 and teacher["meta"]["processes"] == 2
     run = out / "run"
     assert (run / "config.yaml").exists() and (run / "export" / "student.pt").exists()
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()

@@ -570,3 +570,32 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
     bad = _cfg("debug", "teacher.train.steps=2", "teacher.train.level_heads={colour: 1}")
     with pytest.raises(ConfigError, match=r"teacher\.train\.level_heads: \['colour'\].*carry: side, hue"):
         tt.train_teacher(bad, "fake://shards", str(tmp_path / "bad.pt"), progress=False)
+
+
+def test_teacher_processes_take_the_steps_of_one_process(tmp_path):
+    """teacher.train.processes=2: this process and a spawned peer (gloo) each train on half of
+    every batch and sum their share-weighted gradients, so every Adam step is the one-process
+    step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
+    ~lr = 1e-3) almost no weight differs from the one-process teacher's by 1e-5, where a peer
+    training on its half alone moves most of them elsewhere. The file is written once, by rank 0,
+    with the same steps and accuracy keys."""
+    import sdn_dist.commands.teacher_train as tt
+    from sdn_dist.data.synth import make_synth
+
+    make_synth(str(tmp_path / "shards"), train=96, test=8, size=32, per_shard=48, seed=0, progress=False)
+    shards = str(tmp_path / "shards" / "train-*.tar")
+
+    def train(processes: int):
+        cfg = _cfg("debug", "teacher.train.steps=4", "teacher.train.batch_size=16", "teacher.train.rescale=false",
+                   f"teacher.train.processes={processes}")
+        out = tmp_path / f"teacher-{processes}.pt"
+        res = tt.train_teacher(cfg, shards, str(out), progress=False)
+        obj = torch.load(out, weights_only=True)
+        return res, torch.cat([v.flatten() for part in ("state_dict", "heads") for v in obj[part].values()])
+
+    (res1, one), (res2, two) = train(1), train(2)
+    assert res2["steps"] == res1["steps"] == 4 and set(res2["accuracy"]) == set(res1["accuracy"])
+    assert sorted(p.name for p in tmp_path.glob("teacher-*")) == ["teacher-1.pt", "teacher-2.pt"]
+    differ = float(((one - two).abs() > 1e-5).float().mean())
+    print(f"weights differing by > 1e-5: {differ:.2e} of {one.numel()}")
+    assert differ < 1e-3, differ

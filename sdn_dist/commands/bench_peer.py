@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from sdn_dist.config import Config, load_config
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
-from sdn_dist.training.driver import free_port
+from sdn_dist.net import free_port
 from sdn_dist.training.loop import _digest, build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher
 
 

@@ -25,6 +25,8 @@ import os
 import shutil
 import time
 
+import ray
+
 from sdn_dist import fsio
 from sdn_dist.commands.teacher_train import train_teacher
 from sdn_dist.config import load_config
@@ -110,6 +112,10 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
     else:
         run_training(cfg, progress=True)
         print(f"  done in {time.time() - t:.0f}s")
+    if ray.is_initialized():
+        # The evaluation needs no Ray: stop the embedded one now rather than at exit, so that its
+        # processes leave the cores to the evaluation.
+        ray.shutdown()
     times["train"] = time.time() - t
 
     t = _step(4, "evaluation on the test split (SSIM, FSIM, attribute accuracy by a separate evaluator)")

@@ -53,6 +53,7 @@ Output (``torch.save``, loadable with ``weights_only=True``)::
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import zlib
@@ -60,6 +61,8 @@ from typing import Any
 
 import fsspec
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -67,9 +70,10 @@ from tqdm import tqdm
 from sdn_dist.config import Config
 from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.data.pipeline import iter_batches
-from sdn_dist.errors import ConfigError, DataError
+from sdn_dist.errors import ConfigError, DataError, UserError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
 from sdn_dist.model.plan import point_shapes, scaled_cfg
+from sdn_dist.net import free_port
 
 HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
@@ -262,6 +266,27 @@ def _level_accuracy(teacher: Teacher, levels: LevelHeads, images: list[torch.Ten
             for j, n in enumerate(levels.names) if total[j]}
 
 
+def _loss(teacher: Teacher, heads: AttributeHeads, readouts: ColourReadouts | None, levels: LevelHeads | None,
+          tcfg, x: torch.Tensor, metas: list[dict]) -> torch.Tensor | None:
+    """The mean training loss of images ``x``: attribute heads (+ colour read-outs, + level
+    heads); None when none of them has a label to learn."""
+    if not metas:
+        return None
+    t = heads.targets(metas)
+    feats = teacher(x)
+    losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
+              for j, logits in enumerate(heads(_head_input(feats["pool5"], tcfg.heads)))
+              if (t[:, j] >= 0).any()]
+    if not losses:
+        return None
+    loss = torch.stack(losses).mean()
+    if readouts is not None:
+        loss = loss + tcfg.colour_heads * readouts.loss(feats, x)
+    if levels is not None:
+        loss = loss + levels.loss(feats, metas)
+    return loss
+
+
 def _save_atomic(obj: Any, out: str) -> str:
     """torch.save to a temporary name beside ``out``, then rename: a crash never leaves a
     half-written teacher where a run would load it."""
@@ -280,8 +305,106 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     """Train the teacher trunk + attribute heads with Adam (cfg.teacher.train), write ``out``.
 
     Returns {"path", "accuracy": {label name: held-out accuracy}, "heldout_samples",
-    "train_samples_scanned", "steps", "final_loss"}.
+    "train_samples_scanned", "steps", "final_loss"}. With ``teacher.train.processes`` > 1 this
+    process is rank 0 of a data-parallel group on this machine (see :class:`Peers`).
     """
+    world = cfg.teacher.train.processes
+    if world == 1:
+        return _train(cfg, shards, out, progress, Peers())
+    threads = max(1, torch.get_num_threads() // world)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(1, world)]   # (receive, send): a peer's error
+    peers = [ctx.Process(target=_peer_main, args=(cfg, shards, r, world, port, threads, pipes[r - 1][1]),
+                         name=f"sdn-teacher-rank{r}", daemon=True) for r in range(1, world)]
+    for p in peers:
+        p.start()
+    threads_before, done = torch.get_num_threads(), False
+    try:
+        result = _train(cfg, shards, out, progress, Peers(0, world, port, threads))
+        done = True
+        return result
+    except UserError:
+        raise     # bad input: every rank found the same, and it names the key or file
+    except Exception as e:
+        why = _peer_failure(peers, [receive for receive, _ in pipes])
+        if why:   # says more than this rank's "connection reset by peer"
+            raise RuntimeError(f"teacher training with teacher.train.processes={world}: {why}; "
+                               f"nothing was written to {out}") from e
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+        for p in peers:
+            p.join(timeout=30 if done else 1)
+            if p.is_alive():
+                p.terminate()
+
+
+def _peer_failure(peers: list, received: list) -> str | None:
+    """What a failed peer reported, or how it ended (killed, out of memory), or None."""
+    for p, receive in zip(peers, received):
+        p.join(timeout=5)
+        if receive.poll():
+            return receive.recv()
+        if p.exitcode:
+            how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with status {p.exitcode}"
+            return f"its peer {p.name} (pid {p.pid}) {how}"
+    return None
+
+
+def _peer_main(cfg: Config, shards: str, rank: int, world: int, port: int, threads: int, send) -> None:
+    """A spawned rank > 0: trains its share of every batch; rank 0 writes the file."""
+    try:
+        _train(cfg, shards, "", False, Peers(rank, world, port, threads))
+    except BaseException as e:
+        send.send(f"its peer rank {rank} of {world} failed: {type(e).__name__}: {e}")
+        raise     # multiprocessing prints the traceback to stderr
+
+
+class Peers:
+    """``teacher.train.processes`` data-parallel ranks on this machine (gloo over 127.0.0.1).
+
+    Every rank reads the same batches (same seed) and trains on its contiguous share of each one;
+    their gradients are summed, each weighted by its share of the batch, so every rank takes the
+    same Adam step from the gradient of the whole batch's mean loss. On CPUs small convolutions
+    scale poorly over threads: 400 of the demo's teacher steps took 57 and 69 s in one 2-thread
+    process, 47 and 44 s in two 1-thread ones (docs/performance.md). The sum is rounded in another
+    order than one process's, so the weights equal those of ``processes=1`` only to float rounding.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1, port: int = 0, threads: int = 0):
+        self.rank, self.world = rank, world
+        if world > 1:
+            torch.set_num_threads(threads)
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world, timeout=datetime.timedelta(minutes=5))
+
+    def share(self, keep: list[int]) -> list[int]:
+        """This rank's contiguous part of a batch's indices."""
+        n = len(keep)
+        return keep[n * self.rank // self.world: n * (self.rank + 1) // self.world]
+
+    def reduce(self, params: list[nn.Parameter], loss: float, n: int) -> tuple[float, int]:
+        """Sum every rank's (share-weighted) gradients, losses and sample counts. Collective: every
+        rank calls it every step, with no gradients (zeros) when its share had nothing to learn."""
+        if self.world == 1:
+            return loss, n
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+                         + [torch.tensor([loss, float(n)])])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            g = flat[offset:offset + p.numel()].view_as(p)
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            offset += p.numel()
+        return float(flat[-2]), int(flat[-1])
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> dict:
     tcfg = cfg.teacher.train
     model_cfg = cfg.model.model_copy(update={"pool": "avg", "distill_fc7": False})
     size = model_cfg.image_size
@@ -335,34 +458,31 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         keep = [i for i, k in enumerate(batch["key"]) if not _heldout(k)]
         if not keep:
             continue
-        x = batch["image"][keep]
         if tcfg.rescale and len(calib) < n_calib:
-            calib.extend((x[:n_calib - len(calib)] * 255).round().to(torch.uint8))
-        t = heads.targets([batch["meta"][i] for i in keep])
-        feats = teacher(x)
-        losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
-                  for j, logits in enumerate(heads(_head_input(feats["pool5"], tcfg.heads)))
-                  if (t[:, j] >= 0).any()]
-        if not losses:
-            continue
-        loss = torch.stack(losses).mean()
-        if readouts is not None:
-            loss = loss + tcfg.colour_heads * readouts.loss(feats, x)
-        if levels is not None:
-            loss = loss + levels.loss(feats, [batch["meta"][i] for i in keep])
+            calib.extend((batch["image"][keep[:n_calib - len(calib)]] * 255).round().to(torch.uint8))
+        mine = peers.share(keep)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _loss(teacher, heads, readouts, levels, tcfg, batch["image"][mine], [batch["meta"][i] for i in mine])
+        if loss is not None:
+            (loss if peers.world == 1 else loss * (len(mine) / len(keep))).backward()
+        value, n = peers.reduce(params, 0.0 if loss is None else loss.item() * len(mine) / len(keep),
+                                len(mine) if loss is not None else 0)
+        if not n:
+            continue
         opt.step()
         sched.step()
         step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
         if step >= tcfg.steps:
             break
     bar.close()
+    peers.close()
     if step == 0:
         raise DataError(f"shards {shards}: no labelled training samples outside the held-out split")
+    if peers.rank:
+        return {}
 
     teacher.eval()
     # Before the rescale: the read-outs were trained on the unscaled channels.
@@ -400,6 +520,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         "steps": step,
         "lr": tcfg.lr,
         "batch_size": tcfg.batch_size,
+        "processes": peers.world,
         "seed": cfg.seed,
         "shards": shards if isinstance(shards, (str, list)) else str(shards),
     }

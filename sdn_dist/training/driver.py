@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import threading
 import time
 
@@ -22,6 +21,7 @@ from sdn_dist import fsio
 from sdn_dist.config import Config, to_yaml
 from sdn_dist.data.readers import DataSpec
 from sdn_dist.errors import UserError
+from sdn_dist.net import free_port
 from sdn_dist.training import preflight
 from sdn_dist.training.collector import start_collector
 from sdn_dist.training.failures import stop_on_user_error, user_error_in
@@ -52,13 +52,6 @@ def resolve_config(cfg: Config) -> Config:
 def prepare_run_dir(cfg: Config) -> None:
     fsio.makedirs(cfg.out)
     fsio.atomic_write(fsio.join(cfg.out, "config.yaml"), to_yaml(cfg))
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (the embedded Ray's API server; the bench's peers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_ray(cfg: Config, quiet: bool = True) -> None:
