@@ -578,7 +578,9 @@ def test_teacher_processes_take_the_steps_of_one_process(tmp_path):
     step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
     ~lr = 1e-3) almost no weight differs from the one-process teacher's by 1e-5, where a peer
     training on its half alone moves most of them elsewhere. The file is written once, by rank 0,
-    with the same steps and accuracy keys."""
+    with the same steps and accuracy keys. Bad input is the same error as in one process (the
+    peer's own report of it is not a RuntimeError over it), and leaves this process free to train
+    again (its process group closed)."""
     import sdn_dist.commands.teacher_train as tt
     from sdn_dist.data.synth import make_synth
 
@@ -593,9 +595,12 @@ def test_teacher_processes_take_the_steps_of_one_process(tmp_path):
         obj = torch.load(out, weights_only=True)
         return res, torch.cat([v.flatten() for part in ("state_dict", "heads") for v in obj[part].values()])
 
+    bad = _cfg("debug", "teacher.train.steps=2", "teacher.train.processes=2", "teacher.train.labels=[hue]")
+    with pytest.raises(ConfigError, match=r"teacher\.train\.labels: \['hue'\]"):
+        tt.train_teacher(bad, shards, str(tmp_path / "bad.pt"), progress=False)
     (res1, one), (res2, two) = train(1), train(2)
     assert res2["steps"] == res1["steps"] == 4 and set(res2["accuracy"]) == set(res1["accuracy"])
-    assert sorted(p.name for p in tmp_path.glob("teacher-*")) == ["teacher-1.pt", "teacher-2.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.pt*")) == ["teacher-1.pt", "teacher-2.pt"]
     differ = float(((one - two).abs() > 1e-5).float().mean())
     print(f"weights differing by > 1e-5: {differ:.2e} of {one.numel()}")
     assert differ < 1e-3, differ

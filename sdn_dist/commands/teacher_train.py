@@ -56,6 +56,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import sys
 import zlib
 from typing import Any
 
@@ -319,9 +320,10 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
                          name=f"sdn-teacher-rank{r}", daemon=True) for r in range(1, world)]
     for p in peers:
         p.start()
-    threads_before, done = torch.get_num_threads(), False
+    threads_before, done, group = torch.get_num_threads(), False, None
     try:
-        result = _train(cfg, shards, out, progress, Peers(0, world, port, threads))
+        group = Peers(0, world, port, threads)
+        result = _train(cfg, shards, out, progress, group)
         done = True
         return result
     except UserError:
@@ -333,6 +335,8 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
                                f"nothing was written to {out}") from e
         raise
     finally:
+        if group is not None:
+            group.close()   # also after a failure: this process may train again
         torch.set_num_threads(threads_before)
         for p in peers:
             p.join(timeout=30 if done else 1)
@@ -356,6 +360,9 @@ def _peer_main(cfg: Config, shards: str, rank: int, world: int, port: int, threa
     """A spawned rank > 0: trains its share of every batch; rank 0 writes the file."""
     try:
         _train(cfg, shards, "", False, Peers(rank, world, port, threads))
+    except UserError as e:
+        send.send(f"its peer rank {rank} of {world} failed: {e}")
+        sys.exit(2)   # bad input: rank 0 found the same and says so; no second traceback
     except BaseException as e:
         send.send(f"its peer rank {rank} of {world} failed: {type(e).__name__}: {e}")
         raise     # multiprocessing prints the traceback to stderr
