@@ -292,6 +292,37 @@ def test_sigkill_data_actor_run_completes(tmp_path, shards):
     assert any(e["event"] == "message" and "resumed from" in e["text"] for e in events(out))
 
 
+def test_sigkilled_teacher_peer_is_named_and_nothing_is_written(tmp_path, shards):
+    """`sdn-dist teacher train` with teacher.train.processes=2, its spawned peer SIGKILLed in the
+    middle of training (the OOM killer, a stray kill): exit 1 with one line that names the peer,
+    its pid and the signal, instead of the surviving rank's gloo "connection reset by peer", and
+    no teacher file, not even a temporary one."""
+    import threading
+
+    import psutil
+    out = tmp_path / "teacher.pt"
+    proc = subprocess.Popen(SDN + ["teacher", "train", "--preset", "debug", "--shards", f"{shards}/train-*.tar",
+                                   "--out", str(out)] + sets("teacher.train.steps=100000", "teacher.train.processes=2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(256), "")), daemon=True)
+    reader.start()
+    try:
+        # training under way: rank 0's progress bar past step 0 (the peer has joined the group)
+        wait_for(lambda: re.search(r"\| *[1-9]\d*/100000", "".join(err)), timeout=120, what="the first steps")
+        peer = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(peer) == 1, peer
+        os.kill(peer[0].pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+    finally:
+        proc.kill()
+    stderr = "".join(err)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert f"its peer sdn-teacher-rank1 (pid {peer[0].pid}) was killed by signal 9" in stderr, stderr[-3000:]
+    assert "nothing was written to" in stderr and not list(tmp_path.glob("teacher.pt*"))
+
+
 @pytest.mark.slow
 def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path, shards):
     out = tmp_path / "run"
