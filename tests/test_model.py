@@ -572,15 +572,16 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
         tt.train_teacher(bad, "fake://shards", str(tmp_path / "bad.pt"), progress=False)
 
 
-def test_teacher_processes_take_the_steps_of_one_process(tmp_path):
+def test_teacher_processes_take_the_steps_of_one_process(tmp_path, process_group):
     """teacher.train.processes=2: this process and a spawned peer (gloo) each train on half of
     every batch and sum their share-weighted gradients, so every Adam step is the one-process
     step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
     ~lr = 1e-3) almost no weight differs from the one-process teacher's by 1e-5, where a peer
     training on its half alone moves most of them elsewhere. The file is written once, by rank 0,
     with the same steps and accuracy keys. Bad input is the same error as in one process (the
-    peer's own report of it is not a RuntimeError over it), and leaves this process free to train
-    again (its process group closed)."""
+    peer's own report of it is not a RuntimeError over it). A caller that already holds
+    torch.distributed's default process group (a DeepSpeed engine in the same process) keeps it."""
+    import torch.distributed as dist
     import sdn_dist.commands.teacher_train as tt
     from sdn_dist.data.synth import make_synth
 
@@ -599,6 +600,7 @@ def test_teacher_processes_take_the_steps_of_one_process(tmp_path):
     with pytest.raises(ConfigError, match=r"teacher\.train\.labels: \['hue'\]"):
         tt.train_teacher(bad, shards, str(tmp_path / "bad.pt"), progress=False)
     (res1, one), (res2, two) = train(1), train(2)
+    assert dist.is_initialized() and dist.get_world_size() == 1     # the session's group, untouched
     assert res2["steps"] == res1["steps"] == 4 and set(res2["accuracy"]) == set(res1["accuracy"])
     assert sorted(p.name for p in tmp_path.glob("*.pt*")) == ["teacher-1.pt", "teacher-2.pt"]
     differ = float(((one - two).abs() > 1e-5).float().mean())

@@ -336,7 +336,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         raise
     finally:
         if group is not None:
-            group.close()   # also after a failure: this process may train again
+            group.close()
         torch.set_num_threads(threads_before)
         for p in peers:
             p.join(timeout=30 if done else 1)
@@ -380,11 +380,14 @@ class Peers:
     """
 
     def __init__(self, rank: int = 0, world: int = 1, port: int = 0, threads: int = 0):
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.group = rank, world, None
         if world > 1:
             torch.set_num_threads(threads)
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                    world_size=world, timeout=datetime.timedelta(minutes=5))
+            # A group of its own, not torch.distributed's default one: the calling process may
+            # hold that already (a DeepSpeed engine, a test), and must keep it as it was.
+            timeout = datetime.timedelta(minutes=5)
+            self._store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout)
+            self.group = dist.ProcessGroupGloo(self._store, rank, world, timeout)
 
     def share(self, keep: list[int]) -> list[int]:
         """This rank's contiguous part of a batch's indices."""
@@ -398,7 +401,7 @@ class Peers:
             return loss, n
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
                          + [torch.tensor([loss, float(n)])])
-        dist.all_reduce(flat)
+        self.group.allreduce([flat]).wait()
         offset = 0
         for p in params:
             g = flat[offset:offset + p.numel()].view_as(p)
@@ -407,8 +410,7 @@ class Peers:
         return float(flat[-2]), int(flat[-1])
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        self.group = self._store = None   # their connections close with them
 
 
 def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> dict:
