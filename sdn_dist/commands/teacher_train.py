@@ -467,14 +467,15 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         keep = [i for i, k in enumerate(batch["key"]) if not _heldout(k)]
         if not keep:
             continue
-        if tcfg.rescale and len(calib) < n_calib:
+        if tcfg.rescale and peers.rank == 0 and len(calib) < n_calib:   # only rank 0 rescales
             calib.extend((batch["image"][keep[:n_calib - len(calib)]] * 255).round().to(torch.uint8))
         mine = peers.share(keep)
+        share = len(mine) / len(keep)    # 1.0 in one process: the same loss, bit for bit
         opt.zero_grad(set_to_none=True)
         loss = _loss(teacher, heads, readouts, levels, tcfg, batch["image"][mine], [batch["meta"][i] for i in mine])
         if loss is not None:
-            (loss if peers.world == 1 else loss * (len(mine) / len(keep))).backward()
-        value, n = peers.reduce(params, 0.0 if loss is None else loss.item() * len(mine) / len(keep),
+            (loss * share).backward()
+        value, n = peers.reduce(params, 0.0 if loss is None else loss.item() * share,
                                 len(mine) if loss is not None else 0)
         if not n:
             continue
