@@ -26,7 +26,6 @@ from sdn_dist.data import (RankStream, SkipCounter, build_text_encoder, count_sa
                            iter_shard, make_loader, plan_epoch, shard_counts)
 from sdn_dist.data.convert import convert_cub, convert_flowers, convert_folder
 from sdn_dist.data.synth import HELDOUT_PAIRS, make_synth, synth_sample
-from sdn_dist.data import writer as writer_mod
 from sdn_dist.data.text import HashTextEncoder
 from sdn_dist.errors import ConfigError, DataError, UserError
 
@@ -671,27 +670,6 @@ def test_minilm_encoder_offline(monkeypatch):
     rec = enc.record()
     assert rec["encoder"] == "minilm" and rec["dim"] == 384
     assert encoder_from_record(rec).dim == 384
-
-
-@pytest.mark.timeout(300)
-def test_minilm_encoding_processes_write_the_same_shards(tmp_path, monkeypatch):
-    """Captions encoded ahead in two 1-thread processes (how the demo and `shards synth --embed
-    minilm` write shards on 2 cores) give shards equal byte for byte to one process's: the same
-    model calls on the same lists, the samples in their order. 300 samples in chunks of 32: ten
-    encode() calls, six of them while others are in flight, later ones repeating earlier captions."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(writer_mod._Sink, "CHUNK", 32)
-    serial = build_text_encoder(TextConfig(encoder="minilm", dim=384))
-    ahead = build_text_encoder(TextConfig(encoder="minilm", dim=384))
-    ahead.processes = 2
-    for name, enc in (("one", serial), ("two", ahead)):
-        make_synth(str(tmp_path / name), train=300, test=0, size=16, per_shard=100, progress=False, embed=enc)
-    assert serial._model is not None and ahead._model is None  # the second one's model ran elsewhere
-    files = sorted(os.listdir(tmp_path / "one"))
-    assert files == sorted(os.listdir(tmp_path / "two")) and len(files) == 4  # 3 tars + synth.json
-    for f in files:
-        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
-    assert inspect_shards(str(tmp_path / "two" / "train-*.tar"))["extensions"]["emb.npy"] == 300
 
 
 @pytest.mark.timeout(120)

@@ -80,10 +80,7 @@ def _embedder(name: str | None):
         return None
     from sdn_dist.config import TextConfig
     from sdn_dist.data.text import build_text_encoder
-    enc = build_text_encoder(TextConfig(encoder=name, dim=384 if name == "minilm" else 32))
-    if hasattr(enc, "processes"):  # one 1-thread encoding process per core (text.EncodeAhead)
-        enc.processes = max(1, os.cpu_count() or 1)
-    return enc
+    return build_text_encoder(TextConfig(encoder=name, dim=384 if name == "minilm" else 32))
 
 
 def cmd_shards_synth(args) -> int:

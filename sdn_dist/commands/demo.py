@@ -54,13 +54,12 @@ def _step(i: int, title: str) -> float:
 
 def _shard_encoder(cfg):
     """The run's text encoder, using every core while the shards are written (nothing else runs
-    then: one 1-thread encoding process per core, text.EncodeAhead); None for encoders that need
-    nothing stored."""
+    then); None for encoders that need nothing stored."""
     if cfg.text.encoder == "precomputed":
         raise UserError("the demo encodes its own captions: text.encoder must be minilm or hash")
     enc = build_text_encoder(cfg.text)
-    if hasattr(enc, "processes"):
-        enc.processes = max(1, os.cpu_count() or 1)
+    if hasattr(enc, "threads"):
+        enc.threads = max(1, os.cpu_count() or 1)
     return enc
 
 

@@ -146,14 +146,12 @@ class MiniLMTextEncoder(TextEncoder):
 
     name = "minilm"
 
-    def __init__(self, path: str = "", cache_size: int = 50_000, threads: int = 1, processes: int = 1):
+    def __init__(self, path: str = "", cache_size: int = 50_000, threads: int = 1):
         self.path = str(path or "")
         self.model_dir = Path(self.path) if self.path else _packaged_model_dir()
         if not self.model_dir.is_dir():
             raise ConfigError(f"text.path={self.path!r}: no sentence-transformers model directory there")
-        # processes: how many one-thread processes a shard writer's EncodeAhead spreads the model
-        # calls over (encode() itself always runs here, on `threads` threads)
-        self.cache_size, self.threads, self.processes = cache_size, threads, processes
+        self.cache_size, self.threads = cache_size, threads
         self._model = None
         self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -195,9 +193,12 @@ class MiniLMTextEncoder(TextEncoder):
         with self._lock:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if missing:
+                model = self._load()
                 with _torch_threads(self.threads):
-                    vecs = self.model_encode(missing)
-                self._store(missing, vecs)
+                    vecs = model.encode(missing, batch_size=64, convert_to_numpy=True,
+                                        normalize_embeddings=True, show_progress_bar=False)
+                for t, v in zip(missing, vecs):
+                    self._cache[t] = np.asarray(v, np.float32)
             for i, t in enumerate(texts):
                 out[i] = self._cache[t]
                 self._cache.move_to_end(t)
@@ -205,77 +206,9 @@ class MiniLMTextEncoder(TextEncoder):
                 self._cache.popitem(last=False)
         return out
 
-    def model_encode(self, texts: list[str]) -> np.ndarray:
-        """One call of the model on ``texts`` (no cache): what encode() runs on the captions it has
-        not seen, and what EncodeAhead's processes run on the same lists."""
-        return self._load().encode(texts, batch_size=64, convert_to_numpy=True,
-                                   normalize_embeddings=True, show_progress_bar=False)
-
-    def _store(self, texts: list[str], vecs: np.ndarray) -> None:
-        for t, v in zip(texts, vecs):
-            self._cache[t] = np.asarray(v, np.float32)
-
     def record(self) -> dict:
         model = "all-MiniLM-L6-v2" if not self.path else self.model_dir.name
         return {"encoder": "minilm", "path": self.path, "dim": self.dim, "model": model}
-
-
-class EncodeAhead:
-    """A MiniLM encoder's model calls run ahead of their use in ``processes`` one-thread processes
-    (spawned), so that writing shards uses every core: on 2 cores two 1-thread processes encode
-    more captions per second than one process of 2 threads, as with the teacher's small convs.
-
-        ahead = EncodeAhead(enc, 2)
-        h = ahead.submit(texts)      # returns at once
-        rows = ahead.result(h)       # = enc.encode(texts), bit for bit; results in any order
-        ahead.close()
-
-    Each model call gets exactly the list encode() would have given the model at that point (the
-    texts of the call that no earlier call had), and MiniLM's CPU kernels give the same sums on 1
-    and 2 threads, so the rows equal a serial encode()'s (tests/test_data.py checks it)."""
-
-    def __init__(self, enc: "MiniLMTextEncoder", processes: int):
-        import concurrent.futures
-        import multiprocessing
-
-        self.enc = enc
-        self._submitted = set(enc._cache)
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_ahead_init, initargs=(enc.path,))
-
-    def submit(self, texts: list[str]):
-        missing = [t for t in dict.fromkeys(texts) if t not in self._submitted]
-        self._submitted.update(missing)
-        return texts, missing, self._pool.submit(_ahead_encode, missing) if missing else None
-
-    def result(self, handle) -> np.ndarray:
-        texts, missing, fut = handle
-        if fut is not None:
-            try:
-                vecs = fut.result()
-            except Exception as e:  # noqa: BLE001 - a killed process: BrokenProcessPool
-                raise UserError(f"caption encoding: a {self.enc.name} encoding process failed "
-                                f"({type(e).__name__}: {e})") from None
-            with self.enc._lock:
-                self.enc._store(missing, vecs)
-        return self.enc.encode(texts)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-_AHEAD: "MiniLMTextEncoder | None" = None  # the model of an EncodeAhead process
-
-
-def _ahead_init(path: str) -> None:
-    global _AHEAD
-    torch.set_num_threads(1)
-    _AHEAD = MiniLMTextEncoder(path)
-
-
-def _ahead_encode(texts: list[str]) -> np.ndarray:
-    return _AHEAD.model_encode(texts)
 
 
 def _packaged_model_dir() -> Path:

@@ -11,7 +11,6 @@ Tars are reproducible: fixed mtime, fixed owner, members in sorted order (webdat
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import json
@@ -55,22 +54,11 @@ def sample_record(key: str, image: bytes, image_ext: str, captions: list[str], m
 
 
 class _Sink:
-    """What :func:`shard_writer` yields: ``add(...)`` one sample, ``urls``, ``count``.
+    """What :func:`shard_writer` yields: ``add(...)`` one sample, ``urls``, ``count``."""
 
-    With an encoder whose ``processes`` > 1, chunks are encoded ahead (text.EncodeAhead): up to
-    two chunks per process wait for their rows while the caller renders the next ones; samples
-    are written in the order they were added, with the rows a serial encode() gives."""
-
-    CHUNK = 256  # samples per encode() call
-
-    def __init__(self, write, embed=None):
-        self._write, self.embed, self.chunk = write, embed, self.CHUNK
+    def __init__(self, write, embed=None, chunk: int = 256):
+        self._write, self.embed, self.chunk = write, embed, chunk
         self._pending: list[tuple] = []
-        self._queue: collections.deque = collections.deque()
-        self._ahead, self._depth = None, 0
-        if embed is not None and getattr(embed, "processes", 1) > 1:
-            from sdn_dist.data.text import EncodeAhead
-            self._ahead, self._depth = EncodeAhead(embed, embed.processes), 2 * embed.processes
         self.urls: list[str] = []
         self.count = 0
 
@@ -82,24 +70,17 @@ class _Sink:
         if self.embed is not None and emb is None:
             self._pending.append((key, image, image_ext, captions, meta))
             if len(self._pending) >= self.chunk:
-                self._submit()
+                self.flush()
             return
-        self.flush()  # samples keep their order
         self._write(sample_record(key, image, image_ext, captions, meta, emb))
         self.count += 1
 
-    def _submit(self) -> None:
+    def flush(self) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         texts = [clean_caption(c) for p in pending for c in p[3]]
-        handle = self._ahead.submit(texts) if self._ahead else texts
-        self._queue.append((pending, handle))
-        while len(self._queue) > self._depth:
-            self._write_chunk(*self._queue.popleft())
-
-    def _write_chunk(self, pending: list[tuple], handle) -> None:
-        rows = np.asarray(self._ahead.result(handle) if self._ahead else self.embed.encode(handle), np.float32)
+        rows = np.asarray(self.embed.encode(texts), np.float32)
         record = self.embed.record()
         i = 0
         for key, image, ext, captions, meta in pending:
@@ -108,17 +89,6 @@ class _Sink:
                                       rows[i:i + n]))
             self.count += 1
             i += n
-
-    def flush(self) -> None:
-        """Write every sample added so far."""
-        self._submit()
-        while self._queue:
-            self._write_chunk(*self._queue.popleft())
-
-    def close(self) -> None:
-        if self._ahead is not None:
-            self._ahead.close()
-            self._ahead = None
 
 
 @contextlib.contextmanager
@@ -170,7 +140,6 @@ def shard_writer(out: str, prefix: str, per_shard: int = 1000, embed=None):
         yield sink
         sink.flush()
     finally:
-        sink.close()
         if writer is not None:
             writer.close()
     if local:
