@@ -293,17 +293,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         # sigmoid image layer (model.output) and the pixel point 60x in stage 2 (stage 1 keeps 5x:
         # it sets the colours) took FSIM on seen captions from 0.803 +- 0.021 to 0.853 +- 0.007
         # over seeds 0-2 and the held-out pairs from 89.5 % to 91.7 % of real (docs/results.md).
-        # 3000 + 3000 steps: ~9-11 minutes of training on 2 cores, the demo ~14-16 in all
-        # (docs/performance.md). keep_in_memory: the teacher's 1500 steps read the 4,000 images
-        # from memory after the first epoch (the same batches). Round 9: the teacher trains in two
-        # 1-thread processes (teacher.train.processes; 20-30 s less than one 2-thread process);
-        # over seeds 0-2 every goal held again, FSIM on seen captions 0.862 +- 0.009 (results.md).
+        # keep_in_memory: the teacher's 1500 steps read the 4,000 images from memory after the
+        # first epoch (the same batches). Round 9: the teacher trains in two 1-thread processes
+        # (teacher.train.processes; 20-30 s less than one 2-thread process). Round 10: 2700 + 2700
+        # student steps (3000 + 3000 before) bring the demo under 15 minutes on the slowest 2-core
+        # machine measured (training ~9.5 minutes); goals re-measured over seeds 0-2 (results.md).
         "teacher": {"train": {"steps": 1500, "batch_size": 32, "processes": 2, "lr": 1e-3, "colour_heads": 1.0,
                               "level_heads": {"colour": 1.0},
                               "labels": ["shape", "colour", "size", "position", "background"]}},
-        "stage1": {"steps": 3000, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
+        "stage1": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
                    "point_weights": {"image": 5.0}, "tv_weight": 10.0},
-        "stage2": {"steps": 3000, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
+        "stage2": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
                    "point_weights": {"image": 60.0}, "tv_weight": 10.0},
         "checkpoint": {"every": 250, "keep": 2},
         "metrics": {"log_every": 10},
