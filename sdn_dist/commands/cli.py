@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic benchmark (embedded local Ray)")
     p.add_argument("--out", default="runs/demo-pipeline", help="demo directory (re-running reuses finished parts)")
     p.add_argument("--preset", default="demo", choices=["demo", "debug"],
-                   help="demo: the real thing (14-16 min on 2 cores); debug: toy sizes, about a minute (tests)")
+                   help="demo: the real thing (13-15 min on 2 cores); debug: toy sizes, about a minute (tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override on the preset, e.g. --set stage1.steps=500")
     p.set_defaults(fn=cmd_demo)
