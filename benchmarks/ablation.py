@@ -12,10 +12,13 @@ stage1.steps + stage2.steps (--quick: a quarter of it) for every variant:
     b  stage 1 only    direct distillation, all steps
     c  stage 2 only    indirect distillation through the teacher, all steps, from the random init
     d  SDN             stage 1 then stage 2 (the demo preset's split)
-    e  SDN, random     (d) with a random-init teacher (teacher.weights empty)
+    e  SDN, random     (d) with a random-init teacher (teacher.weights=random)
+    f  SDN, captions   (d) with a teacher trained from the captions alone (teacher.train.objective=caption)
 
 Shards and teacher: made here exactly as `sdn-dist demo` makes them (same code, same sizes), or
-taken from a finished demo directory with --from-demo (its shards/ and teacher.pt, read only).
+taken from a finished demo directory with --from-demo (its shards/ and teacher.pt, read only;
+its run/ stands for (d), the same training run). Variant (f) trains its own teacher from the
+captions alone (teacher-caption.pt).
 Re-running reuses every finished run and report. Outputs under --out: one run directory per
 variant, `<variant>/report.json`, `table.md` (the table docs/results.md shows), `results.json`,
 and `grids/<variant>.png` (first 8 test captions; generated over real).
@@ -55,8 +58,32 @@ def variants(s1: int, s2: int) -> dict[str, dict]:
         "d-sdn": {"label": "(d) SDN: stage 1 then stage 2", "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}}},
         "e-sdn-random-teacher": {"label": "(e) SDN, random-init teacher",
                                  "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}},
-                                 "random_teacher": True},
+                                 "teacher": "random"},
+        "f-sdn-caption-teacher": {"label": "(f) SDN, caption-objective teacher (no labels)",
+                                  "config": {"stage1": {"steps": s1}, "stage2": {"steps": s2}},
+                                  "teacher": "caption"},
     }
+
+
+def teacher_of(variant: dict, label_teacher: str, caption_teacher: str | None) -> str:
+    """The variant's teacher.weights: the recipe's label teacher, the caption teacher, or random."""
+    kind = variant.get("teacher", "labels")
+    return {"labels": label_teacher, "caption": caption_teacher, "random": "random"}[kind]
+
+
+def caption_teacher_file(out: str, shards: str) -> str:
+    """The teacher the synth recipe trains, but from the captions alone: objective caption and no
+    level heads (they need labels); its colour read-outs need none and stay."""
+    from sdn_dist.config import load_config
+    from sdn_dist.commands.teacher_train import train_teacher
+    path = os.path.join(out, "teacher-caption.pt")
+    if not os.path.exists(path):
+        cfg = load_config("demo", recipe="synth", overrides=["teacher.train.objective=caption",
+                                                              "teacher.train.level_heads={}"])
+        t = time.time()
+        res = train_teacher(cfg, shards=f"{shards}/train-*.tar", out=path, progress=True)
+        json.dump({**res, "seconds": round(time.time() - t, 1)}, open(path + ".json", "w"), indent=2)
+    return path
 
 
 KINDS = ("seen", "paraphrase", "heldout")
@@ -112,7 +139,7 @@ def prepare_data(out: str, from_demo: str | None) -> tuple[str, str]:
     from sdn_dist.commands.demo import SHARDS, _shard_encoder
     from sdn_dist.commands.teacher_train import train_teacher
     shards, teacher = os.path.join(out, "shards"), os.path.join(out, "teacher.pt")
-    cfg = load_config("demo")
+    cfg = load_config("demo", recipe="synth")
     if not os.path.exists(os.path.join(shards, "synth.json")):
         write_synth(out=shards, **SHARDS, embed=_shard_encoder(cfg))
     if not os.path.exists(teacher):
@@ -132,7 +159,7 @@ def main() -> None:
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     log = os.path.join(out, "ablation.log")
-    demo = load_config("demo")
+    demo = load_config("demo", recipe="synth")
     s1, s2 = demo.stage1.steps, demo.stage2.steps
     if args.quick:
         s1, s2 = s1 // 4, s2 // 4
@@ -147,6 +174,8 @@ def main() -> None:
         train_evaluator(f"{shards}/train-*.tar", demo.model.image_size, evaluator, progress=False)
 
     chosen = [v for v in args.only.split(",") if v] or None
+    caption_teacher = (caption_teacher_file(out, shards) if not chosen or "f-sdn-caption-teacher" in chosen
+                       else None)
     rows = {}
     for name, v in variants(s1, s2).items():
         if chosen and name not in chosen:
@@ -155,9 +184,12 @@ def main() -> None:
         run = os.path.join(vdir, "run")
         report = os.path.join(vdir, "report.json")
         os.makedirs(vdir, exist_ok=True)
+        demo_run = os.path.join(args.from_demo or "", "run")
+        if name == "d-sdn" and args.from_demo and not os.path.exists(run) and os.path.isdir(demo_run):
+            os.symlink(os.path.abspath(demo_run), run)   # (d) is the demo's own training run
         conf = dict(v["config"], out=run,
                     data={"train": f"{shards}/train-*.tar", "test": test},
-                    teacher={"weights": "" if v.get("random_teacher") else teacher})
+                    teacher={"weights": teacher_of(v, teacher, caption_teacher)})
         conf_file = os.path.join(vdir, "variant.yaml")
         with open(conf_file, "w") as f:
             yaml.safe_dump(conf, f, sort_keys=False)
@@ -165,7 +197,7 @@ def main() -> None:
         timing = json.load(open(timing_file)) if os.path.exists(timing_file) else {}
         if not os.path.exists(os.path.join(run, "export", "student.pt")):
             print(f"[{name}] training ({v['label']})", flush=True)
-            timing["train_seconds"] = round(sh(exe + ["train", "--preset", "demo", "--config", conf_file, "--quiet"], log), 1)
+            timing["train_seconds"] = round(sh(exe + ["train", "--preset", "demo", "--recipe", "synth", "--config", conf_file, "--quiet"], log), 1)
             json.dump(timing, open(timing_file, "w"))
         if not os.path.exists(report):
             print(f"[{name}] evaluating", flush=True)

@@ -40,7 +40,7 @@ class DataConfig(Section):
     prefetch: int = Field(4, ge=1, description="Decoded micro-batches each worker keeps in flight.")
     shuffle: bool = Field(True, description="Shuffle shard order (per epoch, seeded) and samples within a shard buffer.")
     shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
-    keep_in_memory: bool = Field(False, description="Keep every sample read (its tar members) and its decoded image in memory, so that later epochs read neither the shards nor the PNGs again: the same samples in the same order. For data sets that fit and are read many times: `sdn-dist teacher train` (the demo's twelve epochs: reading and decoding 1.04 -> 0.19 s per epoch) and each of a worker's reader actors (up to the whole data set each: ~90 MB for the demo's 4,000 images at 64 px; on local disk no measurable gain there, as their decoding overlaps the steps; for shards on object storage it saves every re-read).")
+    keep_in_memory: bool = Field(False, description="Keep every sample read and its decoded image in memory, so later epochs read neither the shards nor the images again (the same samples in the same order). For data sets that fit (the demo's 4,000 images at 64 px: ~90 MB per reader) and are read many times; see docs/performance.md.")
     caption: Literal["random", "first"] = Field("random", description="Which of a sample's captions to use: a seeded random one per epoch, or always the first.")
     strict: bool = Field(False, description="Fail on the first bad sample instead of skipping and counting it.")
     # Bounds on what one sample may cost a reader (docs/reliability.md, "Bounded memory").
@@ -65,9 +65,9 @@ class ModelConfig(Section):
     distill_fc7: bool = Field(False, description="Extension, off by default: also distil the teacher's fc7 (needs classifier weights).")
     pool: Literal["avg", "max"] = Field("avg", description="Teacher pooling: the method uses average pooling in place of VGG's max pooling.")
     init: Literal["reference", "kaiming"] = Field("reference", description="Student init: reference = N(0, 0.02) convs / N(0, 0.1) FCs as in the released code; kaiming = He init.")
-    negative_slope: float = Field(0.0, ge=0, lt=1, description="Extension, off by default: the student's activations are leaky ReLUs with this slope below zero (0 = ReLU, the paper). A ReLU unit that is negative wherever an object of some colour lies gets no gradient there and cannot learn to light up for it; a leaky one still does. The student's matched tensors can then be slightly negative where the teacher's ReLU outputs are 0; the L1 distance pulls them to 0.")
-    output: Literal["linear", "sigmoid"] = Field("linear", description="Extension, off by default: the student's image layer is linear (the paper; pixels outside [0, 1] are clamped when images are written) or a sigmoid of the same 3x3 conv, so pixel values live in (0, 1): near-black and near-white regions come out flat however the layer's input wavers, and a change between two colours is steeper for the same change of that input (the student draws full resolution with only two 3x3 convs after a nearest upsample). In the demo (with stage 2's pixel point at 60x) it took FSIM on seen captions from 0.840 to 0.856 at seed 0, with less pixel noise on flat regions (0.0108 -> 0.0088) and slightly harder edges (docs/results.md, round 8).")
-    text_norm: Literal["none", "standardize"] = Field("none", description="Extension, off by default: standardize = the student centres its text input on the training captions' mean embedding and divides it by their standard deviation (one number for all components, so the embedding's geometry is kept), so that its first layer sees inputs of the scale its init assumes. L2-normalised sentence embeddings vary by ~0.03 per component: at the paper's plain input the demo learnt nothing from the captions for its first ~1000 steps (docs/results.md). The statistics come from the first 1024 training samples (data.caption's choice of caption), computed once by the driver, and live in the student's weights (export, generate and eval use them).")
+    negative_slope: float = Field(0.0, ge=0, lt=1, description="Extension, off by default: the student's activations are leaky ReLUs with this slope below zero (0 = ReLU, the paper), so a unit that is off where an object lies still gets a gradient. Tuned on the synthetic benchmark only (the synth recipe: 0.1; docs/results.md).")
+    output: Literal["linear", "sigmoid"] = Field("linear", description="Extension, off by default: the student's image layer is linear (the paper; pixels are clamped to [0, 1] when written) or a sigmoid of the same conv, so pixels live in (0, 1) and flat regions stay flat. Tuned on the synthetic benchmark only (the synth recipe: sigmoid; docs/results.md).")
+    text_norm: Literal["none", "standardize"] = Field("none", description="Extension, off by default, on in the demo preset: standardize = centre the caption embedding on the training captions' mean and divide by their standard deviation (one number), so the student's first layer sees inputs of the scale its init assumes; the statistics come from the first 1024 training captions and live in the student's weights. Measured on the synthetic benchmark (docs/results.md); the mechanism depends only on the text encoder.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -80,16 +80,17 @@ class TeacherTrainConfig(Section):
     steps: int = Field(600, ge=1, description="Optimizer steps of `sdn-dist teacher train`.")
     lr: float = Field(1e-3, gt=0, description="Peak Adam learning rate for teacher training (linear warm-up over 5 % of the steps, cosine decay to 0).")
     batch_size: int = Field(32, ge=1, description="Batch size for teacher training.")
-    processes: int = Field(1, ge=1, description="Data-parallel processes of `sdn-dist teacher train` on this machine (gloo over 127.0.0.1), each with its share of the threads: every process reads the same batches and trains on its part of each, and their gradients are summed before every Adam step, so the steps, the batches and the schedule are those of one process and the weights differ from them only by float rounding. On CPUs small convolutions use a second thread poorly: 400 of the demo's teacher steps took 57 and 69 s in one process of 2 threads, 47 and 44 s in 2 processes of 1 (interleaved runs, docs/performance.md).")
+    processes: int = Field(1, ge=1, description="Data-parallel processes of `sdn-dist teacher train` on this machine (gloo over 127.0.0.1), each with its share of the threads; the same steps and batches as one process, the weights equal to float rounding. On 2 CPU cores two 1-thread processes beat one 2-thread process (docs/performance.md).")
     heads: Literal["spatial", "pooled"] = Field("spatial", description="Input of the attribute heads: pool5 flattened (spatial: where and what colour is linearly readable) or averaged over height and width (pooled).")
-    colour_heads: float = Field(0.0, ge=0, description="Weight of an auxiliary loss in teacher training (0 = off): at every matched point after the image, a linear 1x1 read-out must predict the input image's RGB averaged down to that point's resolution (mean squared error), so that every level of the teacher keeps the colours it sees instead of only what the attribute heads need. The read-outs are dropped after training; the teacher file has the usual keys.")
-    level_heads: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="Extension, off by default: {label name: weight} of an auxiliary loss in teacher training: at every matched point after the image, a linear classifier on the point's channel means must predict the label (cross-entropy, mean over points, times the weight), so that the trunk's levels carry it, not only what pool5's heads need, e.g. {colour: 1.0} (docs/results.md, round 6). Any label the shards carry (it need not be in teacher.train.labels); the classifiers are dropped after training.")
-    labels: list[str] = Field(default_factory=list, description="Label names the teacher learns to classify (one head each), e.g. [shape, colour, size, position, background]; empty = every label the shards carry, meta 'label' included (on the synthetic benchmark the joint shape-colour class, whose head asks the teacher to encode the pair rather than the two attributes). A name the shards do not carry is an error that lists the ones they do.")
+    objective: Literal["auto", "labels", "caption"] = Field("auto", description="What the teacher learns: labels = one classifier head per label the shards carry (teacher.train.labels); caption = the image predicts its caption's embedding (text.encoder; cosine distance), for caption-only shards such as img2dataset's; auto = labels when the shards carry any, else caption.")
+    colour_heads: float = Field(0.0, ge=0, description="Weight of an auxiliary teacher loss (0 = off): a linear 1x1 read-out at every matched point after the image must predict the image's RGB averaged to that resolution (MSE), so every level keeps the colours it sees; dropped after training. Tuned on the synthetic benchmark only (the synth recipe: 1.0; docs/results.md).")
+    level_heads: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="{label name: weight} of an auxiliary teacher loss (empty = off): a linear classifier on the channel means of every matched point must predict the label, so the middle levels carry it too; dropped after training. Any label the shards carry. Tuned on the synthetic benchmark only (the synth recipe: {colour: 1.0}; docs/results.md).")
+    labels: list[str] = Field(default_factory=list, description="Label names the teacher classifies, one head each; empty = every label the shards carry (meta 'attributes' entries and 'label'). A name the shards lack is an error that lists the ones they have. The synth recipe names the benchmark's five attributes.")
     rescale: bool = Field(True, description="After training, rescale each conv so every channel's mean activation on training images is 1 (Gatys et al. 2016; the function is unchanged), so that no level dominates SDN's sums of per-point L1 distances.")
 
 
 class TeacherConfig(Section):
-    weights: str = Field("", description="URL of a torchvision-format VGG19 state dict or a `sdn-dist teacher train` output; empty = random init (an ablation, not a method).")
+    weights: str = Field("", description="URL (any fsspec URL, https included) of torchvision's ImageNet VGG19 state dict (vgg19-dcbb9e9d.pth) or of a `sdn-dist teacher train` output; `random` = a random-init teacher, the ablation. Empty is allowed only in the debug preset (random); elsewhere `sdn-dist train` stops and says how to get weights.")
     normalize: Literal["auto", "imagenet", "none"] = Field("auto", description="Input normalisation: auto = what the weights file records (ImageNet mean/std for torchvision weights).")
     train: TeacherTrainConfig = Field(default_factory=TeacherTrainConfig, description="Settings of `sdn-dist teacher train`.")
 
@@ -112,7 +113,7 @@ class StageConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
     loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
     point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1.")
-    tv_weight: float = Field(0.0, ge=0, description="Extension, off by default (0 = the paper): weight of the generated image's total variation, the mean absolute difference between neighbouring pixels (down plus right, on [0,1] pixels), added to this stage's loss and logged as point `tv`. The image prior of feature-inversion and perceptual-loss generators (Mahendran & Vedaldi 2015, Johnson et al. 2016): matching a teacher's features leaves pixel noise the features do not see, which costs FSIM. Real images of the synthetic benchmark have ~0.02.")
+    tv_weight: float = Field(0.0, ge=0, description="Extension, off by default (the paper): weight of the generated image's total variation (mean absolute difference of neighbouring pixels), added to this stage's loss and logged as point `tv`: an image prior against pixel noise the teacher's features do not see. Tuned on the synthetic benchmark only (the synth recipe: 10; docs/results.md).")
     plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="Early switch rule (stage 1 only).")
 
 
@@ -168,6 +169,7 @@ class RayConfig(Section):
 
 class Config(Section):
     preset: str = Field("debug", description="Preset the defaults came from (debug, demo, paper).")
+    recipe: str = Field("", description="Recipe applied on the preset (e.g. synth, the synthetic benchmark's tuning; empty = none).")
     out: str = Field("runs/sdn", description="Run directory (any fsspec URL): config, metrics, checkpoints, samples, export.")
     run_id: str = Field("", description="Run id used in metric labels (empty: the run directory's name).")
     workers: int | str = Field(1, description="Data-parallel training workers: an integer (fixed world size) or a range 'MIN-MAX' (elastic: start with as many as the cluster can place, up to MAX; after losing nodes continue from the last checkpoint on no fewer than MIN). data.batch_size stays the global batch at every size.")
@@ -262,49 +264,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "samples": {"count": 4},
     },
     "demo": {
+        # A CPU-sized run on anyone's image-caption shards: 64 px, 1/8 width, ~15 minutes of
+        # training on 2 cores. The synthetic benchmark's own tuning is the `synth` recipe
+        # (sdn_dist/recipes/synth.yaml), which `sdn-dist demo` adds on top of this preset.
         "out": "runs/demo",
         "workers": 2,
         "text": {"encoder": "minilm", "dim": 384},
-        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming", "text_norm": "standardize",
-                  "negative_slope": 0.1, "output": "sigmoid"},
+        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming", "text_norm": "standardize"},
         "data": {"batch_size": 16, "keep_in_memory": True},
-        # text_norm: MiniLM's unit-length embeddings vary by ~0.03 per component, so He init's
-        # first layer saw almost nothing of the caption: at the plain input the student learnt
-        # nothing from the text for ~1000 steps and the colour (the attribute it learns last)
-        # only half (seed 0 seen colour 0.58 -> 0.87, docs/results.md). The teacher keeps the
-        # colours at every level (teacher.train.colour_heads), both stages warm up and decay
-        # (warmup_cosine: at a constant 1e-3 stage 2 diverged on one CPU model), and both weigh
-        # the pixel point 5x: the teacher's features are easy to satisfy with the wrong colours,
-        # the pixels are not. The teacher learns the five attributes, not the benchmark's joint
-        # shape-colour label, whose head asks it to encode the pair (seed 0's held-out colour
-        # 0.61 -> 0.92 without it), and the student's units are leaky (negative_slope: some of
-        # its ReLU units were off at every pixel of one colour's objects). Together they took
-        # seed 0's seen colour from 0.87 to 1.00 and held-out colour to 0.89; neither alone
-        # stopped the student drawing two colours as one, and seed 1 still drew three pairs so.
-        # Round 6: the teacher also classifies the object's colour at every level
-        # (teacher.train.level_heads; some of its middle levels held the colour as a small share
-        # of their features, which the student could leave out) and needs 1500 steps for its
-        # shape head to keep up (at 1000 the students' held-out shapes fell: 0.50 and 0.56 at
-        # seeds 0 and 2). It leaves a pixel pattern that stageN.tv_weight (the generated image's
-        # total variation) removes. Round 7: 3000 + 3000 student steps pay for the teacher within
-        # the 15-minute budget; over seeds 0-2 seen colour 1.00 +- 0.00 (0.80 +- 0.35 before),
-        # held-out 89.5 % of real (92.5 % before) (docs/results.md, rounds 6 and 7).
-        # Round 8: FSIM was lost at the objects (soft edges, pixel noise), not their outlines; a
-        # sigmoid image layer (model.output) and the pixel point 60x in stage 2 (stage 1 keeps 5x:
-        # it sets the colours) took FSIM on seen captions from 0.803 +- 0.021 to 0.853 +- 0.007
-        # over seeds 0-2 and the held-out pairs from 89.5 % to 91.7 % of real (docs/results.md).
-        # keep_in_memory: the teacher's 1500 steps read the 4,000 images from memory after the
-        # first epoch (the same batches). Round 9: the teacher trains in two 1-thread processes
-        # (teacher.train.processes; 20-30 s less than one 2-thread process). Round 10: 2700 + 2700
-        # student steps (3000 + 3000 before) bring the demo under 15 minutes on the slowest 2-core
-        # machine measured (training ~9.5 minutes); goals re-measured over seeds 0-2 (results.md).
-        "teacher": {"train": {"steps": 1500, "batch_size": 32, "processes": 2, "lr": 1e-3, "colour_heads": 1.0,
-                              "level_heads": {"colour": 1.0},
-                              "labels": ["shape", "colour", "size", "position", "background"]}},
-        "stage1": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 5.0}, "tv_weight": 10.0},
-        "stage2": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 60.0}, "tv_weight": 10.0},
+        "teacher": {"train": {"steps": 1500, "batch_size": 32, "processes": 2, "lr": 1e-3}},
+        "stage1": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100},
+        "stage2": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100},
         "checkpoint": {"every": 250, "keep": 2},
         "metrics": {"log_every": 10},
         "samples": {"every": 500, "count": 8},
@@ -391,31 +361,63 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"config key '{key}': {msg} (got {e.get('input')!r})"
 
 
-def load_config(preset: str = "debug", file: str | Path | None = None,
-                overrides: list[str] | None = None) -> Config:
-    """Resolve defaults -> preset -> YAML file -> overrides. Raises ConfigError naming the key."""
-    tree: dict[str, Any] = {}
-    file_tree: dict[str, Any] = {}
-    if file:
-        try:
-            file_tree = yaml.safe_load(Path(file).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {file} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(file_tree, dict):
-            raise ConfigError(f"config file {file} must hold a mapping of keys, not {type(file_tree).__name__}")
-        preset = file_tree.pop("preset", None) or preset
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped with the package (``sdn_dist/recipes/NAME.yaml``)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
+def load_recipe(recipe: str) -> dict[str, Any]:
+    """A recipe by name (``synth``: sdn_dist/recipes/synth.yaml) or by path to a YAML file:
+    config keys, plus ``preset:`` naming the preset it is meant for."""
+    path = Path(recipe)
+    if recipe in recipe_names():
+        path = RECIPES_DIR / f"{recipe}.yaml"
+    elif path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"unknown recipe {recipe!r} (choose from {', '.join(recipe_names())}, "
+                          f"or give a .yaml file)")
+    return _read_yaml(path, "recipe")
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None,
+                overrides: list[str] | None = None, recipe: str | None = None) -> Config:
+    """Resolve defaults -> preset -> recipe -> YAML file -> overrides. Raises ConfigError naming
+    the key. The preset is the one named explicitly (argument or ``--set preset=``), else the
+    file's ``preset:``, else the recipe's, else ``debug``."""
+    recipe_tree = load_recipe(recipe) if recipe else {}
+    file_tree = _read_yaml(file, "config file") if file else {}
     ov = [parse_override(o) for o in overrides or []]
     for parts, value in ov:
         if parts == ["preset"]:
             preset = value
+    preset = preset or file_tree.get("preset") or recipe_tree.get("preset") or "debug"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
-    tree = deep_merge(PRESETS[preset], file_tree)
+    tree = PRESETS[preset]
+    for layer in (recipe_tree, file_tree):
+        tree = deep_merge(tree, {k: v for k, v in layer.items() if k not in ("preset", "recipe")})
     for parts, value in ov:
         _set_dotted(tree, parts, value)
     tree["preset"] = preset
+    tree["recipe"] = recipe or ""
     _check_unknown(tree, Config)
     try:
         return Config.model_validate(tree)

@@ -38,7 +38,7 @@ def test_every_field_is_documented():
 def test_precedence_defaults_preset_file_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"preset": "debug", "stage1": {"steps": 5, "lr": 0.5}, "workers": 2}))
-    cfg = load_config("demo", file=f, overrides=["stage1.steps=7", "data.train=[a.tar, b.tar]"])
+    cfg = load_config(None, file=f, overrides=["stage1.steps=7", "data.train=[a.tar, b.tar]"])
     assert cfg.preset == "debug"            # the file's preset wins over the default
     assert cfg.stage1.steps == 7            # --set beats the file
     assert cfg.stage1.lr == 0.5             # the file beats the preset

@@ -509,7 +509,7 @@ def load_mounted_config(text: str, sets: list[str], preset: str | None, tmp_path
     assert p in ("debug", "demo", "paper") and p in PRESETS, f"config names preset {p!r}, not debug/demo/paper"
     f = tmp_path / "config.yaml"
     f.write_text(text)
-    return load_config(preset=preset or "debug", file=str(f), overrides=sets)
+    return load_config(preset=preset, file=str(f), overrides=sets)
 
 
 # ---------------------------------------------------------------------------------------------

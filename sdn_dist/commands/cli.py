@@ -24,14 +24,16 @@ from sdn_dist.errors import UserError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (after the preset, before --set)")
-    p.add_argument("--preset", default=None, help="debug | demo | paper (default: debug, or the file's preset)")
+    p.add_argument("--preset", default=None, help="debug | demo | paper (default: the file's or the recipe's preset, else debug)")
+    p.add_argument("--recipe", default=None, metavar="NAME|FILE.yaml",
+                   help="a data set's tuned settings on top of the preset, e.g. synth (the synthetic benchmark)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable, e.g. --set stage1.steps=100")
 
 
 def _config(args):
     from sdn_dist.config import load_config
-    return load_config(preset=args.preset or "debug", file=args.config, overrides=args.overrides)
+    return load_config(preset=args.preset, file=args.config, overrides=args.overrides, recipe=args.recipe)
 
 
 # ---------------------------------------------------------------- commands
@@ -280,8 +282,22 @@ def user_message(e: UserError) -> str:
     return " ".join(str(e).splitlines())
 
 
+def _setup_logging() -> None:
+    """The ``sdn_dist`` log (which shards a directory gave, how long a count took ...) on stderr,
+    one plain line each; other libraries' loggers are left as they are."""
+    import logging
+    log = logging.getLogger("sdn_dist")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         return int(args.fn(args) or 0)
     except UserError as e:

@@ -12,6 +12,9 @@ What lands in ``--out``:
 
     shards/            synthetic train/test shards (+ synth.json)
     teacher.pt         the VGG19-structured teacher trained on the shards' attribute labels
+
+Settings: the preset (``demo``: sizes and budget for 2 CPU cores) plus the ``synth`` recipe, the
+benchmark's own tuning (``sdn-dist config show --recipe synth``).
     run/               the training run (config.yaml, metrics.jsonl, checkpoints/, samples/, export/)
     report.json        the eval report (+ report.txt, report-grid.png: generated over real)
     grid.png           = report-grid.png, the first test captions, generated (top) over real (bottom)
@@ -45,6 +48,8 @@ SHARDS_BY_PRESET = {
     "debug": {"train": 160, "test": 32, "size": 32, "per_shard": 80, "seed": 0},
 }
 PARTS = 5
+# The benchmark's tuning (sdn_dist/recipes/synth.yaml) on top of the preset's sizes.
+RECIPE = "synth"
 
 
 def _step(i: int, title: str) -> float:
@@ -73,7 +78,7 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
     teacher = fsio.join(out, "teacher.pt")
     run = fsio.join(out, "run")
     report = fsio.join(out, "report.json")
-    cfg = load_config(preset, overrides=[
+    cfg = load_config(preset, recipe=RECIPE, overrides=[
         f"out={run}", f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar",
         f"teacher.weights={teacher}", *(overrides or [])])
     if cfg.model.image_size != spec["size"]:
@@ -82,7 +87,7 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
     t_start = time.time()
     times: dict[str, float] = {}
     reused: list[str] = []
-    print(f"sdn-dist demo ({preset}): everything goes to {out}")
+    print(f"sdn-dist demo ({preset} preset, {RECIPE} recipe): everything goes to {out}")
 
     t = _step(1, f"synthetic shards: {spec['train']} train / {spec['test']} test images at "
                  f"{spec['size']} px, captions embedded once ({cfg.text.encoder})")
