@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     shards = work / "shards"
     plan = bench.Plan("profile", steps=a.steps, log_every=a.log_every)
     cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
-        f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights="] + a.set)
+        f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"] + a.set)
     if not shards.exists():
         bench.make_shards(shards, cfg, plan.n_train)
     init_ray(cfg)

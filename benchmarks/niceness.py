@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "sdn_dist.commands.cli", "train", "--preset", "demo", "--quiet",
            "--set", f"out={out}", "--set", f"data.train={a.shards}/train-*.tar", "--set", f"data.test={a.shards}/test-*.tar",
            "--set", f"workers={a.workers}", "--set", "text.encoder=hash", "--set", "text.dim=384",
-           "--set", "teacher.weights=", "--set", f"stage1.steps={steps}", "--set", "stage2.steps=1",
+           "--set", "teacher.weights=random", "--set", f"stage1.steps={steps}", "--set", "stage2.steps=1",
            "--set", "metrics.log_every=5", "--set", f"checkpoint.every={steps}", "--set", "samples.every=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     driver = psutil.Process(proc.pid)

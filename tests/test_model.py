@@ -381,6 +381,7 @@ def _fake_batches(n=60, size=32):
 def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
     import sdn_dist.commands.teacher_train as tt
     monkeypatch.setattr(tt, "iter_batches", _fake_batches())
+    monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
     cfg = _cfg("debug", "teacher.train.steps=30", "teacher.train.lr=3e-3", "teacher.train.batch_size=16")
     out = tmp_path / "sub" / "teacher.pt"
     res = tt.train_teacher(cfg, "fake://shards", str(out), progress=False)
@@ -406,6 +407,7 @@ def test_teacher_train_labels_choose_the_heads(tmp_path, monkeypatch):
     labels they do carry, and writes no file."""
     import sdn_dist.commands.teacher_train as tt
     monkeypatch.setattr(tt, "iter_batches", _fake_batches())
+    monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
     cfg = _cfg("debug", "teacher.train.steps=5", "teacher.train.batch_size=16", "teacher.train.labels=[side]")
     out = tmp_path / "teacher.pt"
     res = tt.train_teacher(cfg, "fake://shards", str(out), progress=False)
@@ -439,6 +441,7 @@ def test_teacher_colour_heads_keep_the_colour_in_the_trunk(tmp_path, monkeypatch
     import sdn_dist.commands.teacher_train as tt
     gen, colours = _random_colour_batches()
     monkeypatch.setattr(tt, "iter_batches", gen)
+    monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
     images = next(gen(None, image_size=32, batch_size=96, shuffle=False, epochs=1))["image"]
 
     def readout_error(weight: float) -> float:
@@ -550,6 +553,7 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
     carry is refused with the key and the labels they do."""
     import sdn_dist.commands.teacher_train as tt
     monkeypatch.setattr(tt, "iter_batches", _hue_batches(n=400))
+    monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
 
     def train(weight: float) -> dict:
         cfg = _cfg("debug", "teacher.train.steps=200", "teacher.train.lr=1e-2", "teacher.train.batch_size=16",

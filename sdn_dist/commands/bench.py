@@ -499,7 +499,7 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
             stack.callback(ray.shutdown)   # before the directory goes; also when a measurement fails
         shards = work / "shards"
         cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
-            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights="])
+            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"])
         res["config"] = {"preset": plan.preset, "overrides": list(plan.overrides), "batch_size": cfg.data.batch_size,
                          "image_size": cfg.model.image_size, "width": cfg.model.width, "text": cfg.text.model_dump()}
         _log(f"{plan.mode}: shards ({plan.n_train} samples) in {work}")

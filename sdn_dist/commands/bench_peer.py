@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args(argv)
     world = a.world or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
-    cfg = load_config(a.preset, overrides=["teacher.weights=", f"workers={world}"] + a.set)
+    cfg = load_config(a.preset, overrides=["teacher.weights=random", f"workers={world}"] + a.set)
     torch.manual_seed(0)
     s, n = cfg.model.image_size, cfg.data.batch_size
     batches = [(torch.rand(n, 3, s, s), torch.randn(n, cfg.text.dim)) for _ in range(4)]

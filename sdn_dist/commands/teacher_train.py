@@ -71,6 +71,8 @@ from tqdm import tqdm
 from sdn_dist.config import Config
 from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.shards import expand_urls
+from sdn_dist.data.text import build_text_encoder
 from sdn_dist.errors import ConfigError, DataError, UserError
 from sdn_dist.model.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHER_FORMAT, Teacher
 from sdn_dist.model.plan import point_shapes, scaled_cfg
@@ -103,6 +105,13 @@ class AttributeHeads(nn.Module):
     def targets(self, metas: list[dict]) -> torch.Tensor:
         return _targets(metas, self.names, self.index)
 
+    def loss(self, pooled: torch.Tensor, metas: list[dict], text: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean cross-entropy over the heads that have a label to learn in this batch (None: none)."""
+        t = self.targets(metas)
+        losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
+                  for j, logits in enumerate(self(pooled)) if (t[:, j] >= 0).any()]
+        return torch.stack(losses).mean() if losses else None
+
 
 def _targets(metas: list[dict], names: list[str], index: dict[str, dict[str, int]]) -> torch.Tensor:
     """[B, len(names)] class indices, -100 (ignored) where a sample lacks the label or has a
@@ -113,6 +122,24 @@ def _targets(metas: list[dict], names: list[str], index: dict[str, dict[str, int
         for j, n in enumerate(names):
             t[b, j] = index[n].get(labels.get(n), -100)
     return t
+
+
+class CaptionHead(nn.Module):
+    """teacher.train.objective=caption: one linear map from pool5 features [B, F] to the caption
+    embedding's space [B, D]; the loss is the cosine distance to the sample's caption embedding, so
+    any image-caption shards (no labels) teach the trunk what the captions tell apart."""
+
+    def __init__(self, in_features: int, dim: int, mode: str = "spatial"):
+        super().__init__()
+        self.mode = mode
+        self.names = ["caption"]
+        self.heads = nn.ModuleList([nn.Linear(in_features, dim)])   # a list: rescale_trunk scales it
+
+    def forward(self, pooled: torch.Tensor) -> list[torch.Tensor]:
+        return [self.heads[0](pooled)]
+
+    def loss(self, pooled: torch.Tensor, metas: list[dict], text: torch.Tensor | None) -> torch.Tensor | None:
+        return (1 - F.cosine_similarity(self(pooled)[0], text, dim=1)).mean()
 
 
 class ColourReadouts(nn.Module):
@@ -217,9 +244,10 @@ def rescale_trunk(teacher: Teacher, heads: AttributeHeads | None, images: torch.
 
 
 def _scan(shards, image_size: int, batch_size: int, seed: int):
-    """One ordered pass: label vocabulary over all samples + the held-out images."""
+    """One ordered pass: label vocabulary over all samples + the held-out images and their first
+    captions."""
     values: dict[str, set[str]] = {}
-    held_img, held_meta, n = [], [], 0
+    held_img, held_meta, held_caps, n = [], [], [], 0
     for batch in iter_batches(shards, image_size=image_size, batch_size=batch_size, text_encoder=None,
                               shuffle=False, seed=seed, epochs=1, caption="first"):
         for i, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
@@ -229,8 +257,45 @@ def _scan(shards, image_size: int, batch_size: int, seed: int):
             if _heldout(key) and len(held_img) < HELDOUT_MAX:
                 held_img.append((batch["image"][i] * 255).round().to(torch.uint8))
                 held_meta.append(meta)
+                held_caps.append(batch["captions"][i])
     classes = {k: sorted(v, key=class_order) for k, v in values.items() if 2 <= len(v) <= MAX_CLASSES}
-    return classes, held_img, held_meta, n
+    return classes, held_img, held_meta, held_caps, n
+
+
+def choose_objective(tcfg, classes: dict[str, list[str]], shards) -> tuple[str, dict[str, list[str]]]:
+    """(objective, the label classes it learns): teacher.train.objective, with auto = the shards'
+    labels when they carry any, else their captions; teacher.train.labels picks among the labels."""
+    objective = tcfg.objective
+    if objective == "auto":
+        objective = "labels" if classes else "caption"
+    if objective == "caption":
+        return objective, {}
+    if tcfg.labels:
+        unknown = [n for n in tcfg.labels if n not in classes]
+        if unknown:
+            raise ConfigError(f"teacher.train.labels: {unknown} not among the labels of {shards} "
+                              f"(they carry: {', '.join(classes) or 'none'})")
+        classes = {n: classes[n] for n in tcfg.labels}
+    if not classes:
+        raise DataError(f"shards {shards}: no usable labels for teacher.train.objective=labels (need meta "
+                        f"'attributes' with 2+ values per name, or meta 'label'); "
+                        f"teacher.train.objective=caption (or auto) learns from the captions instead")
+    return objective, classes
+
+
+@torch.no_grad()
+def _caption_scores(teacher: Teacher, head: CaptionHead, images: list[torch.Tensor], captions: list[str],
+                    text: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Held-out images: mean cosine of the predicted and the true caption embedding, and recall@1 of
+    the caption among the held-out ones (a hit when the nearest caption has the true caption's text)."""
+    pred = torch.cat([head(_head_input(teacher(torch.stack(images[s:s + batch_size]).float() / 255)["pool5"],
+                                        head.mode))[0] for s in range(0, len(images), batch_size)])
+    cos = F.cosine_similarity(pred, text, dim=1)
+    sims = F.normalize(pred, dim=1) @ F.normalize(text, dim=1).T
+    nearest = sims.argmax(dim=1).tolist()
+    hits = sum(captions[j] == captions[i] for i, j in enumerate(nearest))
+    return {"caption_cosine": round(float(cos.mean()), 4), "caption_recall_at_1": round(hits / len(captions), 4),
+            "caption_candidates": len(set(captions))}
 
 
 @torch.no_grad()
@@ -267,20 +332,17 @@ def _level_accuracy(teacher: Teacher, levels: LevelHeads, images: list[torch.Ten
             for j, n in enumerate(levels.names) if total[j]}
 
 
-def _loss(teacher: Teacher, heads: AttributeHeads, readouts: ColourReadouts | None, levels: LevelHeads | None,
-          tcfg, x: torch.Tensor, metas: list[dict]) -> torch.Tensor | None:
-    """The mean training loss of images ``x``: attribute heads (+ colour read-outs, + level
-    heads); None when none of them has a label to learn."""
+def _loss(teacher: Teacher, heads: AttributeHeads | CaptionHead, readouts: ColourReadouts | None,
+          levels: LevelHeads | None, tcfg, x: torch.Tensor, metas: list[dict],
+          text: torch.Tensor | None) -> torch.Tensor | None:
+    """The mean training loss of images ``x``: the objective's heads (+ colour read-outs, + level
+    heads); None when the heads have nothing to learn from these samples."""
     if not metas:
         return None
-    t = heads.targets(metas)
     feats = teacher(x)
-    losses = [F.cross_entropy(logits, t[:, j], ignore_index=-100)
-              for j, logits in enumerate(heads(_head_input(feats["pool5"], tcfg.heads)))
-              if (t[:, j] >= 0).any()]
-    if not losses:
+    loss = heads.loss(_head_input(feats["pool5"], tcfg.heads), metas, text)
+    if loss is None:
         return None
-    loss = torch.stack(losses).mean()
     if readouts is not None:
         loss = loss + tcfg.colour_heads * readouts.loss(feats, x)
     if levels is not None:
@@ -419,23 +481,22 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     size = model_cfg.image_size
     torch.manual_seed(cfg.seed)
 
-    classes, held_img, held_meta, n_scanned = _scan(shards, size, tcfg.batch_size, cfg.seed)
-    all_classes = classes
-    if tcfg.labels:
-        unknown = [n for n in tcfg.labels if n not in classes]
-        if unknown:
-            raise ConfigError(f"teacher.train.labels: {unknown} not among the labels of {shards} "
-                              f"(they carry: {', '.join(classes) or 'none'})")
-        classes = {n: classes[n] for n in tcfg.labels}
-    if not classes:
-        raise DataError(f"shards {shards}: no usable labels (need meta 'attributes' with 2+ values "
-                        f"per name, or meta 'label'); `teacher train` trains a classifier on them")
+    urls = expand_urls(shards, split="train")   # a directory: its train-* shards, never test-*
+    all_classes, held_img, held_meta, held_caps, n_scanned = _scan(urls, size, tcfg.batch_size, cfg.seed)
+    objective, classes = choose_objective(tcfg, all_classes, shards)
+    encoder = build_text_encoder(cfg.text) if objective == "caption" else None
+    if peers.rank == 0:
+        what = (f"labels {', '.join(f'{n} ({len(c)} classes)' for n, c in classes.items())}"
+                if objective == "labels" else f"captions (the image predicts its caption's {cfg.text.encoder} "
+                                              f"embedding, {encoder.dim}-d)")
+        print(f"teacher: objective {objective}: {what}; {n_scanned} samples", flush=True)
 
     teacher = Teacher(model_cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # trainable, not frozen
     c5 = int(scaled_cfg(model_cfg.width)[-2])
     s5 = size // 32
     in_features = c5 * s5 * s5 if tcfg.heads == "spatial" else c5
-    heads = AttributeHeads(in_features, classes, tcfg.heads)
+    heads = (AttributeHeads(in_features, classes, tcfg.heads) if objective == "labels"
+             else CaptionHead(in_features, encoder.dim, tcfg.heads))
     params = list(teacher.parameters()) + list(heads.parameters())
     readouts = None
     if tcfg.colour_heads > 0:
@@ -458,10 +519,10 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     teacher.train()
     heads.train()
 
-    stream = iter_batches(shards, image_size=size, batch_size=tcfg.batch_size, text_encoder=None,
+    stream = iter_batches(urls, image_size=size, batch_size=tcfg.batch_size, text_encoder=encoder,
                           shuffle=True, seed=cfg.seed, epochs=None, caption="first",
                           keep_in_memory=cfg.data.keep_in_memory)
-    bar = tqdm(total=tcfg.steps, desc="teacher", disable=not progress, unit="step")
+    bar = tqdm(total=tcfg.steps, desc="teacher", disable=not (progress and sys.stderr.isatty()), unit="step")
     step, loss_ema = 0, None
     for batch in stream:
         keep = [i for i, k in enumerate(batch["key"]) if not _heldout(k)]
@@ -472,7 +533,8 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         mine = peers.share(keep)
         share = len(mine) / len(keep)    # 1.0 in one process: the same loss, bit for bit
         opt.zero_grad(set_to_none=True)
-        loss = _loss(teacher, heads, readouts, levels, tcfg, batch["image"][mine], [batch["meta"][i] for i in mine])
+        loss = _loss(teacher, heads, readouts, levels, tcfg, batch["image"][mine], [batch["meta"][i] for i in mine],
+                     batch["text"][mine] if batch["text"] is not None else None)
         if loss is not None:
             (loss * share).backward()
         value, n = peers.reduce(params, 0.0 if loss is None else loss.item() * share,
@@ -490,7 +552,8 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     bar.close()
     peers.close()
     if step == 0:
-        raise DataError(f"shards {shards}: no labelled training samples outside the held-out split")
+        raise DataError(f"shards {shards}: no {'labelled ' if objective == 'labels' else ''}training samples "
+                        f"outside the held-out split")
     if peers.rank:
         return {}
 
@@ -504,7 +567,14 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         rescaled = {"method": "per-channel mean activation 1 over training images and positions "
                               "(Gatys et al. 2016); next layer / heads compensate",
                     "images": len(calib), "mean_activation_before": before}
-    accuracy = _accuracy(teacher, heads, held_img, held_meta, tcfg.batch_size) if held_img else {}
+    if not held_img:
+        accuracy = {}
+    elif objective == "labels":
+        accuracy = _accuracy(teacher, heads, held_img, held_meta, tcfg.batch_size)
+    else:
+        held_text = torch.from_numpy(encoder.encode(held_caps)) if not encoder.precomputed else None
+        accuracy = (_caption_scores(teacher, heads, held_img, held_caps, held_text, tcfg.batch_size)
+                    if held_text is not None else {})
     meta = {
         "width": model_cfg.width,
         "image_size": size,
@@ -512,6 +582,7 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         "normalize": "imagenet",
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
+        "objective": objective,
         "heads": {
             "input": ("pool5 flattened (channel-major) -> [B, C5*h5*w5]" if tcfg.heads == "spatial"
                       else "pool5 averaged over height and width -> [B, C5]"),
@@ -519,7 +590,10 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
             "in_features": in_features,
             "names": heads.names,
             "classes": classes,
-            "keys": "heads['<i>.weight'] [n_classes_i, in_features], heads['<i>.bias'] [n_classes_i]; i = index in names",
+            "keys": ("heads['<i>.weight'] [n_classes_i, in_features], heads['<i>.bias'] [n_classes_i]; i = index in names"
+                     if objective == "labels" else
+                     f"heads['0.weight'] [{encoder.dim}, in_features], heads['0.bias']: the caption embedding "
+                     f"({cfg.text.encoder}) the image predicts"),
         },
         "schedule": "Adam, linear warm-up 5 % of the steps, cosine decay to 0",
         "colour_heads": tcfg.colour_heads,
@@ -543,6 +617,7 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         "meta": meta,
     }
     _save_atomic(obj, out)
-    return {"path": out, "accuracy": accuracy, "heldout_samples": len(held_img),
+    return {"path": out, "objective": objective, "labels": list(classes), "accuracy": accuracy,
+            "heldout_samples": len(held_img),
             "train_samples_scanned": n_scanned, "steps": step,
             "final_loss": round(loss_ema, 4) if loss_ema is not None else None}

@@ -549,7 +549,7 @@ def build_rank_stream(data_cfg, *, split: str = "train", image_size: int, rank: 
     """The RankStream for ``data_cfg.train`` (or ``.test``) with the config's shuffle, buffer,
     caption and strict settings. Pass ``counts`` when they were computed once for all ranks."""
     url = getattr(data_cfg, split)
-    urls = expand_urls(url)
+    urls = expand_urls(url, split=split)
     counts = list(counts) if counts is not None else shard_counts(urls)
     return RankStream(urls, counts, rank, world_size, seed, data_cfg.shuffle,
                       image_size=image_size, text_encoder=text_encoder, caption=data_cfg.caption,

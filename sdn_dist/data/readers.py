@@ -84,7 +84,7 @@ class DataSpec:
         if not cfg.data.train:
             raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                               "(make some with `sdn-dist shards synth --out shards/synth`)")
-        urls = expand_urls(cfg.data.train)
+        urls = expand_urls(cfg.data.train, split="train")
         counts = shard_counts(urls)
         if sum(counts) < cfg.data.batch_size:
             raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")

@@ -21,6 +21,7 @@ import collections
 import glob as _glob
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -35,6 +36,8 @@ from webdataset.tariterators import base_plus_ext
 
 from sdn_dist.errors import DataError, UserError
 from sdn_dist.fsio import check_bucket
+
+log = logging.getLogger(__name__)
 
 # A member larger than this is refused rather than read into memory (a shard sample is an image,
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).
@@ -138,10 +141,16 @@ def _with_proto(proto: str, path: str) -> str:
     return f"{proto}://{path}"
 
 
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
+SPLITS = ("train", "test")
+
+
+def expand_urls(urls: str | Sequence[str], split: str | None = None) -> list[str]:
     """Expand a shard URL (or a list of them) into the ordered list of shard URLs.
 
-    A directory gives all its ``*.tar`` files sorted; a glob its sorted matches; a brace pattern
+    A directory gives all its ``*.tar`` files sorted, except that with ``split`` ("train" or
+    "test") a directory that holds ``train-*``/``test-*`` shards gives only that split's, so
+    that a directory named as training data never feeds its test shards to training (and says
+    so on the ``sdn_dist`` log); a glob gives its sorted matches; a brace pattern
     (``train-{000000..000009}.tar``) its expansion (through ``braceexpand``, as webdataset does);
     anything else is taken as one shard. Lists are expanded element by element, in order.
     Raises DataError when a pattern matches nothing. Local results are plain paths.
@@ -149,7 +158,7 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     if isinstance(urls, (list, tuple)):
         out: list[str] = []
         for u in urls:
-            out += expand_urls(u)
+            out += expand_urls(u, split)
         if not out:
             raise DataError("no shard URL given (empty list)")
         return out
@@ -161,11 +170,27 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
             check_bucket(part, name=urls.strip())
         except UserError as e:
             raise DataError(str(e)) from None
-        out += _expand_one(part)
+        out += _expand_one(part, split)
     return out
 
 
-def _expand_one(url: str) -> list[str]:
+def _split_of_directory(url: str, found: list[str], split: str | None) -> list[str]:
+    """A directory's tars, narrowed to ``split``'s when it holds named splits."""
+    if split is None:
+        return found
+    named = {s: [u for u in found if u.rstrip("/").rsplit("/", 1)[-1].startswith(f"{s}-")] for s in SPLITS}
+    if not any(named.values()):
+        log.info("%s: %d shards, no train-/test- split in their names: all of them used as %s data",
+                 url, len(found), split)
+        return found
+    if not named[split]:
+        raise DataError(f"directory {url} holds {' and '.join(f'{s}-*' for s in SPLITS if named[s])} "
+                        f"shards but no {split}-* shards; name the {split} shards' URL")
+    log.info("%s: its %d %s-* shards (of %d tars) used as %s data", url, len(named[split]), split, len(found), split)
+    return named[split]
+
+
+def _expand_one(url: str, split: str | None = None) -> list[str]:
     proto, path = split_protocol(url)
     if proto is None:
         path = os.path.expanduser(path)
@@ -178,7 +203,7 @@ def _expand_one(url: str) -> list[str]:
             found = sorted(p for p in _glob.glob(os.path.join(_glob.escape(path), "*.tar")))
             if not found:
                 raise DataError(f"directory {url} holds no *.tar shards")
-            return found
+            return _split_of_directory(url, found, split)
         return [path]
     try:
         fs = _filesystem(proto)
@@ -194,7 +219,7 @@ def _expand_one(url: str) -> list[str]:
                            if str(p).rstrip("/").endswith(".tar"))
             if not found:
                 raise DataError(f"directory {url} holds no *.tar shards")
-            return found
+            return _split_of_directory(url, found, split)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - any backend failure is a bad URL for the user

@@ -57,6 +57,7 @@ from tqdm import tqdm
 from sdn_dist import fsio
 from sdn_dist.data.labels import class_order, sample_labels
 from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.shards import expand_urls
 from sdn_dist.errors import DataError, UserError
 
 FORMAT = "sdn-dist-evaluator/1"
@@ -224,7 +225,7 @@ def _load_split(train_urls, image_size: int, progress: bool):
     per_image = 3 * image_size * image_size
     imgs, labels, keys = [], [], []
     bar = tqdm(desc="evaluator: reading", unit="img", disable=not progress, leave=False)
-    for batch in iter_batches(train_urls, image_size=image_size, batch_size=256, text_encoder=None,
+    for batch in iter_batches(expand_urls(train_urls, split="train"), image_size=image_size, batch_size=256, text_encoder=None,
                               shuffle=False, seed=0, epochs=1, caption="first"):
         if not batch["key"]:
             continue

@@ -351,7 +351,7 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     student, blob = load_student(checkpoint, device=dev)
     encoder = encoder_from_record(blob["text"])
     image_size = int(blob["model"]["image_size"])
-    urls = expand_urls(shards)
+    urls = expand_urls(shards, split="test")
     paths = report_paths(out)
     inception = load_inception(inception_weights, dev) if inception_weights else None
     notes: list[str] = []

@@ -38,6 +38,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Format tag of `sdn-dist teacher train` output files (see :func:`load_teacher_weights`).
 TEACHER_FORMAT = "sdn-dist-teacher/1"
+# teacher.weights value naming the random-init teacher: the ablation, chosen on purpose.
+RANDOM_TEACHER = "random"
 
 
 class Teacher(nn.Module):
@@ -226,8 +228,9 @@ def _normalisation(mode: str, meta: Mapping[str, Any]) -> tuple[Any, Any]:
 
 def build_teacher(model_cfg: ModelConfig, teacher_cfg: TeacherConfig) -> Teacher:
     """The frozen teacher: structure from ``model_cfg``, weights from ``teacher_cfg.weights``
-    (empty: torchvision's random init, an ablation), normalisation per ``teacher_cfg.normalize``."""
-    url = teacher_cfg.weights
+    (``random`` or empty: torchvision's random init, the ablation), normalisation per
+    ``teacher_cfg.normalize``."""
+    url = "" if teacher_cfg.weights == RANDOM_TEACHER else teacher_cfg.weights
     sd, meta = load_teacher_weights(url) if url else (None, {})
     num_classes = 0
     if model_cfg.distill_fc7:

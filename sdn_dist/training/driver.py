@@ -18,6 +18,7 @@ import ray
 from tqdm import tqdm
 
 from sdn_dist import fsio
+from sdn_dist.model.teacher import RANDOM_TEACHER
 from sdn_dist.config import Config, to_yaml
 from sdn_dist.data.readers import DataSpec
 from sdn_dist.errors import UserError
@@ -33,7 +34,7 @@ def _absolute(url):
     """Workers run in other directories: make local paths absolute, leave URLs alone."""
     if isinstance(url, list):
         return [_absolute(u) for u in url]
-    if not url or "://" in url:
+    if not url or "://" in url or url == RANDOM_TEACHER:
         return url
     return os.path.abspath(url)
 

@@ -16,6 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from sdn_dist import fsio
 from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.shards import expand_urls
 from sdn_dist.data.text import encoder_from_record
 
 
@@ -38,7 +39,8 @@ class SampleGrid:
         self.out = fsio.join(cfg.out, "samples")
         self.device = device
         self.report = report   # records -> the driver (RecordCollector.report.remote), or None
-        urls = cfg.data.test or cfg.data.train
+        urls = (expand_urls(cfg.data.test, split="test") if cfg.data.test
+                else expand_urls(cfg.data.train, split="train"))
         encoder = encoder_from_record(text_spec)
         batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
                                        text_encoder=encoder, shuffle=False, seed=cfg.seed, epochs=1,

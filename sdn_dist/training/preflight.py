@@ -111,7 +111,7 @@ def check_data(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                           "(make some with `sdn-dist shards synth --out shards/synth`)")
-    url = expand_urls(cfg.data.train)[0]
+    url = expand_urls(cfg.data.train, split="train")[0]
     encoder = build_text_encoder(cfg.text)
     problem = decode_problem(url, cfg.data, image_size=cfg.model.image_size, text_encoder=encoder)
     if problem is None:
@@ -130,7 +130,14 @@ def check_data(cfg: Config) -> None:
 
 
 def check_teacher(cfg: Config) -> None:
-    """Teacher weights that do not fit the configured VGG19 (names the file and the key)."""
+    """A teacher is chosen (random only by name, outside the debug preset), and its weights fit
+    the configured VGG19 (names the file and the key)."""
+    if not cfg.teacher.weights and cfg.preset != "debug":
+        raise ConfigError(
+            "teacher.weights is empty: SDN needs a trained teacher. Give torchvision's ImageNet VGG19 "
+            "(--set teacher.weights=URL of vgg19-dcbb9e9d.pth, any fsspec URL, https included) or "
+            "train one on your shards (`sdn-dist teacher train --shards URL --out teacher.pt`, then "
+            "--set teacher.weights=teacher.pt); teacher.weights=random is the random-teacher ablation")
     build_teacher(cfg.model, cfg.teacher)
 
 
