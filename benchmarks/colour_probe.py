@@ -2,7 +2,7 @@
 
     python benchmarks/colour_probe.py TEACHER.pt --shards 'runs/demo-pipeline/shards/train-*.tar'
 
-For the synthetic benchmark (docs/results.md, "What we tried, round 2"): the teacher's activation
+For the synthetic benchmark (docs/history.md, "What we tried, round 2"): the teacher's activation
 vector at the centre of the object's quadrant, for 1500 training images, standardised; ridge
 regression onto the one-hot colour on the first 1200, accuracy (argmax) on the last 300. Chance
 is 1/6. Prints one `point:accuracy` per matched point, shallow to deep. A raw pixel (`image`,

@@ -3,7 +3,7 @@
     python benchmarks/fsim_probe.py --shards 'runs/demo-pipeline/shards/test-*.tar'
     python benchmarks/fsim_probe.py --shards '...test-*.tar' --run runs/demo-pipeline/run
 
-For the seen test captions (docs/results.md, "What we tried, round 8"). Without --run: the
+For the seen test captions (docs/history.md, "What we tried, round 8"). Without --run: the
 ceiling a generator drawing from the caption alone could reach, FSIM (piq, as `sdn-dist eval`)
 against the real test image of
 

@@ -1,26 +1,34 @@
-"""Train a VGG19-structured teacher as a classifier on the shards' labels.
+"""Train a VGG19-structured teacher on what the shards carry: their labels, or their captions.
 
-    sdn-dist teacher train --shards shards/train --out teacher.pt --preset demo
+    sdn-dist teacher train --shards shards/mine --out teacher.pt --preset demo
 
-For data with no ImageNet weights at hand (the synthetic benchmark, small presets): a random
-VGG19 cannot teach (see the method notes), one trained on the data's labels can. Structure is the
-run's teacher (cfg.model width / image size, average pooling), so the output loads as
-``teacher.weights``.
+For data with no ImageNet weights at hand (the synthetic benchmark, small presets, any user's
+shards here): a random VGG19 cannot teach (see the method notes), one trained on the data can.
+Structure is the run's teacher (cfg.model width / image size, average pooling), so the output
+loads as ``teacher.weights``. A directory given as ``--shards`` means its ``train-*`` shards.
 
-Labels come from each sample's JSON metadata: every scalar entry of ``meta["attributes"]`` (the
-synthetic benchmark: shape, colour, ...) and/or ``meta["label"]`` (CUB-style class id). One linear
-head per label name on pool5 (``teacher.train.heads``: ``spatial`` = the whole pool5 map
-flattened, so where things are and what colour the object is (not the mean over object and
-background) can be read linearly; ``pooled`` = averaged over height and width). Adam with a
-linear warm-up over the first 5 % of the steps and a cosine decay to zero (a plain 16-conv VGG
-without normalisation layers trains from scratch far better so than at a constant rate). About
-10 % of the samples, chosen by a hash of their key, are held out of training and measure the
-accuracy.
+``teacher.train.objective`` chooses what it learns (``auto``: labels when the shards carry any,
+else captions; the choice is printed):
+
+* ``labels``: every scalar entry of ``meta["attributes"]`` and ``meta["label"]`` (CUB-style class
+  id, `shards convert folder`'s label) with 2+ values is a label, all of them by default
+  (``teacher.train.labels`` picks some). One linear head per label on pool5
+  (``teacher.train.heads``: ``spatial`` = the whole pool5 map flattened, so where things are and
+  what colour the object is can be read linearly; ``pooled`` = averaged over height and width).
+* ``caption``: the image predicts its caption's embedding (the run's ``text`` encoder; one linear
+  head on pool5, cosine distance), so caption-only shards such as img2dataset's train a teacher
+  too. Held out, it reports the mean cosine and the recall@1 of the true caption among the
+  held-out ones.
+
+Adam with a linear warm-up over the first 5 % of the steps and a cosine decay to zero (a plain
+16-conv VGG without normalisation layers trains from scratch far better so than at a constant
+rate). About 10 % of the samples, chosen by a hash of their key, are held out of training and
+measure the accuracy.
 
 ``teacher.train.colour_heads`` (> 0) adds a training aid: a linear 1x1 read-out at every matched
 point must predict the input's RGB averaged down to that point's resolution. A classifier needs
 the colours only as far as its labels do, and SDN's stage 2 cannot ask the student for a colour the
-teacher's features do not carry (docs/results.md, "What we tried"). The read-outs are dropped
+teacher's features do not carry (docs/history.md, rounds 1-2). The read-outs are dropped
 after training.
 
 ``teacher.train.level_heads`` ({label: weight}) adds another: at every matched point a linear
@@ -30,7 +38,7 @@ points). Trained without them, the demo's teachers classified the colour from po
 their weakest point between conv2_2 and conv4_2 the colour explained only 2-34 % of the variance
 of the object-region features (five seeds), room for the student to lose it; with them, seed 1's
 teacher held it at 85-99 % at every point from conv1_1 to conv4_2 but conv3_4 and pool3 (40-46 %;
-docs/results.md, round 6). Their held-out accuracy per point goes into the file's meta
+docs/history.md, round 6). Their held-out accuracy per point goes into the file's meta
 (``level_heads_accuracy``); the classifiers are dropped after training.
 
 After training, ``teacher.train.rescale`` (default on) rescales the trunk as Gatys et al. (2016)

@@ -105,6 +105,20 @@ def read_caption_lines(captions: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _check_inside(root: Path, real_root: Path, rel: str, where: str) -> None:
+    """A captions line may only name a file inside --images: no absolute path, no '..', and no
+    symlink (of the file or of a directory on its way) that leads out of it. A caption file from
+    elsewhere must not make the shards carry a file the user never meant to share."""
+    p = Path(rel)
+    if p.is_absolute() or p.drive:
+        raise DataError(f"{where}: image {rel!r} is an absolute path; give it relative to --images {root}")
+    if ".." in p.parts:
+        raise DataError(f"{where}: image {rel!r} climbs out of --images {root} ('..' is not allowed)")
+    real = (root / p).resolve()
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{where}: image {rel!r} is a symlink out of --images {root} (it leads to {real})")
+
+
 def convert_folder(images: str | os.PathLike, captions: str | os.PathLike, out: str, *,
                    test_fraction: float = 0.0, per_shard: int = 1000, seed: int = 0,
                    progress: bool = True, embed=None) -> dict:
@@ -113,7 +127,8 @@ def convert_folder(images: str | os.PathLike, captions: str | os.PathLike, out: 
     Each line: ``{"image": "rel/path.png", "caption": "..."}`` or ``"captions": [...]``, optional
     ``"label"`` (int, or a string mapped to its index among the sorted distinct strings; the string
     is kept as ``meta["label_name"]``). Other fields are copied into the metadata. A bad line, a
-    missing or unreadable image raises DataError naming file and line. ``test_fraction`` of the
+    missing or unreadable image, or a path that leads out of ``images`` (absolute, ``..``, a symlink
+    pointing out) raises DataError naming file and line. ``test_fraction`` of the
     samples (seeded) go to the test split. ``embed``: optional TextEncoder whose caption embeddings
     are stored as ``KEY.emb.npy`` (see :func:`~sdn_dist.data.synth.make_synth`).
     Returns ``{"train": [urls], "test": [urls], "counts"}``.
@@ -124,7 +139,9 @@ def convert_folder(images: str | os.PathLike, captions: str | os.PathLike, out: 
     if not root.is_dir():
         raise DataError(f"--images {root} is not a directory")
     rows = read_caption_lines(captions)
-    for r in rows:  # fail on a missing image before writing anything
+    real_root = root.resolve()
+    for r in rows:  # fail on a bad path or a missing image before writing anything
+        _check_inside(root, real_root, r["row"]["image"], r["where"])
         if not (root / r["row"]["image"]).is_file():
             raise DataError(f"{r['where']}: image {root / r['row']['image']} does not exist")
     names = sorted({r["label"] for r in rows if isinstance(r["label"], str)})

@@ -48,7 +48,14 @@ def run(cfg: Config) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    """What the typed config cannot check on its own: point names and the DeepSpeed JSON."""
+    """What the typed config cannot check on its own: a teacher chosen (random only by name,
+    outside the debug preset), point names and the DeepSpeed JSON."""
+    if not cfg.teacher.weights and cfg.preset != "debug":
+        raise ConfigError(
+            "teacher.weights is empty: SDN needs a trained teacher. Give torchvision's ImageNet VGG19 "
+            "(--set teacher.weights=URL of vgg19-dcbb9e9d.pth, any fsspec URL, https included) or "
+            "train one on your shards (`sdn-dist teacher train --shards URL --out teacher.pt`, then "
+            "--set teacher.weights=teacher.pt); teacher.weights=random is the random-teacher ablation")
     check_point_weights(cfg.stage1, "stage1")
     check_point_weights(cfg.stage2, "stage2")
     url = cfg.deepspeed.config
@@ -130,14 +137,7 @@ def check_data(cfg: Config) -> None:
 
 
 def check_teacher(cfg: Config) -> None:
-    """A teacher is chosen (random only by name, outside the debug preset), and its weights fit
-    the configured VGG19 (names the file and the key)."""
-    if not cfg.teacher.weights and cfg.preset != "debug":
-        raise ConfigError(
-            "teacher.weights is empty: SDN needs a trained teacher. Give torchvision's ImageNet VGG19 "
-            "(--set teacher.weights=URL of vgg19-dcbb9e9d.pth, any fsspec URL, https included) or "
-            "train one on your shards (`sdn-dist teacher train --shards URL --out teacher.pt`, then "
-            "--set teacher.weights=teacher.pt); teacher.weights=random is the random-teacher ablation")
+    """Teacher weights that do not fit the configured VGG19 (names the file and the key)."""
     build_teacher(cfg.model, cfg.teacher)
 
 
