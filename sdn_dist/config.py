@@ -248,8 +248,9 @@ class Config(Section):
         return self.stage1.steps + self.stage2.steps
 
 
-# Presets: overrides on the defaults above. debug: seconds on one core (tests). demo: the embedded
-# default, recognisable results within 15 minutes on 2 CPU cores. paper: the reference at 224 px.
+# Presets: overrides on the defaults above, for any image-caption shards. debug: seconds on one core
+# (tests). demo: a CPU-sized run, about 15 minutes of training on 2 cores. paper: the reference at
+# 224 px, for GPUs. A data set's own tuning is a recipe (sdn_dist/recipes/), not a preset.
 PRESETS: dict[str, dict[str, Any]] = {
     "debug": {
         "out": "runs/debug",
