@@ -555,6 +555,8 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
+        if progress and bar.disable and (step % max(1, tcfg.steps // 10) == 0 or step == tcfg.steps):
+            print(f"teacher: step {step}/{tcfg.steps}, loss {loss_ema:.3f}", flush=True)   # not a terminal
         if step >= tcfg.steps:
             break
     bar.close()
