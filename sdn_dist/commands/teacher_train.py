@@ -527,8 +527,11 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     teacher.train()
     heads.train()
 
+    # Captions: each epoch a seeded random one of a sample's captions (more text to learn from);
+    # labels: the first (the caption is not read).
+    stream_caption = "random" if objective == "caption" else "first"
     stream = iter_batches(urls, image_size=size, batch_size=tcfg.batch_size, text_encoder=encoder,
-                          shuffle=True, seed=cfg.seed, epochs=None, caption="first",
+                          shuffle=True, seed=cfg.seed, epochs=None, caption=stream_caption,
                           keep_in_memory=cfg.data.keep_in_memory)
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not (progress and sys.stderr.isatty()), unit="step")
     step, loss_ema = 0, None
