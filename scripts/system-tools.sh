@@ -67,4 +67,7 @@ main() {
     if [ -n "$ours" ]; then stop_service_started_by_install "$before"; fi
 }
 
-main "$@"
+# sourced (tests/test_setup.py calls the functions): define only
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

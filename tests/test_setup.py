@@ -61,6 +61,33 @@ def test_system_tools_leave_an_unrelated_prometheus_alone(tmp_path):
         proc.wait()
 
 
+def test_only_the_service_the_install_started_is_stopped_by_its_pid(tmp_path):
+    """The stop step alone (sourced), with real processes named prometheus: the one the package's
+    pid file names and that was not running before is stopped; an unrelated one is not, nor the
+    service when it ran before the install."""
+    binary = tmp_path / "prometheus"
+    shutil.copy(shutil.which("sleep"), binary)
+    unrelated, service = (subprocess.Popen([str(binary), "600"]) for _ in range(2))
+    pidfile = tmp_path / "prometheus.pid"
+    pidfile.write_text(f"{service.pid}\n")
+
+    def stop(before: str) -> None:
+        script = (f'source "{ROOT}/scripts/system-tools.sh"; PIDFILE="{pidfile}"; '
+                  f'stop_service_started_by_install "{before}"')
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        stop(str(service.pid))                 # it ran before the install: not set-up's
+        assert service.poll() is None and unrelated.poll() is None
+        stop("")
+        assert service.wait(timeout=10) is not None and unrelated.poll() is None
+    finally:
+        for p in (unrelated, service):
+            p.kill()
+            p.wait()
+
+
 def test_no_script_stops_processes_by_name():
     for f in (ROOT / "scripts").glob("*.sh"):
         text = f.read_text()
