@@ -177,6 +177,11 @@ def test_bad_config_json_names_the_key(export):
     (export / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=r"config.json: key 'text' is missing"):
         load_student(str(export))
+    config["text"] = {"encoder": "hash", "dim": 32, "version": 1}
+    config["model"]["width"] = 5
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"config.json: key 'model.width': Input should be less than or equal to 1"):
+        load_student(str(export))
     (export / "config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"config.json: not valid JSON"):
         load_student(str(export))

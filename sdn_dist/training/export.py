@@ -62,8 +62,7 @@ def export_student(cfg: Config, state_dict: dict, text_spec: dict, step: int) ->
               "model": cfg.model.model_dump(mode="json"), "text": dict(text_spec),
               "text_statistics": text_statistics(state_dict), "image_size": cfg.model.image_size,
               "step": step, "preset": cfg.preset, "teacher": cfg.teacher.weights,
-              "data": {"train": cfg.data.train, "test": cfg.data.test}, "ema_decay": cfg.ema.decay,
-              "weights": WEIGHTS}
+              "data": {"train": cfg.data.train, "test": cfg.data.test}, "ema_decay": cfg.ema.decay}
     return write_export(fsio.join(cfg.out, "export"), config, state_dict,
                         grid=fsio.join(cfg.out, "samples", f"step-{step:08d}.png"))
 
@@ -255,10 +254,11 @@ def load_student(checkpoint: str, device="cpu") -> tuple[Student, dict]:
     try:
         model_cfg = ModelConfig.model_validate(config["model"])
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError: name the first bad key
-        raise UserError(f"{fsio.join(url, CONFIG)}: key 'model' is not a valid model section "
-                        f"({str(e).splitlines()[1:3]})") from None
+        first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+        key = ".".join(["model", *map(str, first["loc"])])
+        raise UserError(f"{fsio.join(url, CONFIG)}: key {key!r}: {first['msg']}") from None
     student = Student(model_cfg, int(config["text"]["dim"]))
-    weights_url = fsio.join(url, config.get("weights", WEIGHTS))
+    weights_url = fsio.join(url, WEIGHTS)
     weights = read_weights(weights_url)
     check_weights(weights_url, student.state_dict(), weights)
     student.load_state_dict(weights)
@@ -270,7 +270,7 @@ def convert_legacy(run_or_file: str) -> str:
     url = run_or_file if run_or_file.endswith(".pt") else fsio.join(run_or_file.rstrip("/"), "export", LEGACY)
     student, config = _load_legacy(url, "cpu")
     sd = student.state_dict()
-    config.update(sdn_dist_version=sdn_dist.__version__, text_statistics=text_statistics(sd), weights=WEIGHTS)
+    config.update(sdn_dist_version=sdn_dist.__version__, text_statistics=text_statistics(sd))
     folder = url.rsplit("/", 1)[0]
     run = folder.rsplit("/", 1)[0]
     return write_export(folder, config, sd, grid=fsio.join(run, "samples", f"step-{int(config.get('step') or 0):08d}.png"))
