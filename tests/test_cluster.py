@@ -129,7 +129,7 @@ def test_two_nodes_s3_shards_s3_run_resume_generate_eval(two_nodes, s3, tmp_path
         assert r["world_size"] == 2
         assert r["reader_node_ids"] == [r["node_id"]], r   # decoded batches never crossed nodes
     assert s3.fs.exists(f"{run}/checkpoints/step-00000006/COMPLETE")
-    for f in ("config.yaml", "events.jsonl", "export/student.pt", "samples/step-00000006.png"):
+    for f in ("config.yaml", "events.jsonl", "export/model.safetensors", "export/config.json", "export/README.md", "samples/step-00000006.png"):
         assert s3.fs.exists(f"{run}/{f}"), f
     assert s3.fs.find(f"{run}/ray")                    # Ray Train's own run state is in the bucket too
     assert list(work.iterdir()) == []
@@ -149,7 +149,7 @@ def test_two_nodes_s3_shards_s3_run_resume_generate_eval(two_nodes, s3, tmp_path
                               "--out", str(gen)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in gen.glob("*.png")] == ["0000-a-large-red-circle-on-a-blue-background.png"]
-    r = subprocess.run(SDN + ["eval", "--checkpoint", f"{out}/export/student.pt", "--shards",
+    r = subprocess.run(SDN + ["eval", "--checkpoint", f"{out}/export", "--shards",
                               s3.url("shards", "test-000000.tar"), "--out", str(tmp_path / "report.json")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

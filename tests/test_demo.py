@@ -38,7 +38,7 @@ def test_demo_debug_end_to_end_and_reuse(tmp_path):
     assert teacher["format"] == "sdn-dist-teacher/1"
     assert teacher["meta"]["rescaled"]["images"] > 0 and teacher["meta"]["processes"] == 2
     run = out / "run"
-    assert (run / "config.yaml").exists() and (run / "export" / "student.pt").exists()
+    assert (run / "config.yaml").exists() and (run / "export" / "model.safetensors").exists()
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in l]
     assert max(steps) == 16                                  # debug: 8 + 8 steps
@@ -64,7 +64,7 @@ def test_demo_debug_end_to_end_and_reuse(tmp_path):
         assert part in stdout
 
     # Second run: everything reused, nothing retrained, quick.
-    before = {p: p.stat().st_mtime_ns for p in (out / "teacher.pt", run / "export" / "student.pt", out / "report.json")}
+    before = {p: p.stat().st_mtime_ns for p in (out / "teacher.pt", run / "export" / "model.safetensors", out / "report.json")}
     stdout2, second = demo(out)
     assert stdout2.count("reusing") == 4, stdout2
     assert json.loads((out / "demo.json").read_text())["reused"] == ["shards", "teacher", "train", "eval"]

@@ -73,6 +73,7 @@ def test_paths():
                                                "grid": "out/report-grid.png"}
     assert run_dir_of("runs/a") == "runs/a"
     assert run_dir_of("runs/a/export/student.pt") == "runs/a"
+    assert run_dir_of("runs/a/export") == run_dir_of("runs/a/export/model.safetensors") == "runs/a"
     assert run_dir_of("s3://b/x/model.pt") == "s3://b/x"
 
 
@@ -125,8 +126,18 @@ def run(shards, tmp_path_factory):
             "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
             "--set", "model.text_norm=standardize", "--set", "data.caption=first", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert (out / "export" / "student.pt").exists()
+    # the shareable folder, with the grid of the last step beside the card that shows it
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                                  "samples.png"]
     return out
+
+
+def _student_pt(run, tmp_path) -> Path:
+    """The exported student's weights as a real torch file (what a wrong file argument looks like)."""
+    from safetensors.torch import load_file
+    f = tmp_path / "student-weights.pt"
+    torch.save(load_file(run / "export" / "model.safetensors"), f)
+    return f
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +160,8 @@ def test_text_norm_statistics_reach_the_exported_student(run, shards):
     text = torch.cat([b["text"] for b in iter_batches(f"{shards}/train-*.tar", image_size=32, batch_size=64,
                                                       text_encoder=enc, shuffle=False, epochs=1, caption="first")]).double()
     assert len(text) == 160
-    sd = torch.load(run / "export" / "student.pt", weights_only=True)["state_dict"]
+    from safetensors.torch import load_file
+    sd = load_file(run / "export" / "model.safetensors")
     assert torch.allclose(sd["text_shift"].double(), text.mean(0), atol=1e-6)
     assert float(sd["text_scale"]) == pytest.approx(1.0 / float((text - text.mean(0)).pow(2).mean().sqrt()), rel=1e-5)
 
@@ -177,10 +189,36 @@ def test_generate_names_order_and_pngs(run, tmp_path):
 
 
 @pytest.mark.slow
+def test_pipeline_from_pretrained_gives_generates_images(run, tmp_path):
+    """The acceptance check on a really trained run: Pipeline.from_pretrained(export) and
+    `sdn-dist generate` give the same pixels for the same captions and seed."""
+    from sdn_dist import Pipeline
+    caps = ["a large red circle in the top left on a white background", "a small blue square", "a green cross"]
+    images = Pipeline.from_pretrained(str(run / "export"), device="cpu")(caps, seed=5, batch_size=2)
+    r = cli("generate", "--checkpoint", run / "export", "--out", tmp_path / "g", "--seed", 5,
+            *[a for c in caps for a in ("--text", c)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    pngs = sorted((tmp_path / "g").iterdir())
+    assert len(pngs) == 3
+    for im, png in zip(images, pngs):
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(png).convert("RGB"))), png.name
+
+
+@pytest.mark.slow
+def test_model_card_gets_the_eval_figures(report, run):
+    out, rep = report
+    card = (run / "export" / "README.md").read_text()
+    assert "![samples](samples.png)" in card and "| optimizer steps |" in card
+    assert "Not evaluated yet" not in card
+    assert f"| ssim | {rep['ssim']:.4g} |" in card and f"| fsim | {rep['fsim']:.4g} |" in card
+    assert f"{rep['n_images']} images" in card
+
+
+@pytest.mark.slow
 def test_generate_cli_from_exported_file_url(run, tmp_path):
     f = tmp_path / "caps.txt"
     f.write_text("a yellow square\n\n  a blue disc  \n")
-    ckpt = f"file://{run}/export/student.pt"
+    ckpt = f"file://{run}/export"
     r = cli("generate", "--checkpoint", ckpt, "--text", "first one", "--text-file", f,
             "--out", tmp_path / "g", "--batch-size", 2)
     assert r.returncode == 0, r.stderr
@@ -191,10 +229,12 @@ def test_generate_cli_from_exported_file_url(run, tmp_path):
 @pytest.mark.slow
 def test_generate_refuses_precomputed_encoder(run, tmp_path):
     from sdn_dist.evaluation.generate import generate
-    blob = torch.load(run / "export" / "student.pt", weights_only=True)
-    blob["text"] = {"encoder": "precomputed", "dim": blob["text"]["dim"]}
-    ckpt = tmp_path / "pre.pt"
-    torch.save(blob, ckpt)
+    import shutil
+    ckpt = tmp_path / "pre"
+    shutil.copytree(run / "export", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text"] = {"encoder": "precomputed", "dim": config["text"]["dim"]}
+    (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="precomputed"):
         generate(str(ckpt), ["a red circle"], str(tmp_path / "g"))
     r = cli("generate", "--checkpoint", ckpt, "--text", "a red circle", "--out", tmp_path / "g")
@@ -252,7 +292,7 @@ def test_eval_report_fields_and_ranges(report, run):
 
 
 @pytest.mark.slow
-def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
+def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards, tmp_path):
     from torchvision.models.resnet import BasicBlock
 
     from sdn_dist.evaluation.judge import SmallResNet, load_evaluator
@@ -271,7 +311,7 @@ def test_evaluator_is_not_the_teacher_and_beats_chance(report, run, shards):
         assert real[a] >= chance[a] + 0.3, (a, real[a])
     # The evaluator file is not a student or teacher file, and those are not evaluators.
     with pytest.raises(UserError, match="not an sdn-dist evaluator"):
-        load_evaluator(str(run / "export" / "student.pt"))
+        load_evaluator(str(_student_pt(run, tmp_path)))
 
 
 @pytest.mark.slow
@@ -331,7 +371,7 @@ def test_eval_limit_fid_and_inception_weights(report, run, shards, fid_weights, 
         evaluate(str(run), f"{shards}/test-*.tar", str(tmp_path / "x.json"), limit=2,
                  evaluator=str(run / "evaluator.pt"), inception_weights=str(bad), progress=False)
     # A real torch file that is not Inception (the student): named, nothing written.
-    wrong = run / "export" / "student.pt"
+    wrong = _student_pt(run, tmp_path)
     with pytest.raises(UserError, match=f"{wrong}.*not an Inception-v3"):
         evaluate(str(run), f"{shards}/test-*.tar", str(tmp_path / "y.json"), limit=2,
                  evaluator=str(run / "evaluator.pt"), inception_weights=str(wrong), progress=False)

@@ -114,6 +114,6 @@ def test_ray_job_submit_debug_run(ray_head, tmp_path):
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in recs} == {1, 2}
     assert max(r["step"] for r in recs) == 16
-    assert (out / "export" / "student.pt").exists()
+    assert (out / "export" / "model.safetensors").exists()
     assert (out / "checkpoints" / "step-00000016" / "COMPLETE").exists()
     assert all(r["attempt"] == "a1" for r in recs)

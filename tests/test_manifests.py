@@ -126,6 +126,7 @@ CRD_FILES = {
     ("ray.io", "RayCluster"): "ray.io_rayclusters.yaml",
     ("monitoring.coreos.com", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
 
 # The CEL rules (x-kubernetes-validations) of these CRDs, as Python. A rule met on a field that is
@@ -517,7 +518,7 @@ def load_mounted_config(text: str, sets: list[str], preset: str | None, tmp_path
 
 def test_every_kustomization_renders_the_expected_kinds(docs):
     kinds = sorted(d["kind"] for d in docs)
-    for want in ("RayJob", "PodMonitor", "NetworkPolicy", "ServiceAccount"):
+    for want in ("RayJob", "PodMonitor", "PrometheusRule", "NetworkPolicy", "ServiceAccount"):
         assert want in kinds, f"{want} missing from the render: {kinds}"
     claims = [v for tpl in embedded_pod_templates(only(docs, "RayJob")).values()
               for v in tpl["spec"].get("volumes") or [] if "persistentVolumeClaim" in v]

@@ -287,7 +287,7 @@ def test_bad_data_found_by_the_readers_ends_in_one_line_exit_2(tmp_path, shards)
     out = tmp_path / "run-allbad"
     r, _ = train(out, shards, "stage1.steps=12", "stage2.steps=0", "ray.max_failures=1", data=allbad, timeout=900)
     one_line_error(r, "no usable sample in a whole epoch", "not_image=48", str(allbad / "train-000000.tar"))
-    assert not (out / "export" / "student.pt").exists()
+    assert not (out / "export" / "model.safetensors").exists()
 
     strict = rewrite_shards(shards, tmp_path / "strict", lambda shard, member: shard == "train-000001.tar"
                             and member.endswith("0000027.png"))

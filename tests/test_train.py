@@ -55,8 +55,8 @@ def events(out):
 
 
 def student(out):
-    blob = torch.load(Path(out) / "export" / "student.pt", weights_only=True)
-    return blob["state_dict"]
+    from safetensors.torch import load_file
+    return load_file(Path(out) / "export" / "model.safetensors")
 
 
 def test_two_workers_two_stages(tmp_path, tiny):

@@ -134,7 +134,7 @@ def cmd_generate(args) -> int:
         captions += [l.strip() for l in text.splitlines() if l.strip()]
     if not captions:
         raise UserError("no captions: give --text and/or --text-file")
-    paths = generate(args.checkpoint, captions, args.out, batch_size=args.batch_size)
+    paths = generate(args.checkpoint, captions, args.out, batch_size=args.batch_size, seed=args.seed)
     print(f"wrote {len(paths)} images to {args.out}")
     return 0
 
@@ -244,15 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("generate", help="captions -> PNGs")
-    p.add_argument("--checkpoint", required=True, help="run directory or exported checkpoint")
+    p.add_argument("--checkpoint", required=True, help="export folder (RUN/export) or run directory; local or any fsspec URL")
     p.add_argument("--text", action="append", help="a caption (repeatable)")
     p.add_argument("--text-file", help="one caption per line")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seeds the noise input of models trained with model.noise_dim > 0")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("eval", help="quality report (SSIM, FSIM, attribute accuracy, IS/FID)")
-    p.add_argument("--checkpoint", required=True, help="run directory or exported checkpoint")
+    p.add_argument("--checkpoint", required=True, help="export folder (RUN/export) or run directory; local or any fsspec URL (its model card gets the figures)")
     p.add_argument("--shards", required=True, help="test shard URL")
     p.add_argument("--out", required=True, help="report.json path")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples (0 = all)")

@@ -111,7 +111,7 @@ def run_demo(out: str = "runs/demo-pipeline", overrides: list[str] | None = None
 
     t = _step(3, f"training: stage 1 ({cfg.stage1.steps} steps) then stage 2 ({cfg.stage2.steps} steps), "
                  f"{cfg.workers} DeepSpeed worker(s) on Ray")
-    if fsio.exists(fsio.join(run, "export", "student.pt")):
+    if fsio.exists(fsio.join(run, "export", "config.json")):
         print("  already trained: reusing")
         reused.append("train")
     else:

@@ -43,10 +43,10 @@ from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.data.shards import expand_urls
 from sdn_dist.data.text import encoder_from_record
 from sdn_dist.errors import DataError, UserError
-from sdn_dist.evaluation.generate import default_device, render
+from sdn_dist.pipeline import default_device, render
 from sdn_dist.evaluation.judge import (MAX_SIDE, describe, evaluator_matches, load_evaluator, save_evaluator,
                                        train_evaluator)
-from sdn_dist.training.export import load_student, resolve
+from sdn_dist.training.export import load_student, resolve, write_card_with_report
 from sdn_dist.training.grids import grid_png
 
 REPORT_FORMAT = "sdn-dist-eval/1"
@@ -68,9 +68,13 @@ def report_paths(out: str) -> dict[str, str]:
 
 
 def run_dir_of(checkpoint: str) -> str:
-    """Where the run's evaluator cache lives: the run directory (``RUN/export/student.pt`` ->
-    ``RUN``), or the folder of a loose exported file."""
+    """Where the run's evaluator cache lives: the run directory (``RUN/export``, a file in it, or
+    ``RUN/export/student.pt`` -> ``RUN``), or the folder of a loose exported file."""
     url = checkpoint.rstrip("/")
+    if url.rsplit("/", 1)[-1] in ("model.safetensors", "config.json", "README.md"):
+        url = url.rsplit("/", 1)[0] if "/" in url else "."
+    if url.rsplit("/", 1)[-1] == "export":
+        return url.rsplit("/", 1)[0] if "/" in url else "."
     if not url.endswith(".pt"):
         return url
     parent = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -494,6 +498,9 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
         fsio.atomic_write(paths["grid"], grid_png(torch.stack(gen_grid), torch.stack(real_grid)))
     fsio.atomic_write(paths["summary"], format_report(report))
     fsio.atomic_write(paths["report"], json.dumps(report, indent=2) + "\n")
+    if not report["checkpoint"].endswith(".pt"):
+        # the export's model card carries the figures of its latest evaluation
+        write_card_with_report(report["checkpoint"], blob, report)
     return report
 
 

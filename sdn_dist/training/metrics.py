@@ -67,6 +67,7 @@ class PrometheusExporter:
         self.stage = Gauge("sdn_train_stage", "Current training stage: 1 = direct distillation, 2 = distillation through the teacher.", c, registry=r)
         self.step = Gauge("sdn_train_step", "Optimizer steps completed over the whole run (stage 2 continues the count of stage 1).", c, registry=r)
         self.samples = Counter("sdn_train_samples", "Training samples drawn by all workers (global batch x optimizer steps) in this attempt.", c, registry=r)
+        self.samples.labels(**self.const)    # 0 from the start: a run that never steps is a stall (k8s/prometheus alerts)
         self.throughput = Gauge("sdn_train_samples_per_second", "Training throughput of the whole job over the last logging window (samples trained on per second, rank 0's measurement).", c, registry=r)
         self.loss = Gauge("sdn_train_loss", "Last logged distillation loss of rank 0, by stage and matched point (level=total: the weighted sum that is optimized).", c + ["stage", "level"], registry=r)
         self.step_time = Histogram("sdn_train_step_seconds", "Wall time of one optimizer step (mean over each logging window, observed once per step).", c + ["rank"], registry=r,
@@ -150,6 +151,7 @@ class PrometheusExporter:
         w = self._worker(rec)
         rank = str(rec.get("rank", 0))
         step = int(rec["step"])
+        self.ckpt_failed.labels(**L, rank=rank)   # 0 before a failure, so that increase() sees the first one
         n = rec.get("window_steps") or (step - w.step if w.step is not None and step > w.step else 1)
         w.step = step
         for _ in range(max(1, int(n))):
