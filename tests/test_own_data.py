@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -111,12 +112,11 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_torchvision_format_teacher_over_https(tmp_path, monkeypatch):
+def test_torchvision_format_teacher_over_https(tmp_path):
     """teacher.weights=https://...: a plain torchvision-format VGG19 state dict (features.N keys)
     served by a local HTTPS server, read through fsspec and loaded into the teacher."""
-    from sdn_dist.model.teacher import Teacher, build_teacher
-    cfg = load_config("debug")
-    src = Teacher(cfg.model)
+    from sdn_dist.model.teacher import Teacher
+    src = Teacher(load_config("debug").model)
     torch.manual_seed(3)
     for p in src.parameters():
         torch.nn.init.normal_(p)
@@ -130,14 +130,22 @@ def test_torchvision_format_teacher_over_https(tmp_path, monkeypatch):
     ctx.load_cert_chain(cert, key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("SSL_CERT_FILE", str(cert))   # trust the test's own certificate
+    # A process of its own that trusts the test's certificate from its start, as a user's would
+    # trust their CAs (aiohttp builds its TLS context once, when it is first imported).
+    env = dict(os.environ, SSL_CERT_FILE=str(cert))
+    check = ("import sys, torch; from sdn_dist.config import load_config; "
+             "from sdn_dist.model.teacher import build_teacher; cfg = load_config('debug'); "
+             "t = build_teacher(cfg.model, cfg.teacher.model_copy(update={'weights': sys.argv[1]})); "
+             "want = torch.load(sys.argv[2], weights_only=True)['features.0.weight']; "
+             "print('same' if torch.equal(t.features[0].weight, want) else 'differ')")
     try:
         url = f"https://127.0.0.1:{server.server_address[1]}/vgg19.pth"
-        t = build_teacher(cfg.model, cfg.teacher.model_copy(update={"weights": url}))
-        assert torch.equal(t.features[0].weight, src.features[0].weight)
-        missing = cfg.teacher.model_copy(update={"weights": url.replace("vgg19", "nothere")})
-        with pytest.raises(Exception, match="nothere"):
-            build_teacher(cfg.model, missing)
+        r = subprocess.run([sys.executable, "-c", check, url, str(tmp_path / "www" / "vgg19.pth")],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.stdout.strip() == "same", r.stderr[-2000:]
+        r = subprocess.run([sys.executable, "-c", check, url.replace("vgg19", "nothere"), "-"],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode != 0 and "nothere" in r.stderr, r.stderr[-2000:]
     finally:
         server.shutdown()
 
