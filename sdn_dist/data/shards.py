@@ -2,7 +2,7 @@
 
     from sdn_dist.data.shards import expand_urls, shard_counts, inspect_shards
     urls = expand_urls("shards/synth/train-{000000..000003}.tar")
-    counts = shard_counts(urls)          # tar headers only, no data read for local shards
+    counts = shard_counts(urls)          # from shardindex.json when current, else tar headers
 
 Shards follow the WebDataset / img2dataset convention: consecutive tar members that share a key
 (``KEY.png``, ``KEY.txt``, ``KEY.json``, ``KEY.emb.npy``) form one sample; the key is everything
@@ -24,7 +24,6 @@ import json
 import os
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -398,30 +397,37 @@ def count_samples(urls: str | Sequence[str]) -> int:
 
 
 def shard_counts(urls: Sequence[str], threads: int = 8) -> list[int]:
-    """Samples per shard, in the order given (remote shards are scanned a few at a time)."""
-    urls = list(urls)
-    if all(is_local(u) for u in urls) or len(urls) < 2:
-        return [scan_shard(u).samples for u in urls]
-    with ThreadPoolExecutor(min(threads, len(urls))) as ex:
-        return [i.samples for i in ex.map(scan_shard, urls)]
+    """Samples per shard, in the order given: from the shard index or img2dataset's stats files
+    beside the tars where they still match the shards (see ``sdn_dist.data.index``), else from
+    the tars' headers (remote shards a few at a time)."""
+    from sdn_dist.data.index import count_shards   # lazy: index.py is built on this module
+    return count_shards(urls, threads).counts
 
 
 # ----------------------------------------------------------------------------------------------
 # Inspection
 # ----------------------------------------------------------------------------------------------
 
-def inspect_shards(urls: str | Sequence[str]) -> dict:
+def inspect_shards(urls: str | Sequence[str], scan: bool = False) -> dict:
     """What ``sdn-dist shards inspect URL`` reports: counts, extensions, one example.
 
-    Returns ``{"url", "shards", "samples", "per_shard": [{"url", "samples"}], "extensions":
-    {ext: members}, "example": {"key", "captions", "meta", "members"}}``. Every shard is scanned;
-    a missing, empty, non-tar, truncated or sample-less shard raises DataError naming it.
+    Returns ``{"url", "shards", "samples", "per_shard": [{"url", "samples", "from"}],
+    "counts_from": {"index"|"stats"|"tars": shards}, "stale": [urls], "count_seconds",
+    "extensions": {ext: members}, "extensions_from": shards read, "example": {"key", "captions",
+    "meta", "members"}}``. Counts come from the shard index (or img2dataset's stats) where it
+    matches the shards, else from scanning the tar; ``scan`` reads every tar regardless (each
+    checked whole, every member counted). A missing, empty, non-tar, truncated or sample-less
+    shard that is scanned raises DataError naming it.
     """
+    from sdn_dist.data.index import count_shards   # lazy: index.py is built on this module
     shard_list = expand_urls(urls)
-    infos = [scan_shard(u) for u in shard_list]
-    for i in infos:
-        if i.samples == 0:
-            raise DataError(f"shard {i.url} is empty (a tar archive with no samples)")
+    counted = count_shards(shard_list, use_index=not scan)
+    for u, n in zip(shard_list, counted.counts):
+        if n == 0:
+            raise DataError(f"shard {u} is empty (a tar archive with no samples)")
+    # Member extensions of the tars that were read; with counts from an index only the first
+    # shard is read (for them and the example), so that inspecting a large bucket stays cheap.
+    infos = list(counted.scanned.values()) or [scan_shard(shard_list[0])]
     ext = collections.Counter()
     for i in infos:
         ext.update(i.extensions)
@@ -442,10 +448,15 @@ def inspect_shards(urls: str | Sequence[str]) -> dict:
                    "members": sorted(k for k in s if not k.startswith("__"))}
     return {
         "url": urls if isinstance(urls, str) else list(urls),
-        "shards": len(infos),
-        "samples": sum(i.samples for i in infos),
-        "per_shard": [{"url": i.url, "samples": i.samples} for i in infos],
+        "shards": len(shard_list),
+        "samples": sum(counted.counts),
+        "per_shard": [{"url": u, "samples": n, "from": f}
+                      for u, n, f in zip(shard_list, counted.counts, counted.source)],
+        "counts_from": counted.sources(),
+        "stale": counted.stale,
+        "count_seconds": round(counted.scan_seconds, 3),
         "extensions": dict(sorted(ext.items())),
+        "extensions_from": len(infos),
         "example": example,
     }
 
@@ -457,7 +468,13 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  {s['url']}: {s['samples']}")
     if len(info["per_shard"]) > 10:
         lines.append(f"  ... {len(info['per_shard']) - 10} more")
-    lines.append("members: " + ", ".join(f".{k} x{v}" for k, v in info["extensions"].items()))
+    src = info.get("counts_from") or {}
+    if set(src) - {"tars"}:
+        lines.append("counts from " + ", ".join(f"{k}: {v}" for k, v in sorted(src.items()))
+                     + (f" ({len(info['stale'])} stale index entries recounted)" if info.get("stale") else ""))
+    read = info.get("extensions_from", info["shards"])
+    lines.append(f"members{'' if read == info['shards'] else f' (of the {read} shard(s) read)'}: "
+                 + ", ".join(f".{k} x{v}" for k, v in info["extensions"].items()))
     ex = info.get("example")
     if ex:
         lines.append(f"example {ex['key']}: {', '.join('.' + m for m in ex['members'])}")
