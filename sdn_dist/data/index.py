@@ -41,9 +41,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from braceexpand import braceexpand
+
 from sdn_dist import fsio
-from sdn_dist.data.shards import _filesystem, expand_urls, is_local, scan_shard, split_protocol
-from sdn_dist.errors import DataError
+from sdn_dist.data.shards import _TAR_EXTS, _filesystem, expand_urls, is_local, scan_shard, split_protocol
+from sdn_dist.errors import DataError, UserError
+from sdn_dist.fsio import check_bucket
 
 INDEX_NAME = "shardindex.json"
 KIND = "wids-shard-index-v1"
@@ -121,9 +124,10 @@ def stat_dir(dir_url: str, names: Sequence[str]) -> dict[str, Stat] | None:
     if proto in ("http", "https"):
         return None
     fs = _filesystem(proto)
-    # A fresh listing: a cached one (s3fs keeps them for the life of the filesystem object) may
-    # predate a shard's rewrite, and then a stale index entry would look current.
-    fs.invalidate_cache(path)
+    if not _listed_lately(dir_url):
+        # A fresh listing: a cached one (s3fs keeps them for the life of the filesystem object)
+        # may predate a shard's rewrite, and then a stale index entry would look current.
+        fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
@@ -138,6 +142,53 @@ def stat_dir(dir_url: str, names: Sequence[str]) -> dict[str, Stat] | None:
         out[str(e["name"]).rstrip("/").rsplit("/", 1)[-1]] = Stat(int(e.get("size") or 0),
                                                                   etag=str(etag) if etag else None)
     return out
+
+
+# Directories this process listed afresh, and when (list_ahead).
+_LISTED: dict[str, float] = {}
+LISTING_REUSE_SECONDS = 60.0
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def _listed_lately(dir_url: str) -> bool:
+    return time.time() - _LISTED.get(dir_url.rstrip("/"), -1e9) < LISTING_REUSE_SECONDS
+
+
+def list_ahead(spec: str | Sequence[str]) -> None:
+    """List afresh, once, the object-store directories a shard URL (pattern) names, before it is
+    expanded. fsspec keeps the listing, so the expansion (a glob, a directory) and the index's
+    size checks are all served by this one listing instead of one listing each: at 10,000 shards
+    on S3 each listing is 10 requests and seconds. A listing made here is reused for
+    LISTING_REUSE_SECONDS (the preflight's, moments before DataSpec.build's), then made again."""
+    parts = [p for u in ([spec] if isinstance(spec, str) else spec) for p in braceexpand(str(u).strip())]
+    dirs: list[str] = []
+    for part in parts:
+        proto, _ = split_protocol(part)
+        if proto is None or proto in ("http", "https"):
+            continue
+        head, _, name = part.rstrip("/").rpartition("/")
+        if part.endswith("/") or not (name.endswith(_TAR_EXTS) or _has_glob(name)):
+            head = part.rstrip("/")    # the URL names a directory
+        if not _has_glob(head.split("://", 1)[-1]) and head not in dirs:
+            dirs.append(head)
+    for d in dirs:
+        if _listed_lately(d):
+            continue
+        try:   # a missing bucket, bad credentials, no endpoint: for the expansion to say, at once
+            check_bucket(d)
+        except UserError:
+            return
+        proto, path = split_protocol(d)
+        fs = _filesystem(proto)
+        fs.invalidate_cache(path)
+        try:
+            fs.ls(path, detail=True)
+        except Exception:  # noqa: BLE001 - the expansion right after says what is wrong, naming the URL
+            continue
+        _LISTED[d.rstrip("/")] = time.time()
 
 
 def _stat_each(urls: Sequence[str], threads: int) -> dict[str, Stat]:

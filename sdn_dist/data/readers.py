@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdn_dist.config import DataConfig
 from sdn_dist.data.pipeline import RankStream, sample_caps
-from sdn_dist.data.index import count_shards, scan_note
+from sdn_dist.data.index import count_shards, list_ahead, scan_note
 from sdn_dist.data.shards import configure_network, expand_urls
 from sdn_dist.data.text import build_text_encoder, encoder_from_record
 from sdn_dist.errors import ConfigError, UserError
@@ -85,6 +85,7 @@ class DataSpec:
         if not cfg.data.train:
             raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                               "(make some with `sdn-dist shards synth --out shards/synth`)")
+        list_ahead(cfg.data.train)    # one listing serves the expansion and the index's checks
         urls = expand_urls(cfg.data.train)
         counted = count_shards(urls)
         note = scan_note(counted)
