@@ -407,9 +407,9 @@ def entry(name: str, nsamples: int, st: Stat) -> dict:
     return e
 
 
-def write_index(dir_url: str, entries: dict[str, dict], drop=lambda name: False) -> str:
+def write_index(dir_url: str, entries: dict[str, dict]) -> str:
     """Merge ``entries`` (by file name) into ``dir_url``'s index and write it back; existing
-    entries for which ``drop(name)`` holds, or whose file is gone, are removed. Returns its URL."""
+    entries whose file is gone are removed. Returns its URL."""
     old: dict[str, dict] = {}
     try:
         old = read_index(dir_url, None)
@@ -417,7 +417,7 @@ def write_index(dir_url: str, entries: dict[str, dict], drop=lambda name: False)
         pass    # a broken index is replaced, not merged
     present = stat_dir(dir_url, list(old))
     keep = set(old) if present is None else set(present)
-    merged = {n: {**e, "url": n} for n, e in old.items() if n in keep and not drop(n)}
+    merged = {n: {**e, "url": n} for n, e in old.items() if n in keep}
     merged.update(entries)
     doc = {"__kind__": KIND, "wids_version": 1,
            "shardlist": [merged[n] for n in sorted(merged)]}

@@ -152,15 +152,12 @@ def shard_writer(out: str, prefix: str, per_shard: int = 1000, embed=None):
             m = pat.match(name)
             if m and os.path.join(base, name) not in urls:
                 os.remove(os.path.join(base, name))
-    _index_written(base if local else out.rstrip("/"), prefix, urls, counts)
+    _index_written(base if local else out.rstrip("/"), urls, counts)
 
 
-def _index_written(out: str, prefix: str, urls: list[str], counts: dict[str, int]) -> None:
-    """Record the shards just written in ``out``'s shard index (replacing the prefix's old
-    entries), so that training starts without reading them (``sdn_dist.data.index``)."""
+def _index_written(out: str, urls: list[str], counts: dict[str, int]) -> None:
+    """Record the shards just written in ``out``'s shard index (entries of files no longer
+    there are dropped), so that training starts without reading them (``sdn_dist.data.index``)."""
     names = [u.rsplit("/", 1)[-1] for u in urls]
     stats = stat_dir(out, names) or {}
-    pat = re.compile(re.escape(prefix) + r"-(\d{6})\.tar$")
-    write_index(out, {n: index_entry(n, counts.get(u, 0), stats[n])
-                      for n, u in zip(names, urls) if n in stats},
-                drop=lambda name: bool(pat.match(name)))
+    write_index(out, {n: index_entry(n, counts.get(u, 0), stats[n]) for n, u in zip(names, urls) if n in stats})
