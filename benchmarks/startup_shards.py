@@ -7,7 +7,7 @@ environment, as the tests do) is filled with N small shards (copies of 8 synthet
 samples at 32 px, ~10 KB each: the bytes do not matter to start-up, the object count does) and
 their shard index (`sdn-dist shards index`, which counts every tar once: that time is the
 count every start paid before indexes). Then `sdn-dist train --preset debug` (2 + 1 steps) runs
-on `s3://.../train-*.tar`; its time to first step = the `time` of the first step record in
+on `s3://.../train-*.tar` (after one untimed warm-up run); its time to first step = the `time` of the first step record in
 metrics.jsonl - the launch. Alongside, in this process, the start-up phases that depend on the
 shard count: the listing (`expand_urls`), the counts from the index (`count_shards`) and the
 first epoch's plan. `--no-index N` also times a start without the index at those sizes.
@@ -66,17 +66,20 @@ def train(url: str, out: str) -> dict:
 
 
 def phases(url: str) -> dict:
-    """The shard-count-dependent parts of the driver's start-up, timed in this process."""
+    """The shard-count-dependent parts of the driver's start-up, timed in this process as
+    DataSpec.build does them: one fresh listing, the expansion, the counts, the epoch plan."""
     import s3fs
 
-    from sdn_dist.data.index import count_shards
+    from sdn_dist.data import index
     from sdn_dist.data.pipeline import plan_epoch
     from sdn_dist.data.shards import expand_urls
     s3fs.S3FileSystem.clear_instance_cache()
+    index._LISTED.clear()
     t0 = time.time()
+    index.list_ahead(url)
     urls = expand_urls(url)
     t1 = time.time()
-    counted = count_shards(urls)
+    counted = index.count_shards(urls)
     t2 = time.time()
     plan_epoch(counted.counts, 0, 0, 1, True)
     t3 = time.time()
@@ -88,10 +91,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--no-index", type=int, nargs="*", default=[], help="also start without the index at these sizes")
+    ap.add_argument("--no-count", action="store_true",
+                    help="skip timing `shards index` (it reads every tar: minutes at 10,000 on a busy machine); "
+                         "the index is then written from the known counts of the copied shards")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     moto = start_moto()
-    rows = []
+    rows, warm = [], {}
     try:
         import s3fs
 
@@ -102,6 +108,10 @@ def main() -> None:
         make_synth(os.path.join(tmp, "src"), train=DISTINCT * PER_SHARD, test=0, size=32,
                    per_shard=PER_SHARD, seed=0, progress=False)
         shards = [open(os.path.join(tmp, "src", f"train-{i:06d}.tar"), "rb").read() for i in range(DISTINCT)]
+        # One untimed run first: one-time costs (DeepSpeed building its CPU op for this venv's
+        # path, cold caches) would otherwise land on whichever measured run came first.
+        warm = train(os.path.join(tmp, "src"), os.path.join(tmp, "run-warmup"))
+        print(f"warm-up run (8 local shards): first step after {warm['first_step_s']} s", flush=True)
         for n in args.shards:
             prefix = f"bench/n{n}"
             url = f"s3://{prefix}/train-*.tar"
@@ -110,26 +120,34 @@ def main() -> None:
             if n in args.no_index:
                 row["no_index"] = train(url, os.path.join(tmp, f"run-{n}-noindex"))
                 print(f"  without an index: first step after {row['no_index']['first_step_s']} s", flush=True)
-            row["index_s"] = round(sdn("shards", "index", url)[0], 1)
-            print(f"  `shards index` (reads every tar): {row['index_s']} s", flush=True)
+            if args.no_count:
+                from sdn_dist.data.index import entry, stat_dir, write_index
+                names = [f"train-{i:06d}.tar" for i in range(n)]
+                listing = stat_dir(f"s3://{prefix}", names)
+                write_index(f"s3://{prefix}", {m: entry(m, PER_SHARD, listing[m]) for m in names})
+                row["index_s"] = None
+            else:
+                row["index_s"] = round(sdn("shards", "index", url)[0], 1)
+                print(f"  `shards index` (reads every tar): {row['index_s']} s", flush=True)
             row["phases"] = phases(url)
+            row["load_before_train"] = open("/proc/loadavg").read().split()[:3]   # the machine is shared
             row["indexed"] = train(url, os.path.join(tmp, f"run-{n}"))
             print(f"  with the index: first step after {row['indexed']['first_step_s']} s; phases {row['phases']}",
                   flush=True)
             rows.append(row)
     finally:
         os.killpg(moto.pid, 15)
-    report = {"rows": rows, "cpu": cpu(), "loadavg": open("/proc/loadavg").read().split()[:3],
+    report = {"rows": rows, "warmup": warm, "cpu": cpu(), "loadavg": open("/proc/loadavg").read().split()[:3],
               "command": "python benchmarks/startup_shards.py " + " ".join(sys.argv[1:])}
     print(f"\n{report['cpu']}; load {' '.join(report['loadavg'])}")
     print("| shards | fill S3 (s) | `shards index`: count every tar (s) | list (s) | counts from the index (s) "
-          "| epoch plan (s) | launch to first step, indexed (s) | launch to first step, no index (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| epoch plan (s) | launch to first step, indexed (s) | launch to first step, no index (s) | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ph = r["phases"]
         noidx = r.get("no_index", {}).get("first_step_s", "")
         print(f"| {r['shards']:,} | {r['fill_s']} | {r['index_s']} | {ph['list_s']} | {ph['counts_s']} | "
-              f"{ph['plan_s']} | {r['indexed']['first_step_s']} | {noidx} |")
+              f"{ph['plan_s']} | {r['indexed']['first_step_s']} | {noidx} | {r['load_before_train'][0]} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
