@@ -340,8 +340,9 @@ def count_shards(urls: Sequence[str], threads: int = 8, *, use_index: bool = Tru
     for d, idx in by_dir.items():
         names = [split_dir(urls[i])[1] for i in idx]
         listing = stat_dir(d, names)
-        if listing is None:
-            per = _stat_each([urls[i] for i in idx], threads)
+        entries = read_index(d, listing) if use_index else {}
+        if listing is None:   # http: a HEAD for each shard the index has an entry to check against
+            per = _stat_each([urls[i] for i, n in zip(idx, names) if n in entries], threads)
             stats = {split_dir(u)[1]: s for u, s in per.items()}
         else:
             stats = listing
@@ -350,7 +351,6 @@ def count_shards(urls: Sequence[str], threads: int = 8, *, use_index: bool = Tru
                 result.stats[urls[i]] = stats[n]
         if not use_index:
             continue
-        entries = read_index(d, listing)
         for i, n in zip(idx, names):
             e = entries.get(n)
             if e is None:
