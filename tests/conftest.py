@@ -13,6 +13,7 @@ S3-compatible server, passed unchanged to subprocesses (and from there to Ray wo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,11 +66,24 @@ def aws_env(endpoint: str, key: str = "testing", secret: str = "testing") -> dic
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
 
 
+# endpoint -> the server's log, one line per HTTP request it served ("GET /bucket/key HTTP/1.1")
+MOTO_LOGS: dict[str, str] = {}
+
+
 @dataclass
 class S3:
     endpoint: str
     bucket: str
     env: dict = field(repr=False)
+
+    def requests(self, since: int = 0) -> tuple[list[str], int]:
+        """(the request lines the server logged after byte ``since`` of its log, the log's end):
+        what a client really asked of this S3 server."""
+        with open(MOTO_LOGS[self.endpoint], "rb") as f:
+            f.seek(since)
+            data = f.read()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", data.decode("utf-8", "replace"))   # werkzeug colours some
+        return re.findall(r'"[A-Z]+ [^"]* HTTP/[0-9.]+" \d{3}', text), since + len(data)
 
     @property
     def fs(self):
@@ -84,7 +98,9 @@ class S3:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    proc, endpoint = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc, endpoint = start_moto(log)
+    MOTO_LOGS[endpoint] = str(log)
     yield endpoint
     stop(proc)
 

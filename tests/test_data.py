@@ -77,7 +77,9 @@ def test_synth_inspect_and_roundtrip(synth_dir):
     info = inspect_shards(str(synth_dir / "train-*.tar"))
     assert info["samples"] == N_TRAIN and info["shards"] == 4
     assert [s["samples"] for s in info["per_shard"]] == [16, 16, 16, 12]
-    assert info["extensions"] == {"json": N_TRAIN, "png": N_TRAIN, "txt": N_TRAIN}
+    # make_synth wrote a shard index: counts from it, members from the one shard read
+    assert info["counts_from"] == {"index": 4} and info["extensions_from"] == 1
+    assert info["extensions"] == {"json": PER_SHARD, "png": PER_SHARD, "txt": PER_SHARD}
     assert info["example"]["captions"] and info["example"]["meta"]["attributes"]
     assert count_samples(str(synth_dir)) == N_TRAIN + N_TEST  # a directory: every *.tar
 
@@ -483,7 +485,7 @@ def test_cub_converter_with_embeddings(tmp_path):
     out = tmp_path / "cub"
     res = convert_cub(root, str(out), per_shard=3, progress=False)
     assert res["counts"] == {"train": 4, "test": 2} and len(res["train"]) == 2
-    info = inspect_shards(str(out / "train-*.tar"))
+    info = inspect_shards(str(out / "train-*.tar"), scan=True)
     assert info["extensions"] == {"emb.npy": 4, "jpg": 4, "json": 4, "txt": 4}
     with open(root / "train" / "char-CNN-RNN-embeddings.pickle", "rb") as f:
         embs = pickle.load(f)
@@ -605,12 +607,12 @@ def test_shards_convert_cli(tmp_path):
     res = convert("folder", "--images", img, "--captions", tmp_path / "caps.jsonl", "--out", tmp_path / "f",
                   "--test-fraction", "0.2", "--per-shard", "2", "--embed", "hash")
     assert res["counts"] == {"train": 4, "test": 1}
-    assert inspect_shards(str(tmp_path / "f" / "train-*.tar"))["extensions"]["emb.npy"] == 4
+    assert inspect_shards(str(tmp_path / "f" / "train-*.tar"), scan=True)["extensions"]["emb.npy"] == 4
 
     birds = _fake_stackgan(tmp_path / "birds", n_train=3, n_test=2, dim=8)
     res = convert("cub", "--root", birds, "--out", tmp_path / "c", "--per-shard", "2")
     assert res["counts"] == {"train": 3, "test": 2}
-    assert inspect_shards(str(tmp_path / "c" / "train-*.tar"))["extensions"]["emb.npy"] == 3
+    assert inspect_shards(str(tmp_path / "c" / "train-*.tar"), scan=True)["extensions"]["emb.npy"] == 3
 
     res = convert("flowers", "--root", _fake_flowers(tmp_path / "flowers"), "--out", tmp_path / "fl")
     assert res["counts"] == {"train": 3, "test": 2}
@@ -629,7 +631,7 @@ def test_embeddings_stored_at_write_time_are_reused(tmp_path, monkeypatch):
     out = tmp_path / "emb"
     make_synth(str(out), train=10, test=0, size=16, per_shard=4, seed=1, progress=False,
                embed=HashTextEncoder(16))
-    assert inspect_shards(str(out))["extensions"]["emb.npy"] == 10
+    assert inspect_shards(str(out), scan=True)["extensions"]["emb.npy"] == 10
     enc = HashTextEncoder(16)
     monkeypatch.setattr(enc, "encode", lambda texts: pytest.fail("stored rows should be used"))
     pre = build_text_encoder(TextConfig(encoder="precomputed", dim=16))

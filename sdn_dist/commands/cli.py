@@ -112,8 +112,21 @@ def cmd_shards_convert_stackgan(args) -> int:
 
 def cmd_shards_inspect(args) -> int:
     from sdn_dist.data.shards import format_inspection, inspect_shards
-    info = inspect_shards(args.url)
+    info = inspect_shards(args.url, scan=args.scan)
+    if info["counts_from"].get("tars") and info["count_seconds"] >= 1:
+        print(f"counting from the tars took {info['count_seconds']:.1f} s; "
+              f"`sdn-dist shards index {args.url}` writes an index that skips it", file=sys.stderr)
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_shards_index(args) -> int:
+    from sdn_dist.data.index import index_shards
+    res = index_shards(args.url)
+    print(json.dumps(res, indent=2) if args.json else
+          f"indexed {res['shards']} shards ({res['samples']} samples; counts from "
+          + ", ".join(f"{k}: {v}" for k, v in sorted(res["from"].items()))
+          + f") in {res['seconds']:.1f} s: " + ", ".join(res["indexes"]))
     return 0
 
 
@@ -214,7 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     q = ss.add_parser("inspect", help="sample count, keys, example caption")
     q.add_argument("url")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--scan", action="store_true", help="read every tar (each checked whole, every member "
+                                                       "counted) instead of taking counts from the shard index")
     q.set_defaults(fn=cmd_shards_inspect)
+    q = ss.add_parser("index", help="write shardindex.json (per-shard sample counts) beside shards "
+                                    "made elsewhere, so training starts without reading them")
+    q.add_argument("url", help="shards: a directory, glob or brace pattern, local or remote")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_shards_index)
 
     p = sub.add_parser("teacher", help="the discriminative teacher")
     ts = p.add_subparsers(dest="teacher_command", required=True, metavar="SUBCOMMAND")

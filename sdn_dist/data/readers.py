@@ -24,7 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sdn_dist.config import DataConfig
 from sdn_dist.data.pipeline import RankStream, sample_caps
-from sdn_dist.data.shards import configure_network, expand_urls, shard_counts
+from sdn_dist.data.index import count_shards, list_ahead, scan_note
+from sdn_dist.data.shards import configure_network, expand_urls
 from sdn_dist.data.text import build_text_encoder, encoder_from_record
 from sdn_dist.errors import ConfigError, UserError
 
@@ -66,7 +67,7 @@ def run_at_raylet_priority() -> None:
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What every reader of a run needs, resolved once by the driver: the shard list and counts
-    (tar headers read once), the data section, the model's image size and the text encoder's
+    (from the shard index beside the tars, else their headers, read once), the data section, the model's image size and the text encoder's
     record (the one description it is rebuilt from, once per process)."""
 
     urls: list[str]
@@ -84,8 +85,13 @@ class DataSpec:
         if not cfg.data.train:
             raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                               "(make some with `sdn-dist shards synth --out shards/synth`)")
+        list_ahead(cfg.data.train)    # one listing serves the expansion and the index's checks
         urls = expand_urls(cfg.data.train, split="train")
-        counts = shard_counts(urls)
+        counted = count_shards(urls)
+        note = scan_note(counted)
+        if note:    # no index (or a stale one): say what the count cost and how to skip it
+            print(note, file=sys.stderr, flush=True)
+        counts = counted.counts
         if sum(counts) < cfg.data.batch_size:
             raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")
         encoder = build_text_encoder(cfg.text)

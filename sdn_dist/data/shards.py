@@ -2,7 +2,7 @@
 
     from sdn_dist.data.shards import expand_urls, shard_counts, inspect_shards
     urls = expand_urls("shards/synth/train-{000000..000003}.tar")
-    counts = shard_counts(urls)          # tar headers only, no data read for local shards
+    counts = shard_counts(urls)          # from shardindex.json when current, else tar headers
 
 Shards follow the WebDataset / img2dataset convention: consecutive tar members that share a key
 (``KEY.png``, ``KEY.txt``, ``KEY.json``, ``KEY.emb.npy``) form one sample; the key is everything
@@ -25,7 +25,6 @@ import logging
 import os
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -174,19 +173,27 @@ def expand_urls(urls: str | Sequence[str], split: str | None = None) -> list[str
     return out
 
 
+_SPLITS_SAID: set[tuple[str, str]] = set()
+
+
 def _split_of_directory(url: str, found: list[str], split: str | None) -> list[str]:
     """A directory's tars, narrowed to ``split``'s when it holds named splits."""
     if split is None:
         return found
     named = {s: [u for u in found if u.rstrip("/").rsplit("/", 1)[-1].startswith(f"{s}-")] for s in SPLITS}
+    said = (url, split) in _SPLITS_SAID   # preflight and the data plan expand it too: said once
+    _SPLITS_SAID.add((url, split))
     if not any(named.values()):
-        log.info("%s: %d shards, no train-/test- split in their names: all of them used as %s data",
-                 url, len(found), split)
+        if not said:
+            log.info("%s: %d shards, no train-/test- split in their names: all of them used as %s data",
+                     url, len(found), split)
         return found
     if not named[split]:
         raise DataError(f"directory {url} holds {' and '.join(f'{s}-*' for s in SPLITS if named[s])} "
                         f"shards but no {split}-* shards; name the {split} shards' URL")
-    log.info("%s: its %d %s-* shards (of %d tars) used as %s data", url, len(named[split]), split, len(found), split)
+    if not said:
+        log.info("%s: its %d %s-* shards (of %d tars) used as %s data", url, len(named[split]), split,
+                 len(found), split)
     return named[split]
 
 
@@ -423,30 +430,37 @@ def count_samples(urls: str | Sequence[str]) -> int:
 
 
 def shard_counts(urls: Sequence[str], threads: int = 8) -> list[int]:
-    """Samples per shard, in the order given (remote shards are scanned a few at a time)."""
-    urls = list(urls)
-    if all(is_local(u) for u in urls) or len(urls) < 2:
-        return [scan_shard(u).samples for u in urls]
-    with ThreadPoolExecutor(min(threads, len(urls))) as ex:
-        return [i.samples for i in ex.map(scan_shard, urls)]
+    """Samples per shard, in the order given: from the shard index or img2dataset's stats files
+    beside the tars where they still match the shards (see ``sdn_dist.data.index``), else from
+    the tars' headers (remote shards a few at a time)."""
+    from sdn_dist.data.index import count_shards   # lazy: index.py is built on this module
+    return count_shards(urls, threads).counts
 
 
 # ----------------------------------------------------------------------------------------------
 # Inspection
 # ----------------------------------------------------------------------------------------------
 
-def inspect_shards(urls: str | Sequence[str]) -> dict:
+def inspect_shards(urls: str | Sequence[str], scan: bool = False) -> dict:
     """What ``sdn-dist shards inspect URL`` reports: counts, extensions, one example.
 
-    Returns ``{"url", "shards", "samples", "per_shard": [{"url", "samples"}], "extensions":
-    {ext: members}, "example": {"key", "captions", "meta", "members"}}``. Every shard is scanned;
-    a missing, empty, non-tar, truncated or sample-less shard raises DataError naming it.
+    Returns ``{"url", "shards", "samples", "per_shard": [{"url", "samples", "from"}],
+    "counts_from": {"index"|"stats"|"tars": shards}, "stale": [urls], "count_seconds",
+    "extensions": {ext: members}, "extensions_from": shards read, "example": {"key", "captions",
+    "meta", "members"}}``. Counts come from the shard index (or img2dataset's stats) where it
+    matches the shards, else from scanning the tar; ``scan`` reads every tar regardless (each
+    checked whole, every member counted). A missing, empty, non-tar, truncated or sample-less
+    shard that is scanned raises DataError naming it.
     """
+    from sdn_dist.data.index import count_shards   # lazy: index.py is built on this module
     shard_list = expand_urls(urls)
-    infos = [scan_shard(u) for u in shard_list]
-    for i in infos:
-        if i.samples == 0:
-            raise DataError(f"shard {i.url} is empty (a tar archive with no samples)")
+    counted = count_shards(shard_list, use_index=not scan)
+    for u, n in zip(shard_list, counted.counts):
+        if n == 0:
+            raise DataError(f"shard {u} is empty (a tar archive with no samples)")
+    # Member extensions of the tars that were read; with counts from an index only the first
+    # shard is read (for them and the example), so that inspecting a large bucket stays cheap.
+    infos = list(counted.scanned.values()) or [scan_shard(shard_list[0])]
     ext = collections.Counter()
     for i in infos:
         ext.update(i.extensions)
@@ -467,10 +481,15 @@ def inspect_shards(urls: str | Sequence[str]) -> dict:
                    "members": sorted(k for k in s if not k.startswith("__"))}
     return {
         "url": urls if isinstance(urls, str) else list(urls),
-        "shards": len(infos),
-        "samples": sum(i.samples for i in infos),
-        "per_shard": [{"url": i.url, "samples": i.samples} for i in infos],
+        "shards": len(shard_list),
+        "samples": sum(counted.counts),
+        "per_shard": [{"url": u, "samples": n, "from": f}
+                      for u, n, f in zip(shard_list, counted.counts, counted.source)],
+        "counts_from": counted.sources(),
+        "stale": counted.stale,
+        "count_seconds": round(counted.scan_seconds, 3),
         "extensions": dict(sorted(ext.items())),
+        "extensions_from": len(infos),
         "example": example,
     }
 
@@ -482,7 +501,13 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  {s['url']}: {s['samples']}")
     if len(info["per_shard"]) > 10:
         lines.append(f"  ... {len(info['per_shard']) - 10} more")
-    lines.append("members: " + ", ".join(f".{k} x{v}" for k, v in info["extensions"].items()))
+    src = info.get("counts_from") or {}
+    if set(src) - {"tars"}:
+        lines.append("counts from " + ", ".join(f"{k}: {v}" for k, v in sorted(src.items()))
+                     + (f" ({len(info['stale'])} stale index entries recounted)" if info.get("stale") else ""))
+    read = info.get("extensions_from", info["shards"])
+    lines.append(f"members{'' if read == info['shards'] else f' (of the {read} shard(s) read)'}: "
+                 + ", ".join(f".{k} x{v}" for k, v in info["extensions"].items()))
     ex = info.get("example")
     if ex:
         lines.append(f"example {ex['key']}: {', '.join('.' + m for m in ex['members'])}")

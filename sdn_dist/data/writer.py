@@ -22,6 +22,7 @@ import numpy as np
 import webdataset as wds
 
 from sdn_dist.errors import DataError
+from sdn_dist.data.index import entry as index_entry, stat_dir, write_index
 from sdn_dist.data.shards import is_local, split_protocol
 
 TAR_MTIME = 946684800  # 2000-01-01: a fixed member time makes the same samples give the same bytes
@@ -127,12 +128,15 @@ def shard_writer(out: str, prefix: str, per_shard: int = 1000, embed=None):
 
     writer = None
 
+    counts: dict[str, int] = {}
+
     def write(rec):
         nonlocal writer
         if writer is None:  # opened on the first sample: nothing is written for zero samples
             writer = wds.ShardWriter(f"{base}/{prefix}-%06d.tar", maxcount=per_shard, verbose=0,
                                      opener=opener, post=post, encoder=False, mtime=TAR_MTIME)
         writer.write(rec)
+        counts[urls[-1]] = counts.get(urls[-1], 0) + 1   # the shard ShardWriter is filling
 
     sink = _Sink(write, embed)
     sink.urls = urls
@@ -148,3 +152,12 @@ def shard_writer(out: str, prefix: str, per_shard: int = 1000, embed=None):
             m = pat.match(name)
             if m and os.path.join(base, name) not in urls:
                 os.remove(os.path.join(base, name))
+    _index_written(base if local else out.rstrip("/"), urls, counts)
+
+
+def _index_written(out: str, urls: list[str], counts: dict[str, int]) -> None:
+    """Record the shards just written in ``out``'s shard index (entries of files no longer
+    there are dropped), so that training starts without reading them (``sdn_dist.data.index``)."""
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    stats = stat_dir(out, names) or {}
+    write_index(out, {n: index_entry(n, counts.get(u, 0), stats[n]) for n, u in zip(names, urls) if n in stats})

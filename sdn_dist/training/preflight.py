@@ -26,6 +26,7 @@ import yaml
 
 from sdn_dist import fsio
 from sdn_dist.config import Config
+from sdn_dist.data.index import list_ahead
 from sdn_dist.data.pipeline import decode_problem
 from sdn_dist.data.shards import configure_network, expand_urls
 from sdn_dist.data.text import build_text_encoder
@@ -118,6 +119,7 @@ def check_data(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                           "(make some with `sdn-dist shards synth --out shards/synth`)")
+    list_ahead(cfg.data.train)   # the listing DataSpec.build then reuses (data/index.py)
     url = expand_urls(cfg.data.train, split="train")[0]
     encoder = build_text_encoder(cfg.text)
     problem = decode_problem(url, cfg.data, image_size=cfg.model.image_size, text_encoder=encoder)
