@@ -46,6 +46,11 @@ def run_readme(name: str, cwd: Path) -> list[str]:
     return lines
 
 
+def teacher_objective(path: Path) -> str:
+    import torch
+    return torch.load(path, weights_only=True)["meta"]["objective"]
+
+
 def _check_run(cwd: Path, run: str, labelled: bool) -> dict:
     gen = sorted((cwd / "runs" / run / "generated").glob("*.png"))
     assert len(gen) == 1 and gen[0].name.startswith("0000-a-red-ball"), gen
@@ -59,10 +64,7 @@ def _check_run(cwd: Path, run: str, labelled: bool) -> dict:
 def test_readme_own_data_from_a_labelled_folder(tmp_path):
     labelled_folder(tmp_path, n=40).rename(tmp_path / "my-photos")
     run_readme("folder", tmp_path)
-    teacher = subprocess.run([sys.executable, "-c", "import torch,sys; print(torch.load(sys.argv[1], "
-                              "weights_only=True)['meta']['objective'])", "runs/mine-teacher.pt"],
-                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
-    assert teacher == "labels"
+    assert teacher_objective(tmp_path / "runs" / "mine-teacher.pt") == "labels"
     report = _check_run(tmp_path, "mine", labelled=True)
     assert "label" in report["attribute_accuracy"]
     # the run trained on the train-* shards only
@@ -73,9 +75,6 @@ def test_readme_own_data_from_a_labelled_folder(tmp_path):
 def test_readme_own_data_from_img2dataset_output(tmp_path):
     img2dataset_folder(tmp_path)
     run_readme("img2dataset", tmp_path)
-    teacher = subprocess.run([sys.executable, "-c", "import torch,sys; print(torch.load(sys.argv[1], "
-                              "weights_only=True)['meta']['objective'])", "runs/web-teacher.pt"],
-                             cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
-    assert teacher == "caption"
+    assert teacher_objective(tmp_path / "runs" / "web-teacher.pt") == "caption"
     report = _check_run(tmp_path, "web", labelled=False)
     assert any("carry no labels" in n for n in report.get("notes", [])), report
