@@ -33,17 +33,20 @@ def readme_block(name: str) -> list[str]:
     return [l for l in re.sub(r"\\\n\s*", "", m.group(1)).splitlines() if l.strip()]
 
 
-def run_readme(name: str, cwd: Path) -> list[str]:
+def run_readme(name: str, cwd: Path) -> dict[str, str]:
+    """Runs the block's lines in ``cwd``; {line: its stderr}."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                OMP_NUM_THREADS="1")
     lines = readme_block(name)
     assert any("--preset demo" in l for l in lines)
+    said = {}
     for line in lines:
         assert line.startswith("sdn-dist "), line
         line = line.replace("--preset demo", "--preset debug")
         r = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (line, r.stdout[-3000:], r.stderr[-3000:])
-    return lines
+        said[line] = r.stderr
+    return said
 
 
 def teacher_objective(path: Path) -> str:
@@ -63,13 +66,15 @@ def _check_run(cwd: Path, run: str, labelled: bool) -> dict:
 
 def test_readme_own_data_from_a_labelled_folder(tmp_path):
     labelled_folder(tmp_path, n=40).rename(tmp_path / "my-photos")
-    run_readme("folder", tmp_path)
+    said = run_readme("folder", tmp_path)
     assert teacher_objective(tmp_path / "runs" / "mine-teacher.pt") == "labels"
     report = _check_run(tmp_path, "mine", labelled=True)
     assert "label" in report["attribute_accuracy"]
-    # the run trained on the train-* shards only
-    cfg = (tmp_path / "runs" / "mine" / "config.yaml").read_text()
-    assert "train: shards/mine" in cfg or "shards/mine" in cfg
+    # the directory gave training its train-* shards only, and eval its test-* shards
+    train = next(err for line, err in said.items() if line.startswith("sdn-dist train "))
+    assert "train-* shards (of 2 tars) used as train data" in train, train[-2000:]
+    evaluate = next(err for line, err in said.items() if line.startswith("sdn-dist eval "))
+    assert "test-* shards (of 2 tars) used as test data" in evaluate, evaluate[-2000:]
 
 
 def test_readme_own_data_from_img2dataset_output(tmp_path):
