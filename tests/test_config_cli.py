@@ -192,3 +192,47 @@ def test_log_level_flags(flags, shown):
     r = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.split() == shown + ["warning"]
+
+
+# ------------------------------------------------------------------ logs
+
+def _records(steps, stage=1):
+    return [{"step": s, "stage": stage, "rank": 0, "loss": 1.0 / s, "samples_per_sec": 10.0} for s in steps]
+
+
+def test_training_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    """`sdn-dist train`'s progress: tqdm only when stderr is a terminal; otherwise (ray job submit,
+    a RayJob's log) about twenty plain log lines a run, the last at the final step, and no bar.
+    Fails on: the bar drawn whatever stderr is (carriage returns filling a log file), the plain
+    lines missing or written every step."""
+    import logging
+
+    from sdn_dist.training.driver import Progress
+    cfg = load_config("debug", overrides=["stage1.steps=40", "stage2.steps=40"])
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: lines.append(rec.getMessage())
+    log = logging.getLogger("sdn_dist.training.driver")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        p = Progress(cfg, enabled=True)           # under pytest stderr is not a terminal
+        assert p.bar is None
+        for s in range(1, 41):
+            p.update(_records([s]))
+        p.update(_records(range(41, 81), stage=2))  # a drain may bring several steps at once
+        p.close()
+        assert 10 <= len(lines) <= 21 and lines[-1].startswith("step 80/80  stage 2")
+        lines.clear()
+        quiet = Progress(cfg, enabled=False, tty=False)
+        quiet.update(_records(range(1, 81)))
+        assert quiet.bar is None and lines == []
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    bar = Progress(cfg, enabled=True, tty=True)
+    assert bar.bar is not None
+    bar.update(_records([5]))
+    assert bar.bar.n == 5 and lines == []
+    bar.close()
