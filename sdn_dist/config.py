@@ -3,7 +3,9 @@
     from sdn_dist.config import load_config
     cfg = load_config(preset="debug", file=None, overrides=["stage1.steps=10"])
 
-Every field is documented where it is declared (``sdn-dist config show --docs`` prints them).
+Each layer merges into the one below it, mapping by mapping (a file's ``stage2: {lr: 1e-3}`` or
+``stage1.point_weights: {image: 5}`` keeps the other keys below it, as ``--set`` does); any other
+value replaces. Every field is documented where it is declared (``sdn-dist config show --docs`` prints them).
 Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key, before anything
 starts. Each component receives its own section (``cfg.model``, ``cfg.data`` ...), never the tree.
 """
@@ -113,7 +115,7 @@ class StageConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
     loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
-    point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1.")
+    point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1. Each layer (recipe, YAML file, --set) merges its names into the weights below it; to drop one, set it to 1.")
     tv_weight: float = Field(0.0, ge=0, description="Extension, off by default (the paper): weight of the generated image's total variation (mean absolute difference of neighbouring pixels), added to this stage's loss and logged as point `tv`: an image prior against pixel noise the teacher's features do not see. Tuned on the synthetic benchmark only (the synth recipe: 10; docs/results.md).")
 
 
