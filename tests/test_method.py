@@ -232,7 +232,7 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     """Save after 2 of 5 steps through the product's Checkpointer (a local directory), resume with
     ``loop.resume`` into a fresh engine, take the other 3: the learning rates, the weights, the
     EMA weights and the samples drawn equal an uninterrupted run's, bit for bit.
-    Fails on: the EMA dropped from the checkpoint (``loop.save`` or ``TrainState.tensors`` or
+    Fails on: interrupted checkpoints never removed at the start, the EMA dropped from the checkpoint (``loop.save`` or ``TrainState.tensors`` or
     ``restore``), a resume that restarts the lr curve (the scheduler's state not loaded), the
     optimizer state not loaded, the data position not saved or restored, a resume that does not
     continue the EMA (``average`` ignoring the saved weights)."""
@@ -263,9 +263,13 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     drawn = feed.drawn
     del state, engine, averaged, feed
 
+    interrupted = tmp_path / "run" / "checkpoints" / "step-00000004"   # a later save, killed mid-write
+    interrupted.mkdir()
+    (interrupted / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     monkeypatch.setattr(loop, "build_engine", FakeEngine)
     spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
-    state, engine = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 1, spec, torch.device("cpu"))
+    state, engine = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert not interrupted.exists()
     assert (state.step, state.stage, state.data_position) == (2, stage, 2 * 2 * micro)
     assert state.ema is not None
     averaged = loop.average(engine.module, cfg, state.ema)

@@ -276,11 +276,7 @@ def train_worker(config: dict) -> None:
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
                         report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
-    if rank == 0:
-        ckpt.clean_incomplete()
-    dist.barrier()
-
-    state, engine = resume(cfg, ckpt, world, spec, device)
+    state, engine = resume(cfg, ckpt, rank, world, spec, device)
     if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
         collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
     if rank == 0 and state.step:
@@ -356,9 +352,15 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
     preempt.close()
 
 
-def resume(cfg: Config, ckpt: Checkpointer, world: int, spec: DataSpec, device) -> tuple[TrainState, object]:
-    """The last complete checkpoint's state and engine, or a fresh start. A checkpoint saved at the
-    switch holds stage-1 optimizer state: it brings only the weights into a fresh stage-2 engine."""
+def resume(cfg: Config, ckpt: Checkpointer, rank: int, world: int, spec: DataSpec,
+           device) -> tuple[TrainState, object]:
+    """Collective. The last complete checkpoint's state and engine, or a fresh start; rank 0 first
+    removes checkpoints interrupted mid-write. A checkpoint saved at the switch holds stage-1
+    optimizer state: it brings only the weights into a fresh stage-2 engine."""
+    if rank == 0:
+        ckpt.clean_incomplete()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
     if latest is None:
         state = TrainState.start(cfg, world)
