@@ -286,9 +286,11 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
 def test_data_position_counts_every_slot_drawn_with_grad_accum():
     """With deepspeed.grad_accum = 2 a step draws two micro-batches: the position advances by both,
     bad (skipped) slots and an all-bad micro-batch included, so a resume starts at the next slot.
+    The step's loss is the mean of its micro-batches' losses.
     Fails on: a position advanced by one micro-batch per step (grad_accum forgotten), by the good
-    samples only, or not at all for an all-bad micro-batch."""
-    from sdn_dist.training.loop import train_step
+    samples only, or not at all for an all-bad micro-batch; the micro-batch losses summed, not
+    averaged."""
+    from sdn_dist.training.loop import distill_step, prepare_batch, train_step
     from sdn_dist.training.state import TrainState
     cfg = _cfg("workers=1", "data.batch_size=8", "deepspeed.grad_accum=2")
     micro = cfg.micro_batch_at(1)
@@ -297,7 +299,14 @@ def test_data_position_counts_every_slot_drawn_with_grad_accum():
     engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
     state = TrainState.start(cfg, 1)
     feed = FakeFeed(cfg, micro, bad={1, 2, 8, 9, 10, 11})     # slots 8-11: a whole micro-batch bad
-    for _ in range(3):
+    # the step's loss is the mean over its micro-batches (the weights move only after both)
+    ahead = FakeFeed(cfg, micro, bad=feed.bad)
+    want = sum(distill_step(teacher, engine.module, *prepare_batch(b.image, b.text, "cpu", torch.float32), 1, cfg)[0]
+               for b in (ahead.next(), ahead.next())) / 2
+    loss, _, good = train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=0)
+    assert good == 2 * micro - 2
+    for _ in range(2):
         train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
     assert state.step == 3 and state.data_position == 3 * 2 * micro == feed.position
     assert feed.drawn == [k for k in range(24) if k not in feed.bad]
