@@ -318,11 +318,12 @@ def test_sigkilled_teacher_peer_is_named_and_nothing_is_written(tmp_path, shards
                                    "--out", str(out)] + sets("teacher.train.steps=100000", "teacher.train.processes=2"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(256), "")), daemon=True)
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
     try:
-        # training under way: rank 0's progress bar past step 0 (the peer has joined the group)
-        wait_for(lambda: re.search(r"\| *[1-9]\d*/100000", "".join(err)), timeout=120, what="the first steps")
+        # training under way: rank 0's progress past step 0 (the peer has joined the group); stderr
+        # is a pipe, so plain lines ("teacher step 1/100000"), not a bar
+        wait_for(lambda: re.search(r"teacher step [1-9]\d*/100000", "".join(err)), timeout=120, what="the first steps")
         peer = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(peer) == 1, peer
         os.kill(peer[0].pid, signal.SIGKILL)
