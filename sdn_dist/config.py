@@ -3,7 +3,9 @@
     from sdn_dist.config import load_config
     cfg = load_config(preset="debug", file=None, overrides=["stage1.steps=10"])
 
-Every field is documented where it is declared (``sdn-dist config show --docs`` prints them).
+Each layer merges into the one below it, mapping by mapping (a file's ``stage2: {lr: 1e-3}`` or
+``stage1.point_weights: {image: 5}`` keeps the other keys below it, as ``--set`` does); any other
+value replaces. Every field is documented where it is declared (``sdn-dist config show --docs`` prints them).
 Unknown keys and wrong types raise :class:`ConfigError` naming the dotted key, before anything
 starts. Each component receives its own section (``cfg.model``, ``cfg.data`` ...), never the tree.
 """
@@ -11,6 +13,7 @@ starts. Each component receives its own section (``cfg.model``, ``cfg.data`` ...
 from __future__ import annotations
 
 import copy
+import typing
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -112,9 +115,12 @@ class StageConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW); the paper uses none.")
     loss: Literal["l1", "l2"] = Field("l1", description="Distance per matched point (paper: L1).")
-    point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1.")
+    point_weights: dict[str, float] = Field(default_factory=dict, description="Weight per matched point name (image, conv1_1 .. pool5); missing points weigh 1. Each layer (recipe, YAML file, --set) merges its names into the weights below it; to drop one, set it to 1.")
     tv_weight: float = Field(0.0, ge=0, description="Extension, off by default (the paper): weight of the generated image's total variation (mean absolute difference of neighbouring pixels), added to this stage's loss and logged as point `tv`: an image prior against pixel noise the teacher's features do not see. Tuned on the synthetic benchmark only (the synth recipe: 10; docs/results.md).")
-    plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="Early switch rule (stage 1 only).")
+
+
+class Stage1Config(StageConfig):
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig, description="Early switch rule: stage 1 may end before its steps (stage 2 always runs its steps).")
 
 
 class DeepSpeedConfig(Section):
@@ -181,7 +187,7 @@ class Config(Section):
     text: TextConfig = Field(default_factory=TextConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    stage1: StageConfig = Field(default_factory=StageConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
     stage2: StageConfig = Field(default_factory=StageConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -302,9 +308,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def deep_merge(base: dict, upd: dict) -> dict:
+    """``upd`` over ``base``, section by section: a mapping merges key by key into the mapping
+    below it (``stageN.point_weights`` too: a file's ``{image: 5}`` keeps the preset's other
+    weights, as ``--set stage1.point_weights.image=5`` does); any other value replaces."""
     out = copy.deepcopy(base)
     for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "point_weights":
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
@@ -335,7 +344,9 @@ def _set_dotted(tree: dict, parts: list[str], value: Any) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is a value, not a section")
         node = nxt
-    node[parts[-1]] = value
+    old = node.get(parts[-1])
+    # a mapping merges into the one below, as in a YAML file (deep_merge)
+    node[parts[-1]] = deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
 
 
 def _check_unknown(tree: Any, model: type[BaseModel], prefix: str = "") -> None:
@@ -435,6 +446,16 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def type_name(ann) -> str:
+    """A field's type as `config show --docs` prints it: a Literal's values (``l1|l2``), a
+    generic with its arguments (``dict[str, float]``), else the type's name."""
+    if typing.get_origin(ann) is Literal:
+        return "|".join(str(a) for a in typing.get_args(ann))
+    if typing.get_args(ann):
+        return str(ann).replace("typing.", "")
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, type, description) for every leaf, in declaration order."""
     rows = []
@@ -443,6 +464,6 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe(ann, prefix + name + ".")
         else:
-            tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            tname = type_name(ann)
             rows.append((prefix + name, tname, f.description or ""))
     return rows

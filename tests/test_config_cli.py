@@ -18,9 +18,25 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_resolves(preset):
+    """Every value the preset sets is in the resolved config, and its batch splits over its workers.
+    Fails on: load_config resolving the defaults (or another preset) under the preset's name."""
     cfg = load_config(preset)
     assert cfg.preset == preset
     assert cfg.data.batch_size % (cfg.workers * cfg.deepspeed.grad_accum) == 0
+    resolved = cfg.model_dump()
+
+    def leaves(tree, prefix=()):
+        for k, v in tree.items():
+            yield from leaves(v, prefix + (k,)) if isinstance(v, dict) else [(prefix + (k,), v)]
+
+    checked = 0
+    for path, value in leaves(PRESETS[preset]):
+        got = resolved
+        for k in path:
+            got = got[k]
+        assert got == value, ".".join(path)
+        checked += 1
+    assert checked >= 5
 
 
 def test_contract_keys_exist():
@@ -110,3 +126,113 @@ def test_help_on_every_command():
                 ["teacher", "train"], ["model"], ["generate"], ["eval"], ["bench"], ["demo"]]:
         r = run_cli(*cmd, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout, cmd
+
+
+# ------------------------------------------------------------------ config quirks (issue 33)
+
+def test_point_weights_merge_from_a_file_as_from_set(tmp_path):
+    """``stageN.point_weights`` merges key by key in every layer: a file's mapping keeps the
+    recipe's (or preset's) other weights, as ``--set stage1.point_weights.X=`` does, and so does a
+    whole mapping given to --set. Fails on: deep_merge or --set replacing the dict."""
+    base = load_config(None, recipe="synth").stage2.point_weights
+    assert base == {"image": 60.0}
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"stage2": {"point_weights": {"conv1_1": 2.0}}}))
+    by_file = load_config(None, file=f, recipe="synth").stage2.point_weights
+    by_set = load_config(None, recipe="synth", overrides=["stage2.point_weights.conv1_1=2"]).stage2.point_weights
+    by_dict = load_config(None, recipe="synth", overrides=["stage2.point_weights={conv1_1: 2}"]).stage2.point_weights
+    assert by_file == by_set == by_dict == {"image": 60.0, "conv1_1": 2.0}
+
+
+def test_a_section_given_whole_to_set_merges_into_the_preset():
+    """``--set stage1={lr: 0.5}`` changes stage 1's lr and keeps the preset's steps.
+    Fails on: --set replacing the section (the preset's values fall back to the defaults)."""
+    cfg = load_config("debug", overrides=["stage1={lr: 0.5}"])
+    assert (cfg.stage1.lr, cfg.stage1.steps) == (0.5, PRESETS["debug"]["stage1"]["steps"])
+
+
+@pytest.mark.parametrize("key", ["stage2.plateau.patience=3", "stage2.plateau.min_delta=0.1"])
+def test_the_plateau_rule_belongs_to_stage_one_only(key):
+    """The plateau rule ends stage 1; under stage 2 it would be accepted and do nothing, so it is
+    an unknown key there (exit 2 naming it) and --docs lists it under stage 1 only.
+    Fails on: StageConfig (both stages) carrying ``plateau`` again."""
+    with pytest.raises(ConfigError, match=rf"'{key.split('=')[0]}'"):
+        load_config("debug", overrides=[key])
+    keys = {k for k, _, _ in describe()}
+    assert {"stage1.plateau.patience", "stage1.plateau.min_delta"} <= keys
+    assert not any(k.startswith("stage2.plateau") for k in keys)
+    assert load_config("debug", overrides=["stage1.plateau.patience=3"]).stage1.plateau.patience == 3
+
+
+def test_config_docs_print_a_literals_values(capsys):
+    """`config show --docs` gives the allowed values of a choice key. Fails on: printing `Literal`."""
+    assert main(["config", "show", "--docs"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "l1|l2" in rows["stage1.loss"] and "auto|labels|caption" in rows["teacher.train.objective"]
+    assert "Literal" not in out
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    """`sdn-dist config show --docs | head -1`: the reader goes away; the command exits 0 with
+    nothing on stderr. Fails on: no BrokenPipeError handling in cli.main (a traceback, exit 1)."""
+    p = subprocess.Popen(SDN + ["config", "show", "--docs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()        # before it writes: every write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("flags, shown", [([], ["info"]), (["-q"], []), (["-v"], ["debug", "info"])])
+def test_log_level_flags(flags, shown):
+    """-v shows the sdn_dist log's debug lines, -q only warnings; INFO by default.
+    Fails on: the flags not reaching the sdn_dist logger."""
+    code = ("import logging, sys; from sdn_dist.commands import cli; "
+            "a = cli.build_parser().parse_args(sys.argv[1:] + ['config', 'show']); cli._setup_logging(a.log_level); "
+            "log = logging.getLogger('sdn_dist.x'); log.debug('debug'); log.info('info'); log.warning('warning')")
+    r = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.split() == shown + ["warning"]
+
+
+# ------------------------------------------------------------------ logs
+
+def _records(steps, stage=1):
+    return [{"step": s, "stage": stage, "rank": 0, "loss": 1.0 / s, "samples_per_sec": 10.0} for s in steps]
+
+
+def test_training_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    """`sdn-dist train`'s progress: tqdm only when stderr is a terminal; otherwise (ray job submit,
+    a RayJob's log) about twenty plain log lines a run, the last at the final step, and no bar.
+    Fails on: the bar drawn whatever stderr is (carriage returns filling a log file), the plain
+    lines missing or written every step."""
+    import logging
+
+    from sdn_dist.training.driver import Progress
+    cfg = load_config("debug", overrides=["stage1.steps=40", "stage2.steps=40"])
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: lines.append(rec.getMessage())
+    log = logging.getLogger("sdn_dist.training.driver")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        p = Progress(cfg, enabled=True)           # under pytest stderr is not a terminal
+        assert p.bar is None
+        for s in range(1, 41):
+            p.update(_records([s]))
+        p.update(_records(range(41, 81), stage=2))  # a drain may bring several steps at once
+        p.close()
+        assert 10 <= len(lines) <= 21 and lines[-1].startswith("step 80/80  stage 2")
+        lines.clear()
+        quiet = Progress(cfg, enabled=False, tty=False)
+        quiet.update(_records(range(1, 81)))
+        assert quiet.bar is None and lines == []
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    bar = Progress(cfg, enabled=True, tty=True)
+    assert bar.bar is not None
+    bar.update(_records([5]))
+    assert bar.bar.n == 5 and lines == []
+    bar.close()

@@ -574,9 +574,19 @@ def test_crd_validator_rejects_bad_documents():
 
 
 def test_crd_directory_is_found_from_a_fresh_clone():
-    # ../shared relative to the repository root, as CI lays it out; missing means failing, not skipping.
-    assert CRD_DIR == REPO.parent / "shared" / "k8s-crds"
-    assert all((CRD_DIR / f).is_file() for f in CRD_FILES.values()), f"CRD files missing under {CRD_DIR}"
+    """shared/k8s-crds beside the repository (as CI lays it out; missing means failing, not
+    skipping) holds, for every custom resource the manifests render, the CRD of that group and
+    kind, with a schema. Fails on: a CRD_DIR resolved elsewhere, a CRD_FILES entry naming another
+    kind's file, a rendered custom resource with no CRD to validate it."""
+    assert CRD_DIR.is_dir(), f"CRD schemas not found at {CRD_DIR}"
+    for (group, kind), fname in CRD_FILES.items():
+        crd = yaml.safe_load((CRD_DIR / fname).read_text())
+        assert (crd["kind"], crd["spec"]["group"], crd["spec"]["names"]["kind"]) == \
+            ("CustomResourceDefinition", group, kind), fname
+        assert all("openAPIV3Schema" in v["schema"] for v in crd["spec"]["versions"]), fname
+    custom = {(d["apiVersion"].rpartition("/")[0], d["kind"]) for k in KUSTOMIZATIONS for d in render(k)
+              if "." in d["apiVersion"].rpartition("/")[0] and ".k8s.io/" not in d["apiVersion"]}
+    assert {("ray.io", "RayJob")} <= custom <= set(CRD_FILES), custom
 
 
 # ---------------------------------------------------------------------------------------------
@@ -827,10 +837,9 @@ def cluster_config_errors(cfg: dict) -> list[str]:
     if not errors and cfg.get("head_node_type") not in (cfg.get("available_node_types") or {}):
         errors.append("head_node_type is not one of available_node_types")
     if not errors:
-        try:   # Ray's own check (fills defaults, then validates), where this Ray has it
-            from ray.autoscaler._private.util import prepare_config, validate_config
-        except ImportError:
-            return errors
+        # Ray's own check (fills defaults, then validates). Ray is pinned: an import that fails here
+        # is a Ray that moved its checker, and the test says so instead of passing on the schema alone.
+        from ray.autoscaler._private.util import prepare_config, validate_config
         try:
             validate_config(prepare_config(copy.deepcopy(cfg)))
         except (ValueError, RuntimeError, jsonschema.ValidationError) as e:

@@ -31,19 +31,28 @@ def _events(logdir):
     return ea
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
-    d = tmp_path_factory.mktemp("q-shards")
-    make_synth(out=str(d), train=40, test=8, size=32, per_shard=40, seed=2, progress=False)
-    out = tmp_path_factory.mktemp("q-run") / "run"
-    sets = [f"out={out}", f"data.train={d}/train-*.tar", f"data.test={d}/test-*.tar",
+def _train(out, shards):
+    sets = [f"out={out}", f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar",
             "metrics.tensorboard=true", "samples.every=4",
             "stage2.lr_schedule=warmup_cosine", f"stage2.warmup_steps={WARMUP}",
             "checkpoint.keep=100"]   # debug: a checkpoint every 4 steps
     r = subprocess.run(SDN + ["train", "--preset", "debug", "--quiet"] + [a for s in sets for a in ("--set", s)],
                        capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from sdn_dist.data.synth import make_synth
+    d = tmp_path_factory.mktemp("q-shards")
+    make_synth(out=str(d), train=40, test=8, size=32, per_shard=40, seed=2, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shards):
+    out = tmp_path_factory.mktemp("q-run") / "run"
+    _train(out, shards)
     return out
 
 
@@ -98,6 +107,22 @@ def test_stage_lr_schedule_followed_and_checkpointed(run):
         f = glob.glob(str(run / "checkpoints" / f"step-{step:08d}" / "**" / "mp_rank_00_model_states.pt"), recursive=True)
         sched[step] = torch.load(f[0], map_location="cpu", weights_only=False).get("lr_scheduler")
     assert not sched[4] and sched[12] == {"last_batch_iteration": 12 - STAGE - 1}
+
+
+@pytest.mark.slow
+def test_a_resumed_stage_continues_its_lr_curve(run, shards, tmp_path):
+    """The run again from its step-12 checkpoint (mid-way through stage 2's warm-up + cosine):
+    steps 13-16 get the uninterrupted run's rates, not a restarted curve."""
+    import shutil
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000016")
+    _train(resumed, shards)
+    recs = [r for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()) if r["rank"] == 0]
+    first = {r["step"]: r["lr"] for r in recs if r["attempt"] == recs[0]["attempt"]}
+    again = {r["step"]: r["lr"] for r in recs if r["attempt"] != recs[0]["attempt"]}
+    assert sorted(again) == [13, 14, 15, 16]
+    assert again == pytest.approx({s: first[s] for s in again}, abs=1e-12)
 
 
 def test_tensorboard_to_remote_out_uploads_event_files(tmp_path):

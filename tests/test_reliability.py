@@ -105,7 +105,7 @@ def test_empty_shard_dir_and_empty_tar_exit_2(tmp_path):
     t = tmp_path / "zero.tar"
     with tarfile.open(t, "w"):
         pass
-    one_line_error(cli("train", "--quiet", "--set", f"out={tmp_path}/r2", "--set", f"data.train={t}", timeout=120))
+    one_line_error(cli("train", "--quiet", "--set", f"out={tmp_path}/r2", "--set", f"data.train={t}", timeout=120), "zero.tar")
 
 
 @pytest.mark.parametrize("override, key", [
@@ -255,13 +255,26 @@ def test_no_unsafe_deserialisation_in_the_package():
     assert unsafe_deserialisation((REPO / "sdn_dist/data/convert.py").read_text(), "elsewhere.py")
 
 
-def test_endpoints_default_to_loopback():
+def test_endpoints_default_to_loopback(monkeypatch):
+    """The metrics endpoint and the embedded Ray (its node address, dashboard and state API) listen
+    on 127.0.0.1 unless told otherwise: what ``init_ray`` hands ``ray.init`` for a local run.
+    Fails on: any of them bound to 0.0.0.0 or the machine's address by default."""
+    import ray
+
     from sdn_dist.config import load_config
+    from sdn_dist.training import driver
     for preset in ("debug", "demo", "paper"):
         cfg = load_config(preset)
         assert cfg.metrics.host == "127.0.0.1"
-    src = (REPO / "sdn_dist" / "training" / "driver.py").read_text()
-    assert 'dashboard_host="127.0.0.1"' in src and '_node_ip_address="127.0.0.1"' in src
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    driver.init_ray(load_config("debug", overrides=["ray.dashboard=true"]))
+    (kw,) = calls
+    assert kw["address"] == "local" and kw["include_dashboard"] is True
+    assert kw["dashboard_host"] == "127.0.0.1" and kw["_node_ip_address"] == "127.0.0.1"
+    assert kw["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
 
 
 # ------------------------------------------------------------------ faults (slow)
@@ -305,11 +318,12 @@ def test_sigkilled_teacher_peer_is_named_and_nothing_is_written(tmp_path, shards
                                    "--out", str(out)] + sets("teacher.train.steps=100000", "teacher.train.processes=2"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(256), "")), daemon=True)
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
     try:
-        # training under way: rank 0's progress bar past step 0 (the peer has joined the group)
-        wait_for(lambda: re.search(r"\| *[1-9]\d*/100000", "".join(err)), timeout=120, what="the first steps")
+        # training under way: rank 0's progress past step 0 (the peer has joined the group); stderr
+        # is a pipe, so plain lines ("teacher step 1/100000"), not a bar
+        wait_for(lambda: re.search(r"teacher step [1-9]\d*/100000", "".join(err)), timeout=120, what="the first steps")
         peer = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(peer) == 1, peer
         os.kill(peer[0].pid, signal.SIGKILL)

@@ -1,5 +1,6 @@
 """TrainState and StageSchedule: what a checkpoint holds and when stage 1 ends (fast, pure)."""
 
+import io
 import json
 import math
 
@@ -41,11 +42,18 @@ def test_state_round_trips_through_json_and_keeps_what_was_decided():
     state.schedule.observe(3, 1.0)
     assert state.schedule.observe(4, 1.0)          # plateau at 4
     state.step, state.data_position = 4, 16
+    state.ema = {"module.fc7.weight": torch.randn(3, 2), "n_averaged": torch.tensor(4)}
     client = json.loads(json.dumps(state.client_state()))   # as the COMPLETE marker stores it
-    back = TrainState.restore(client, state.tensors(), c, world_size=2)
+    buf = io.BytesIO()
+    torch.save(state.tensors(), buf)                         # as DeepSpeed's client state stores it
+    buf.seek(0)
+    back = TrainState.restore(client, torch.load(buf, weights_only=True), c, world_size=2)
     assert (back.step, back.stage, back.data_position, back.world_size) == (4, 1, 16, 2)
     assert back.schedule.switch_step == 4 and back.schedule.end == 11
-    assert set(back.rng) == {"torch"}
+    assert (back.schedule.best, back.schedule.bad) == (state.schedule.best, state.schedule.bad) == (1.0, 1)
+    assert set(back.rng) == {"torch"} and torch.equal(back.rng["torch"], state.tensors()["rng"]["torch"])
+    assert back.ema.keys() == state.ema.keys()
+    assert all(torch.equal(back.ema[k], state.ema[k]) for k in state.ema)
 
 
 def test_a_rerun_with_more_steps_extends_the_run_but_not_a_finished_stage_one():

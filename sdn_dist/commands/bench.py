@@ -10,7 +10,7 @@ one and records a run. In short:
 * ``overhead_ratio``: samples/s of `sdn-dist train` (Ray Train + DeepSpeed + reader actors, 1 worker,
   the demo preset), read from its metrics.jsonl over the steady-state windows (the first logging
   window of each stage, which holds start-up or the stage switch, is left out), divided by a plain
-  single-process PyTorch loop (the same ``trainer.distill_step``, backward and torch Adam on the
+  single-process PyTorch loop (the same ``loop.distill_step``, backward and torch Adam on the
   same micro-batches held in memory, the same thread count). The plain loop runs right before and
   right after the trainer, timed in chunks as long as the trainer's logging windows; each side is
   its median window / chunk, as the machine is shared and other jobs come in bursts (the means

@@ -179,6 +179,10 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sdn-dist", description="Distributed Symmetrical Distillation Networks (text-to-image) on Ray + DeepSpeed.")
     ap.add_argument("--version", action="version", version=f"%(prog)s {__import__('sdn_dist').__version__}")
+    ap.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG", default="INFO",
+                    help="debug lines of the sdn_dist log too (before the command: sdn-dist -v train ...)")
+    ap.add_argument("-q", "--quiet-log", dest="log_level", action="store_const", const="WARNING",
+                    help="warnings and errors only (progress lines and notes off)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="whole pipeline on the built-in synthetic benchmark (embedded local Ray)")
@@ -303,32 +307,35 @@ def user_message(e: UserError) -> str:
     return " ".join(str(e).splitlines())
 
 
-def _setup_logging() -> None:
-    """The ``sdn_dist`` log (which shards a directory gave, how long a count took ...) on stderr,
-    one plain line each; other libraries' loggers are left as they are."""
+def _setup_logging(level: str = "INFO") -> None:
+    """The ``sdn_dist`` log (which shards a directory gave, how long a count took, progress lines
+    off a terminal ...) on stderr, one plain line each, at ``level`` (-v DEBUG, -q WARNING); other
+    libraries' loggers are left as they are."""
     import logging
     log = logging.getLogger("sdn_dist")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
         log.propagate = False
+    log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(args.log_level)
     try:
-        return int(args.fn(args) or 0)
+        status = int(args.fn(args) or 0)
+        sys.stdout.flush()   # here, not at exit: a reader that has gone (`| head -1`) is handled below
+        return status
+    except BrokenPipeError:
+        # stdout was closed by its reader (`sdn-dist shards inspect --json DIR | head -1`): it has
+        # what it wanted. Point stdout at /dev/null so the interpreter's own flush at exit is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as e:
-        if (e.name or "").startswith("sdn_dist."):
-            print(f"error: `sdn-dist {args.command}` is not built yet in this version ({e.name} is missing)", file=sys.stderr)
-            return 1
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

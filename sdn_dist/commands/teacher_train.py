@@ -62,6 +62,7 @@ Output (``torch.save``, loadable with ``weights_only=True``)::
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import sys
@@ -90,6 +91,8 @@ HELDOUT_MOD = 10          # crc32(key) % 10 == 0 -> held out (~10 %)
 HELDOUT_MAX = 1024        # held-out images kept in memory for the accuracy (uint8)
 MAX_CLASSES = 1000        # an attribute with more distinct values is not a class label
 RESCALE_IMAGES = 512      # training images (at 64 px; fewer when larger) that set the activation scales
+
+log = logging.getLogger(__name__)
 
 
 def _heldout(key: str) -> bool:
@@ -534,6 +537,8 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
                           shuffle=True, seed=cfg.seed, epochs=None, caption=stream_caption,
                           keep_in_memory=cfg.data.keep_in_memory)
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not (progress and sys.stderr.isatty()), unit="step")
+    # Off a terminal (a log file, ray job submit): plain lines, the first step's and ~20 more.
+    plain_every = max(1, tcfg.steps // 20) if progress and not sys.stderr.isatty() and peers.rank == 0 else 0
     step, loss_ema = 0, None
     for batch in stream:
         keep = [i for i, k in enumerate(batch["key"]) if not _heldout(k)]
@@ -558,8 +563,8 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
         bar.update(1)
         bar.set_postfix(loss=f"{loss_ema:.3f}")
-        if progress and bar.disable and (step % max(1, tcfg.steps // 10) == 0 or step == tcfg.steps):
-            print(f"teacher: step {step}/{tcfg.steps}, loss {loss_ema:.3f}", flush=True)   # not a terminal
+        if plain_every and (step == 1 or step % plain_every == 0 or step == tcfg.steps):
+            log.info("teacher step %d/%d  loss %.3f", step, tcfg.steps, loss_ema)
         if step >= tcfg.steps:
             break
     bar.close()

@@ -182,6 +182,7 @@ class DataFeed:
 
     def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
         n = spec.data.readers
+        self.micro_batch = micro_batch   # stream slots per next(), good or bad (TrainState.data_position)
         self.readers = [ShardReader.options(scheduling_strategy=_on_this_node()).remote(
             spec, rank, world_size, micro_batch, j, n, start_sample) for j in range(n)]
         self.n = n

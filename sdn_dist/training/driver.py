@@ -4,13 +4,15 @@
 
 Local by default (an embedded Ray on this machine, bound to 127.0.0.1); the cluster at
 ``ray.address`` / ``RAY_ADDRESS`` when set, as under ``ray job submit``. The one place that talks
-to Ray Train; the per-worker loop is ``trainer.train_worker``.
+to Ray Train; the per-worker loop is ``loop.train_worker``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import sys
 import threading
 import time
 
@@ -25,9 +27,11 @@ from sdn_dist.errors import UserError
 from sdn_dist.net import free_port
 from sdn_dist.training import preflight
 from sdn_dist.training.collector import start_collector
-from sdn_dist.training.failures import stop_on_user_error, user_error_in
+from sdn_dist.training.failures import reported_user_error, stop_on_user_error
 from sdn_dist.training.metrics import MetricsSink
 from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
+
+log = logging.getLogger(__name__)
 
 
 def _absolute(url):
@@ -140,7 +144,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
                 "exit_status": EXIT_PREEMPTED}
     if "error" in outcome:
         err = outcome["error"]
-        cause = _user_error_in(err)
+        cause = unwrap_user_error(err)
         if cause is not None:
             raise cause
         raise err
@@ -171,8 +175,10 @@ def _watch_preemption(preempt: DriverPreemption, collector, records: list[dict],
     return None
 
 
-def _user_error_in(err: BaseException) -> UserError | None:
-    """A UserError raised inside a worker arrives wrapped by Ray: unwrap it for exit status 2."""
+def unwrap_user_error(err: BaseException) -> UserError | None:
+    """The UserError inside the exception Ray Train's ``fit()`` raised (a worker's error arrives
+    wrapped by Ray, perhaps several times), for exit status 2; None when there is none.
+    (``failures.reported_user_error`` finds one that a worker reported in the drained records.)"""
     seen = set()
     stack = [err]
     while stack:
@@ -191,7 +197,7 @@ def _user_error_in(err: BaseException) -> UserError | None:
 
 def _drain(collector, sink) -> list[dict]:
     records = ray.get(collector.drain.remote())
-    fatal = user_error_in(records)   # a worker's bad-input error: never retried (training/failures.py)
+    fatal = reported_user_error(records)   # a worker's bad-input error: never retried (training/failures.py)
     try:
         sink.log(records)
     except UserError:
@@ -203,26 +209,39 @@ def _drain(collector, sink) -> list[dict]:
 
 
 class Progress:
-    """The driver's progress bar (tqdm), fed with the drained records; plain lines when disabled."""
+    """The driver's progress: a tqdm bar on a terminal; elsewhere (``ray job submit``, a RayJob's
+    log, a file) no carriage-return updates, but a plain log line about every ``every`` steps
+    (twenty a run). Workers' messages are printed either way; nothing at all with ``--quiet``
+    but them."""
 
-    def __init__(self, cfg: Config, enabled: bool):
+    def __init__(self, cfg: Config, enabled: bool, tty: bool | None = None):
         self.stage2_steps = cfg.stage2.steps
-        self.bar = tqdm(total=cfg.total_steps, desc="stage 1", unit="step", dynamic_ncols=True) if enabled else None
+        self.total = cfg.total_steps
+        tty = sys.stderr.isatty() if tty is None else tty
+        self.bar = tqdm(total=cfg.total_steps, desc="stage 1", unit="step", dynamic_ncols=True) if enabled and tty else None
+        self.every = max(1, cfg.total_steps // 20) if enabled and not tty else 0
+        self.last_line = 0
 
     def update(self, records: list[dict]) -> None:
         for r in records:
             if r.get("event") == "message":
                 (self.bar.write if self.bar is not None else functools.partial(print, flush=True))(r["text"])
-                if "switch_step" in r and self.bar is not None:   # the plateau rule moved the switch
-                    self.bar.total = r["switch_step"] + self.stage2_steps
-        if self.bar is None:
-            return
+                if "switch_step" in r:   # the plateau rule moved the switch
+                    self.total = r["switch_step"] + self.stage2_steps
+                    if self.bar is not None:
+                        self.bar.total = self.total
         main = [r for r in records if r.get("rank") == 0 and r.get("event") is None]
-        if main:
-            r = main[-1]
+        if not main:
+            return
+        r = main[-1]
+        if self.bar is not None:
             self.bar.set_description(f"stage {r['stage']}")
             self.bar.set_postfix(loss=f"{r['loss']:.4f}", sps=f"{r['samples_per_sec']:.0f}")
             self.bar.update(max(0, r["step"] - self.bar.n))
+        elif self.every and (r["step"] - self.last_line >= self.every or r["step"] == self.total):
+            self.last_line = r["step"]
+            log.info("step %d/%d  stage %d  loss %.4f  %.0f samples/s",
+                     r["step"], self.total, r["stage"], r["loss"], r["samples_per_sec"])
 
     def close(self) -> None:
         if self.bar is not None:

@@ -38,8 +38,9 @@ def stop_on_user_error(train_fn):
     return run
 
 
-def user_error_in(records: list[dict]) -> UserError | None:
-    """The first user error a worker reported among the drained records, if any."""
+def reported_user_error(records: list[dict]) -> UserError | None:
+    """The first user error a worker reported (``stop_on_user_error``) among the drained records,
+    if any. (``driver.unwrap_user_error`` finds one inside the exception Ray Train raised.)"""
     for r in records:
         if r.get("event") == EVENT:
             return UserError(r["message"])

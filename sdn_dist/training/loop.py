@@ -185,8 +185,10 @@ def _digest(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def train_step(engine, teacher, feed: DataFeed, stage: int, cfg: Config, text_dim: int):
-    """One optimizer step over ``grad_accum`` micro-batches -> (loss, {point: loss}, samples).
+def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, text_dim: int):
+    """One optimizer step over ``grad_accum`` micro-batches in ``state.stage`` -> (loss,
+    {point: loss}, good samples); advances ``state.step`` by one and ``state.data_position`` by the
+    samples drawn from the stream (good or bad: every micro-batch is ``feed.micro_batch`` slots).
 
     Loss and per-point losses are the mean over the micro-batches, left on the device (read back
     only at log steps: a float() per step would be 23 host syncs per step on a GPU); ``None`` when
@@ -196,6 +198,7 @@ def train_step(engine, teacher, feed: DataFeed, stage: int, cfg: Config, text_di
     loss_sum, parts_sum, n = None, {}, 0
     for _ in range(accum):
         b = feed.next()
+        state.data_position += feed.micro_batch
         if not len(b):
             # Every sample of this micro-batch was bad: still take part in the gradient
             # all-reduce (with zero gradients) so that the ranks stay in step.
@@ -205,12 +208,13 @@ def train_step(engine, teacher, feed: DataFeed, stage: int, cfg: Config, text_di
             engine.step()
             continue
         real, text = prepare_batch(b.image, b.text, engine.device, next(engine.module.parameters()).dtype)
-        loss, parts = distill_step(teacher, engine, real, text, stage, cfg)
+        loss, parts = distill_step(teacher, engine, real, text, state.stage, cfg)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() / accum + (0.0 if loss_sum is None else loss_sum)
         parts_sum = {k: v / accum + parts_sum.get(k, 0.0) for k, v in parts.items()}
         n += len(b)
+    state.step += 1
     return loss_sum, parts_sum, n
 
 
@@ -272,11 +276,7 @@ def train_worker(config: dict) -> None:
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
                         report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
-    if rank == 0:
-        ckpt.clean_incomplete()
-    dist.barrier()
-
-    state, engine = resume(cfg, ckpt, world, spec, device)
+    state, engine = resume(cfg, ckpt, rank, world, spec, device)
     if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
         collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
     if rank == 0 and state.step:
@@ -295,11 +295,9 @@ def train_worker(config: dict) -> None:
 
     while state.step < schedule.end:
         engine.train()
-        log.add(*train_step(engine, teacher, feed, state.stage, cfg, spec.text_dim))
+        log.add(*train_step(engine, teacher, feed, state, cfg, spec.text_dim))
         if averaged is not None:
             averaged.update_parameters(engine.module)
-        state.step += 1
-        state.data_position += per_step
         if due(state.step, cfg.metrics.log_every, schedule):
             mean_loss = log.write(state, engine, per_step)
             if state.stage == 1 and schedule.observe(state.step, mean_loss) and rank == 0:
@@ -354,9 +352,15 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
     preempt.close()
 
 
-def resume(cfg: Config, ckpt: Checkpointer, world: int, spec: DataSpec, device) -> tuple[TrainState, object]:
-    """The last complete checkpoint's state and engine, or a fresh start. A checkpoint saved at the
-    switch holds stage-1 optimizer state: it brings only the weights into a fresh stage-2 engine."""
+def resume(cfg: Config, ckpt: Checkpointer, rank: int, world: int, spec: DataSpec,
+           device) -> tuple[TrainState, object]:
+    """Collective. The last complete checkpoint's state and engine, or a fresh start; rank 0 first
+    removes checkpoints interrupted mid-write. A checkpoint saved at the switch holds stage-1
+    optimizer state: it brings only the weights into a fresh stage-2 engine."""
+    if rank == 0:
+        ckpt.clean_incomplete()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
     latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
     if latest is None:
         state = TrainState.start(cfg, world)

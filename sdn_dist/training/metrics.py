@@ -53,8 +53,8 @@ class _Worker:
 class PrometheusExporter:
     """prometheus_client metrics in a private registry, fed with the trainers' records.
 
-    ``log(record)`` takes the records of ``trainer.py``: per logged step (``step``, ``stage``,
-    ``rank``, ``loss``, ``loss/<point>``, ``samples_per_sec``, ``data_wait_seconds``,
+    ``log(record)`` takes the records of ``training/loop.py`` (through the collector): per logged
+    step (``step``, ``stage``, ``rank``, ``loss``, ``loss/<point>``, ``samples_per_sec``, ``data_wait_seconds``,
     ``step_seconds``, ``window_steps``, ``samples``, ``skipped``, ``pid``) and events
     (``checkpoint``, ``final``). Serves over HTTP when ``cfg.port`` is set (or after ``serve()``).
     """

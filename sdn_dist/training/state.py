@@ -2,7 +2,7 @@
 
     state = TrainState.start(cfg, world_size)           # or TrainState.restore(client, tensors, cfg, world)
     state.schedule.stage_at(state.step)                 # 1 or 2
-    ckpt.save(engine, state)                            # JSON part -> client.json + COMPLETE marker
+    ckpt.save(engine, state.step, state.client_state(), state.tensors())   # loop.save: JSON + tensors
 
 ``StageSchedule`` is the stage switch as a small pure object: stage 1 ends at ``stage1.steps``, or
 earlier when the plateau rule fires on the loss all ranks agree on (the all-reduced mean), so every
@@ -70,14 +70,16 @@ class StageSchedule:
         self.fixed_switch = step
         return True
 
-    def memory(self) -> dict:
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the schedule (JSON: it is also in the COMPLETE marker)."""
         return {"switch_step": self.switch_step, "best": self.best, "bad": self.bad}
 
-    def remember(self, memory: dict, step: int) -> None:
-        """Continue from a checkpoint's ``memory()`` taken at ``step``."""
-        self.best, self.bad = float(memory["best"]), int(memory["bad"])
-        if memory["switch_step"] <= step:    # stage 1 had ended (or ended right there)
-            self.fixed_switch = int(memory["switch_step"])
+    def load_state_dict(self, state: dict, step: int) -> None:
+        """Continue from a checkpoint's ``state_dict()`` taken at ``step`` (the step says whether
+        its switch had been reached, and so is decided, or is still only this config's plan)."""
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+        if state["switch_step"] <= step:    # stage 1 had ended (or ended right there)
+            self.fixed_switch = int(state["switch_step"])
 
 
 @dataclasses.dataclass
@@ -101,7 +103,7 @@ class TrainState:
     # -- checkpoint form -----------------------------------------------------------------------
     def client_state(self) -> dict:
         """The JSON half (also in the COMPLETE marker, so listing checkpoints needs no torch.load)."""
-        return {"step": self.step, "stage": self.stage, "schedule": self.schedule.memory(),
+        return {"step": self.step, "stage": self.stage, "schedule": self.schedule.state_dict(),
                 "data_position": self.data_position, "world_size": self.world_size}
 
     def tensors(self) -> dict:
@@ -119,7 +121,7 @@ class TrainState:
                             "start a new run directory (`out`) or use the release that wrote it")
         step = int(client["step"])
         schedule = StageSchedule.from_config(cfg)
-        schedule.remember(client["schedule"], step)
+        schedule.load_state_dict(client["schedule"], step)
         state = cls(step=step, stage=int(client["stage"]), schedule=schedule,
                     data_position=int(client["data_position"]), world_size=int(client["world_size"]),
                     rng=tensors.get("rng") or {}, ema=tensors.get("ema"))

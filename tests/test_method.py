@@ -1,0 +1,349 @@
+"""Fast tier: the method's core, each part against a direct computation (CPU, no Ray, no DeepSpeed).
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_method.py -q
+
+What a one-line bug in the method would change and nothing else in the fast tier would see: the
+loss each stage computes (against the teacher, by hand), what a checkpoint carries (the EMA, the
+stage schedule, the data position with gradient accumulation, the lr curve's position), which
+point names preflight checks, and that an interrupted checkpoint is removed. Each test's docstring
+names a product change it fails on.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdn_dist.config import load_config
+from sdn_dist.model.plan import FC7, POINTS
+from sdn_dist.model.student import Student
+from sdn_dist.model.teacher import build_teacher
+
+
+def _cfg(*sets):
+    return load_config("debug", overrides=list(sets))
+
+
+def _models(cfg, seed=0):
+    torch.manual_seed(seed)
+    student = Student(cfg.model, cfg.text.dim)
+    teacher = build_teacher(cfg.model, cfg.teacher)
+    teacher.freeze()
+    return student, teacher
+
+
+def _inputs(cfg, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.model.image_size
+    return torch.rand(n, 3, s, s, generator=g), torch.randn(n, cfg.text.dim, generator=g)
+
+
+def _by_hand(target: dict, pred: dict, weights: dict, loss: str) -> torch.Tensor:
+    """sum over matched points of w * mean |a - b| (l2: mean (a - b)^2), written out."""
+    total = 0.0
+    for p in list(POINTS) + ([FC7] if FC7 in target and FC7 in pred else []):
+        w = weights.get(p, 1.0)
+        diff = pred[p].float() - target[p].float().detach()
+        total = total + w * (diff.abs().mean() if loss == "l1" else diff.square().mean())
+    return total
+
+
+# The two stages get different distances and weights, so that one stage's settings used for the
+# other show up in the value.
+STAGE_SETS = ("stage1.loss=l1", "stage1.point_weights.image=3", "stage1.point_weights.conv3_1=0.5",
+              "stage2.loss=l2", "stage2.point_weights.conv1_1=4", "stage2.point_weights.pool5=0")
+
+
+@pytest.mark.parametrize("fc7", [False, True])
+def test_stage2_loss_is_the_teacher_on_the_real_vs_the_teacher_on_the_generated_image(fc7):
+    """Stage 2 (indirect distillation) = distance between the teacher's features of the real image
+    and the teacher's features of the student's generated image, with stage 2's distance and
+    weights; its gradient reaches the student through the frozen teacher.
+    Fails on: distill_step computing stage 1's loss in stage 2 (the student's own tensors as
+    prediction), the generated image detached before the teacher, stage 1's config used in stage 2,
+    the real image's features used on both sides, the weights ignored."""
+    from sdn_dist.training.loop import distill_step
+    cfg = _cfg(*STAGE_SETS, f"model.distill_fc7={str(fc7).lower()}")
+    student, teacher = _models(cfg)
+    real, text = _inputs(cfg)
+    loss, parts = distill_step(teacher, student, real, text, 2, cfg)
+    generated = student(text)["image"]
+    want = _by_hand(teacher(real), teacher(generated), cfg.stage2.point_weights, "l2")
+    assert (FC7 in parts) == fc7 and "pool5" not in parts        # weight 0: not computed
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    # the gradient the student gets is that of the written-out loss
+    got = torch.autograd.grad(loss, list(student.parameters()), allow_unused=True)
+    ref = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
+    moved = 0
+    for (name, _), a, b in zip(student.named_parameters(), got, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8, msg=name)
+            moved += int(a.abs().sum() > 0)
+    assert moved > 0
+    assert all(p.grad is None for p in teacher.parameters())    # the teacher stays frozen
+
+
+def test_stage1_loss_is_the_teacher_on_the_real_image_vs_the_students_own_tensors():
+    """Stage 1 (direct distillation) = distance between the teacher's features of the real image
+    and the student's own intermediate tensors, with stage 1's distance and weights.
+    Fails on: stage 1 computing stage 2's loss, stage 2's config used in stage 1, l1/l2 swapped,
+    a point weight ignored, the fake image through the teacher as target."""
+    from sdn_dist.training.loop import distill_step
+    cfg = _cfg(*STAGE_SETS)
+    student, teacher = _models(cfg)
+    real, text = _inputs(cfg)
+    loss, parts = distill_step(teacher, student, real, text, 1, cfg)
+    out = student(text)
+    want = _by_hand(teacher(real), out, cfg.stage1.point_weights, "l1")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+    assert set(parts) == set(POINTS)
+    # per-point values are the unweighted distances (logged by level)
+    torch.testing.assert_close(parts["image"], (out["image"] - real).abs().mean().detach(), rtol=1e-5, atol=0)
+
+
+def test_stage_losses_differ_on_the_same_inputs():
+    """The two stages are different functions of the same batch (a stage-2 step that computes the
+    stage-1 loss gives stage 1's number). Fails on: either stage's branch returning the other's."""
+    from sdn_dist.training.loop import distill_step
+    cfg = _cfg()
+    student, teacher = _models(cfg)
+    real, text = _inputs(cfg)
+    l1, _ = distill_step(teacher, student, real, text, 1, cfg)
+    l2, _ = distill_step(teacher, student, real, text, 2, cfg)
+    assert abs(l1.item() - l2.item()) > 1e-3 * max(l1.item(), l2.item())
+
+
+# ------------------------------------------------------------------------------- checkpoint contents
+
+class FakeEngine:
+    """DeepSpeed's engine as the loop and the Checkpointer use it, on a plain torch Adam and
+    DeepSpeed's own WarmupCosineLR (the scheduler ``loop.deepspeed_config`` names): the optimizer
+    and the scheduler step once every ``grad_accum`` micro-steps, and ``save_checkpoint`` /
+    ``load_checkpoint`` honour the same flags (the real engine is tested in the slow tier,
+    tests/test_checkpoint.py)."""
+
+    def __init__(self, cfg, stage_cfg, text_dim, device=None, text_stats=None):
+        from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+        from sdn_dist.training.loop import deepspeed_config
+        torch.manual_seed(cfg.seed)
+        self.module = Student(cfg.model, text_dim)
+        self.device = torch.device("cpu")
+        conf = deepspeed_config(cfg, stage_cfg)
+        p = conf["optimizer"]["params"]
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=p["lr"], betas=p["betas"])
+        sched = conf.get("scheduler")
+        self.lr_scheduler = WarmupCosineLR(self.optimizer, **sched["params"]) if sched else None
+        self.accum, self.micro = conf["gradient_accumulation_steps"], 0
+
+    def __call__(self, text):
+        return self.module(text)
+
+    def train(self):
+        self.module.train()
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def zero_optimization_partition_weights(self):
+        return False
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        import os
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                    **client_state}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+    def load_checkpoint(self, load_dir, tag, load_module_only, load_optimizer_states, load_lr_scheduler_states):
+        import os
+        path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
+        blob = torch.load(path, weights_only=False)   # noqa: S614 - the test's own file
+        self.module.load_state_dict(blob.pop("module"))
+        opt, sched = blob.pop("optimizer"), blob.pop("lr_scheduler")
+        if not load_module_only and load_optimizer_states:
+            self.optimizer.load_state_dict(opt)
+        if not load_module_only and load_lr_scheduler_states and self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(sched)
+        return path, blob
+
+
+class FakeFeed:
+    """A rank's stream: micro-batch i holds the ``micro_batch`` samples from slot ``start + i *
+    micro_batch`` on (sample k: image and text drawn from seed k), the slots in ``bad`` skipped."""
+
+    def __init__(self, cfg, micro_batch, start=0, bad=()):
+        self.cfg, self.micro_batch, self.position, self.bad = cfg, micro_batch, start, set(bad)
+        self.drawn: list[int] = []
+
+    def next(self):
+        s = self.cfg.model.image_size
+        keep = [k for k in range(self.position, self.position + self.micro_batch) if k not in self.bad]
+        self.drawn += keep
+        self.position += self.micro_batch
+        gens = [torch.Generator().manual_seed(k) for k in keep]
+        image = torch.stack([torch.randint(0, 256, (s, s, 3), generator=g, dtype=torch.uint8) for g in gens]) if keep else torch.zeros(0, s, s, 3, dtype=torch.uint8)
+        text = torch.stack([torch.randn(self.cfg.text.dim, generator=g) for g in gens]) if keep else torch.zeros(0, self.cfg.text.dim)
+        return _Batch(image, text)
+
+
+class _Batch:
+    def __init__(self, image, text):
+        self.image, self.text = image, text
+
+    def __len__(self):
+        return len(self.image)
+
+
+def _run_cfg(tmp_path, stage, *sets):
+    """A run whose every step is in ``stage``: EMA on, 2 micro-batches per step, a warm-up +
+    cosine lr curve in that stage."""
+    other = 2 if stage == 1 else 1
+    return _cfg("workers=1", "data.batch_size=4", "deepspeed.grad_accum=2", "ema.decay=0.5",
+                f"stage{stage}.steps=5", f"stage{other}.steps=0", f"stage{stage}.lr=0.01",
+                f"stage{stage}.lr_schedule=warmup_cosine", f"stage{stage}.warmup_steps=2",
+                f"out={tmp_path / 'run'}", *sets)
+
+
+def _steps(k, engine, teacher, feed, state, averaged, cfg, lrs):
+    from sdn_dist.training.loop import train_step
+    for _ in range(k):
+        train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+        averaged.update_parameters(engine.module)
+        lrs.append(engine.get_lr()[0])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatch, stage):
+    """Save after 2 of 5 steps through the product's Checkpointer (a local directory), resume with
+    ``loop.resume`` into a fresh engine, take the other 3: the learning rates, the weights, the
+    EMA weights and the samples drawn equal an uninterrupted run's, bit for bit.
+    Fails on: interrupted checkpoints never removed at the start, the EMA dropped from the checkpoint (``loop.save`` or ``TrainState.tensors`` or
+    ``restore``), a resume that restarts the lr curve (the scheduler's state not loaded), the
+    optimizer state not loaded, the data position not saved or restored, a resume that does not
+    continue the EMA (``average`` ignoring the saved weights)."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    from sdn_dist.training.state import TrainState
+    cfg = _run_cfg(tmp_path, stage)
+    micro = cfg.micro_batch_at(1)
+    _, teacher = _models(cfg)
+    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+
+    def fresh():
+        state = TrainState.start(cfg, 1)
+        engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
+        return state, engine, loop.average(engine.module, cfg, None)
+
+    state, engine, averaged = fresh()
+    assert state.stage == stage
+    feed, want_lrs = FakeFeed(cfg, micro), []
+    _steps(5, engine, teacher, feed, state, averaged, cfg, want_lrs)
+    want = (engine.module.state_dict(), averaged.module.state_dict(), feed.drawn)
+
+    state, engine, averaged = fresh()
+    feed, lrs = FakeFeed(cfg, micro), []
+    _steps(2, engine, teacher, feed, state, averaged, cfg, lrs)
+    ck = Checkpointer(cfg.out, keep=2)
+    loop.save(ck, engine, averaged, state)
+    drawn = feed.drawn
+    del state, engine, averaged, feed
+
+    interrupted = tmp_path / "run" / "checkpoints" / "step-00000004"   # a later save, killed mid-write
+    interrupted.mkdir()
+    (interrupted / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    monkeypatch.setattr(loop, "build_engine", FakeEngine)
+    spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
+    state, engine = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert not interrupted.exists()
+    assert (state.step, state.stage, state.data_position) == (2, stage, 2 * 2 * micro)
+    assert state.ema is not None
+    averaged = loop.average(engine.module, cfg, state.ema)
+    feed = FakeFeed(cfg, micro, start=state.data_position)
+    _steps(3, engine, teacher, feed, state, averaged, cfg, lrs)
+
+    assert lrs == want_lrs and len(set(lrs)) == 4       # a curve (warm-up from 0, cosine back to 0)
+    assert drawn + feed.drawn == want[2]
+    for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_data_position_counts_every_slot_drawn_with_grad_accum():
+    """With deepspeed.grad_accum = 2 a step draws two micro-batches: the position advances by both,
+    bad (skipped) slots and an all-bad micro-batch included, so a resume starts at the next slot.
+    The step's loss is the mean of its micro-batches' losses.
+    Fails on: a position advanced by one micro-batch per step (grad_accum forgotten), by the good
+    samples only, or not at all for an all-bad micro-batch; the micro-batch losses summed, not
+    averaged."""
+    from sdn_dist.training.loop import distill_step, prepare_batch, train_step
+    from sdn_dist.training.state import TrainState
+    cfg = _cfg("workers=1", "data.batch_size=8", "deepspeed.grad_accum=2")
+    micro = cfg.micro_batch_at(1)
+    assert micro == 4
+    student, teacher = _models(cfg)
+    engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
+    state = TrainState.start(cfg, 1)
+    feed = FakeFeed(cfg, micro, bad={1, 2, 8, 9, 10, 11})     # slots 8-11: a whole micro-batch bad
+    # the step's loss is the mean over its micro-batches (the weights move only after both)
+    ahead = FakeFeed(cfg, micro, bad=feed.bad)
+    want = sum(distill_step(teacher, engine.module, *prepare_batch(b.image, b.text, "cpu", torch.float32), 1, cfg)[0]
+               for b in (ahead.next(), ahead.next())) / 2
+    loss, _, good = train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=0)
+    assert good == 2 * micro - 2
+    for _ in range(2):
+        train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+    assert state.step == 3 and state.data_position == 3 * 2 * micro == feed.position
+    assert feed.drawn == [k for k in range(24) if k not in feed.bad]
+
+
+# ------------------------------------------------------------------------------- interrupted checkpoints
+
+def test_an_interrupted_checkpoint_is_never_resumed_and_is_removed(tmp_path):
+    """A step directory without COMPLETE (a save killed mid-write) is not the latest checkpoint and
+    ``clean_incomplete`` removes it, leaving complete ones and anything else alone; on a local
+    directory, without Ray or DeepSpeed.
+    Fails on: clean_incomplete removing nothing (or the complete ones), latest() taking a step
+    directory without its marker."""
+    from sdn_dist.training.checkpoint import Checkpointer
+    root = tmp_path / "run" / "checkpoints"
+    for tag in ("step-00000002", "step-00000004", "step-00000006"):
+        (root / tag).mkdir(parents=True)
+        (root / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    for tag, step in (("step-00000002", 2), ("step-00000004", 4)):
+        (root / tag / "COMPLETE").write_text(json.dumps({"step": step, "stage": 1}))
+    (root / "notes").mkdir()
+    ck = Checkpointer(str(tmp_path / "run"), keep=2)
+    assert ck.latest()["tag"] == "step-00000004"
+    assert ck.clean_incomplete() == ["step-00000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["notes", "step-00000002", "step-00000004"]
+    assert ck.clean_incomplete() == []
+
+
+# ------------------------------------------------------------------------------- preflight
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_preflight_rejects_an_unknown_point_name_in_either_stage(tmp_path, stage):
+    """``sdn-dist train`` stops before Ray on a point name that is not a matched point, naming the
+    key, in stage 1 as in stage 2. Fails on: preflight not checking one stage's point names."""
+    from sdn_dist.errors import ConfigError
+    from sdn_dist.training import preflight
+    cfg = _cfg(f"stage{stage}.point_weights.conv9_9=2", f"out={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=rf"'stage{stage}\.point_weights\.conv9_9'"):
+        preflight.run(cfg)
+    preflight.check_config(_cfg(f"stage{stage}.point_weights.conv3_3=2"))   # a known one passes
