@@ -172,7 +172,7 @@ class FakeEngine:
     def load_checkpoint(self, load_dir, tag, load_module_only, load_optimizer_states, load_lr_scheduler_states):
         import os
         path = os.path.join(load_dir, tag, "mp_rank_00_model_states.pt")
-        blob = torch.load(path, weights_only=False)   # noqa: S614 - the test's own file
+        blob = torch.load(path, weights_only=True)
         self.module.load_state_dict(blob.pop("module"))
         opt, sched = blob.pop("optimizer"), blob.pop("lr_scheduler")
         if not load_module_only and load_optimizer_states:
