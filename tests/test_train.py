@@ -254,7 +254,7 @@ def _sigterm_when(proc, out, attempt, predicate, target, timeout=900):
             for r in map(json.loads, p.read_text().splitlines()):
                 if r["attempt"] == attempt and predicate(r):
                     os.kill(target(r), signal.SIGTERM)
-                    return r
+                    return r, time.time()
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     raise AssertionError("the run never reached the SIGTERM point")
@@ -274,7 +274,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
     for attempt, when, target, stage in plan:
         proc = _popen_train(out, shards, attempt, [f"checkpoint.preempt_check_every={every}"])
         try:
-            hit = _sigterm_when(proc, out, attempt, when, target)
+            hit, signalled = _sigterm_when(proc, out, attempt, when, target)
             stdout, stderr = proc.communicate(timeout=300)
         finally:
             proc.kill()
@@ -284,9 +284,13 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
         stopped = max(r["step"] for r in mine)
         pre = [e for e in events(out) if e["event"] == "preempted" and e["step"] == stopped]
         assert len(pre) == 1 and pre[0]["stage"] == stage, (stopped, pre)
-        assert hit["step"] <= stopped < hit["step"] + 50       # soon (metrics.jsonl lags the run by ~0.5 s)
-        assert stopped % every == 0, stopped                   # at an agreement step, not the next one
-        assert json.loads((out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE").read_text())["step"] == stopped
+        assert hit["step"] <= stopped < 250 * stage, (hit, stopped)   # in the stage it was told, not at its end
+        assert stopped % every == 0, stopped                   # at an agreement step, not a regular checkpoint
+        complete = out / "checkpoints" / f"step-{stopped:08d}" / "COMPLETE"
+        assert json.loads(complete.read_text())["step"] == stopped
+        # Soon: within checkpoint.preempt_grace_seconds (25 s) of the signal. Not a step count: under
+        # load, metrics.jsonl lags the run by tens of steps (CI once saw the stop 59 steps after it).
+        assert complete.stat().st_mtime - signalled < 25, complete.stat().st_mtime - signalled
     proc = _popen_train(out, shards, "a3")
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
