@@ -105,11 +105,12 @@ def inputs(cfg, dev, batch: int, channels_last: bool):
 def step_flops(cfg, dev, stage: int, batch: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from sdn_dist.model.losses import stages
     from sdn_dist.training.loop import distill_step
     teacher, student = build(cfg, dev, False)
     real, text = inputs(cfg, dev, batch, False)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = distill_step(teacher, student, real, text, stage, cfg)
+        loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         loss.backward()
     del teacher, student, loss
     return int(counter.get_total_flops())
@@ -136,8 +137,9 @@ def peak_memory(dev) -> int | None:
 
 
 def run_plain(cfg, dev, stage: int, precision: str, channels_last: bool, batch: int, steps: int, warmup: int) -> dict:
+    from sdn_dist.model.losses import stages
     from sdn_dist.training.loop import distill_step
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     reset_memory(dev)
     teacher, student = build(cfg, dev, channels_last)
     opt = torch.optim.Adam(student.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas)
@@ -145,7 +147,7 @@ def run_plain(cfg, dev, stage: int, precision: str, channels_last: bool, batch: 
 
     def one_step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = distill_step(teacher, student, real, text, stage, cfg)
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,6 +169,7 @@ def run_engine(cfg, dev, stage: int, batch: int, steps: int, warmup: int) -> dic
     """The trainer's own engine (DeepSpeed, ZeRO per the preset, one process) and layout."""
     import deepspeed
 
+    from sdn_dist.model.losses import stages
     from sdn_dist.training.loop import build_engine, distill_step, prepare_batch, prepare_teacher
     from sdn_dist.model.teacher import build_teacher
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -178,7 +181,7 @@ def run_engine(cfg, dev, stage: int, batch: int, steps: int, warmup: int) -> dic
     reset_memory(dev)
     cfg = cfg.model_copy(deep=True)
     cfg.data.batch_size = batch
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     torch.manual_seed(0)
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(dev))
     engine = build_engine(cfg, stage_cfg, cfg.text.dim, dev)
@@ -186,7 +189,7 @@ def run_engine(cfg, dev, stage: int, batch: int, steps: int, warmup: int) -> dic
     real, text = prepare_batch(real, text, dev, next(engine.module.parameters()).dtype)
 
     def one_step():
-        loss, _ = distill_step(teacher, engine, real, text, stage, cfg)
+        loss, _ = distill_step(teacher, engine, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         engine.backward(loss)
         engine.step()
 

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdn_dist.config import load_config  # noqa: E402
-from sdn_dist.model.losses import stage1_loss, stage2_loss  # noqa: E402
+from sdn_dist.model.losses import stage1_loss, stage2_loss, stages  # noqa: E402
 from sdn_dist.model.student import Student  # noqa: E402
 from sdn_dist.model.teacher import build_teacher  # noqa: E402
 from sdn_dist.training import loop as trainer  # noqa: E402
@@ -63,7 +63,7 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
                 m.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(memory_format=torch.channels_last),))
     if name == "current":
         teacher, student = trainer.prepare_teacher(teacher), trainer.prepare_student(student)
-    st = cfg.stage1 if stage == 1 else cfg.stage2
+    st = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     if name == "engine":
         teacher = trainer.prepare_teacher(teacher)
         cfg_e = cfg.model_copy(update={"workers": 1})
@@ -73,7 +73,7 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
 
         def engine_step():
             r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
-            loss, _ = trainer.distill_step(teacher, engine, r, t, stage, cfg)
+            loss, _ = trainer.distill_step(teacher, engine, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
             engine.backward(loss)
             engine.step()
         return engine_step
@@ -84,7 +84,7 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
     def forward():
         if name == "current":
             r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
-            return trainer.distill_step(teacher, student, r, t, stage, cfg)
+            return trainer.distill_step(teacher, student, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         if name == "concat" and stage == 2:
             out = student(text)
             both = teacher(torch.cat([real, out["image"]]))       # [2B, ...]: real half first

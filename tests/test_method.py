@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from sdn_dist.config import load_config
+from sdn_dist.model.losses import stages
 from sdn_dist.model.plan import FC7, POINTS
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
@@ -68,7 +69,7 @@ def test_stage2_loss_is_the_teacher_on_the_real_vs_the_teacher_on_the_generated_
     cfg = _cfg(*STAGE_SETS, f"model.distill_fc7={str(fc7).lower()}")
     student, teacher = _models(cfg)
     real, text = _inputs(cfg)
-    loss, parts = distill_step(teacher, student, real, text, 2, cfg)
+    loss, parts = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[1])
     generated = student(text)["image"]
     want = _by_hand(teacher(real), teacher(generated), cfg.stage2.point_weights, "l2")
     assert (FC7 in parts) == fc7 and "pool5" not in parts        # weight 0: not computed
@@ -95,7 +96,7 @@ def test_stage1_loss_is_the_teacher_on_the_real_image_vs_the_students_own_tensor
     cfg = _cfg(*STAGE_SETS)
     student, teacher = _models(cfg)
     real, text = _inputs(cfg)
-    loss, parts = distill_step(teacher, student, real, text, 1, cfg)
+    loss, parts = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[0])
     out = student(text)
     want = _by_hand(teacher(real), out, cfg.stage1.point_weights, "l1")
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
@@ -111,8 +112,8 @@ def test_stage_losses_differ_on_the_same_inputs():
     cfg = _cfg()
     student, teacher = _models(cfg)
     real, text = _inputs(cfg)
-    l1, _ = distill_step(teacher, student, real, text, 1, cfg)
-    l2, _ = distill_step(teacher, student, real, text, 2, cfg)
+    l1, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[0])
+    l2, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[1])
     assert abs(l1.item() - l2.item()) > 1e-3 * max(l1.item(), l2.item())
 
 
@@ -242,7 +243,7 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     cfg = _run_cfg(tmp_path, stage)
     micro = cfg.micro_batch_at(1)
     _, teacher = _models(cfg)
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
 
     def fresh():
         state = TrainState.start(cfg, 1)
@@ -301,7 +302,7 @@ def test_data_position_counts_every_slot_drawn_with_grad_accum():
     feed = FakeFeed(cfg, micro, bad={1, 2, 8, 9, 10, 11})     # slots 8-11: a whole micro-batch bad
     # the step's loss is the mean over its micro-batches (the weights move only after both)
     ahead = FakeFeed(cfg, micro, bad=feed.bad)
-    want = sum(distill_step(teacher, engine.module, *prepare_batch(b.image, b.text, "cpu", torch.float32), 1, cfg)[0]
+    want = sum(distill_step(teacher, engine.module, *prepare_batch(b.image, b.text, "cpu", torch.float32), stages(cfg.stage1, cfg.stage2)[0])[0]
                for b in (ahead.next(), ahead.next())) / 2
     loss, _, good = train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
     torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=0)

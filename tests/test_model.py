@@ -13,7 +13,7 @@ import torchvision
 
 from sdn_dist.config import PRESETS, ModelConfig, StageConfig, load_config
 from sdn_dist.errors import ConfigError, WeightsError
-from sdn_dist.model.losses import stage1_loss, stage2_loss
+from sdn_dist.model.losses import stage1_loss, stage2_loss, stages
 from sdn_dist.commands.model_table import format_table, model_table
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import TEACHER_FORMAT, Teacher, build_teacher, load_teacher_weights
@@ -306,7 +306,8 @@ def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage)
     for mode in ("off", "bf16"):
         cfg_m = cfg.model_copy(update={"autocast": mode})
         student.zero_grad()
-        loss, parts = distill_step(teacher, student, real, text, stage, cfg_m)
+        loss, parts = distill_step(teacher, student, real, text, stages(cfg_m.stage1, cfg_m.stage2)[stage - 1],
+                                   cfg_m.autocast == "bf16")
         loss.backward()
         results[mode] = (loss.item(), loss.dtype, student.fc7.weight.grad.clone())
     hook.remove()
@@ -325,10 +326,10 @@ def test_tv_weight_adds_the_generated_images_total_variation(stage):
     reaches the student in both stages (in stage 2 through the frozen teacher's input)."""
     from sdn_dist.training.loop import distill_step
     cfg, student, teacher, real, text = _step_inputs(2)
-    base, parts = distill_step(teacher, student, real, text, stage, cfg)
+    base, parts = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1])
     assert "tv" not in parts                                   # off by default: the paper's loss
     on = cfg.model_copy(update={f"stage{stage}": getattr(cfg, f"stage{stage}").model_copy(update={"tv_weight": 2.5})})
-    total, parts = distill_step(teacher, student, real, text, stage, on)
+    total, parts = distill_step(teacher, student, real, text, stages(on.stage1, on.stage2)[stage - 1])
     image = student(text)["image"]
     tv = ((image[..., 1:, :] - image[..., :-1, :]).abs().mean() + (image[..., :, 1:] - image[..., :, :-1]).abs().mean())
     assert parts["tv"].item() == pytest.approx(tv.item(), rel=1e-5) and tv.item() > 0
@@ -502,7 +503,7 @@ def test_a_trained_student_draws_the_background_its_caption_names():
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     for _ in range(120):
         idx = torch.randint(0, len(samples), (16,))
-        loss, _ = distill_step(teacher, student, real[idx], text[idx], 1, cfg)
+        loss, _ = distill_step(teacher, student, real[idx], text[idx], stages(cfg.stage1, cfg.stage2)[0])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -471,7 +471,7 @@ from sdn_dist.config import Config
 from sdn_dist.data.text import build_text_encoder
 from sdn_dist.training.checkpoint import Checkpointer
 from sdn_dist.training.loop import build_engine, student_state_dict
-from sdn_dist.training.state import TrainState
+from sdn_dist.training.state import StageSchedule, TrainState
 out, tag = sys.argv[1:3]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -479,7 +479,7 @@ cfg = Config.model_validate(yaml.safe_load(open(os.path.join(out, "config.yaml")
 cfg = cfg.model_copy(update={"out": out})
 ck = Checkpointer(out, keep=100)
 info = next(i for i in ck.complete() if i["tag"] == tag)
-engine = build_engine(cfg, cfg.stage1 if info["stage"] == 1 else cfg.stage2, build_text_encoder(cfg.text).dim, torch.device("cpu"))
+engine = build_engine(cfg, StageSchedule.from_config(cfg).stage(info["stage"]).config, build_text_encoder(cfg.text).dim, torch.device("cpu"))
 saved = ck.load(engine, tag, module_only=False)
 state = TrainState.restore(saved, saved["tensors"], cfg, 1)
 print(json.dumps({"step": state.data_position // (cfg.micro_batch * cfg.deepspeed.grad_accum), "stage": state.stage,

@@ -34,6 +34,22 @@ def test_plateau_ends_stage_one_after_patience_logged_steps_without_improvement(
     assert s.observe(5, 0.46)           # bad 2 = patience: stage 1 ends here
     assert (s.switch_step, s.end, s.stage_at(5)) == (5, 12, 2)
     assert not s.observe(6, 10.0) and s.switch_step == 5   # decided stays decided
+    assert [s.switches_after(k, 1) for k in (4, 5)] == [False, True]   # the loop switches right there
+
+
+def test_the_schedule_alone_says_when_the_engine_switches_and_what_each_stage_is():
+    """The loop asks the schedule: an engine in stage 1 switches after the switch step and only
+    then; an engine in stage 2 never does. Each Stage carries its own config section and loss, and
+    only stage 2 goes through the teacher. Fails on: the switch a step early or late, a stage-2
+    engine switching again, stage 2 handed stage 1's config or not going through the teacher."""
+    from sdn_dist.model.losses import stage1_loss, stage2_loss
+    c = cfg("stage1.steps=10", "stage2.steps=5")
+    s = StageSchedule.from_config(c)
+    assert [k for k in range(16) if s.switches_after(k, 1)][:1] == [10]
+    assert not any(s.switches_after(k, 2) for k in range(10, 16))
+    one, two = s.stage(1), s.stage(2)
+    assert (one.number, one.config, one.loss, one.through_teacher) == (1, c.stage1, stage1_loss, False)
+    assert (two.number, two.config, two.loss, two.through_teacher) == (2, c.stage2, stage2_loss, True)
 
 
 def test_state_round_trips_through_json_and_keeps_what_was_decided():

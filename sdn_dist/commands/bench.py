@@ -71,6 +71,7 @@ from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.data.readers import DataFeed, DataSpec
 from sdn_dist.data.synth import make_synth
 from sdn_dist.data.text import build_text_encoder
+from sdn_dist.model.losses import stages
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.driver import init_ray, run_training
@@ -199,7 +200,7 @@ def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
         real = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size)
         text = torch.randn(batch, text_dim)
         with FlopCounterMode(display=False) as counter:
-            loss, _ = distill_step(teacher, student, real, text, stage, cfg)
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
             loss.backward()
     return int(counter.get_total_flops())
 
@@ -221,7 +222,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
     """A plain single-process PyTorch loop: the trainer's forward (``distill_step``), backward and
     torch Adam (what DeepSpeed's torch_adam runs) on batches held in memory. Timed in chunks of
     ``chunk`` steps (the trainer's logging window); samples/s is the median chunk's."""
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     text_dim = batches[0][1].shape[1]
     with threads(n_threads):
         teacher, student = _models(cfg, text_dim, cfg.seed)
@@ -233,7 +234,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
             image, text = batches[i % len(batches)]
             t = time.perf_counter()
             real, text = prepare_batch(image, text, torch.device("cpu"), torch.float32)
-            loss, _ = distill_step(teacher, student, real, text, stage, cfg)
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -260,7 +261,7 @@ def batches_loss(cfg, student, batches, stage: int) -> float:
         losses = []
         for image, text in batches:
             real, text = prepare_batch(image, text, torch.device("cpu"), torch.float32)
-            losses.append(float(distill_step(teacher, student, real, text, stage, cfg)[0]))
+            losses.append(float(distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")[0]))
     return statistics.fmean(losses)
 
 
@@ -396,7 +397,7 @@ def activation_bytes(model_cfg, teacher_cfg, stage_cfgs, text_dim: int, batch: i
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.no_grad():
                 targets = teacher(real)
-            loss, _ = distill_step(teacher, student, real, text, stage, cfg)
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         target_bytes = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
                             for v in targets.values()}.values())
         del loss

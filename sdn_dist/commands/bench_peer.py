@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sdn_dist.config import Config, load_config
+from sdn_dist.model.losses import stages
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.net import free_port
@@ -56,7 +57,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
-    stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
+    stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     text_dim = batches[0][1].shape[1]
     teacher, student = _models(cfg, text_dim, cfg.seed)
     teacher = teacher.to(device)
@@ -79,7 +80,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         image, text = batches[i % len(batches)]
         image, text = image[rank * micro:(rank + 1) * micro], text[rank * micro:(rank + 1) * micro]
         real, text = prepare_batch(image, text, device, torch.float32)
-        loss, _ = distill_step(teacher, model, real, text, stage, cfg)
+        loss, _ = distill_step(teacher, model, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
         if kind != "deepspeed":
             opt.zero_grad(set_to_none=True)
             loss.backward()

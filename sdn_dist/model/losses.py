@@ -1,7 +1,9 @@
-"""The distillation maths: one function, used by both stages.
+"""The distillation maths: one function, used by both stages, and the stages themselves.
 
     total, per_point = stage1_loss(teacher(real), student(text), cfg.stage1)
     total, per_point = stage2_loss(teacher(real), teacher(student(text)["image"]), cfg.stage2)
+
+    first, second = stages(cfg.stage1, cfg.stage2)      # Stage objects: config, loss, teacher or not
 
 loss = sum over matched points X of w_X * mean |a_X - b_X|   (l2: mean (a_X - b_X)^2)
 with w_X = stageN.point_weights[X], default 1 (the paper: L1, all weights 1). A point whose weight
@@ -11,11 +13,14 @@ stageN.tv_weight > 0, adds that weight times the generated image's total variati
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import piq
 import torch
 import torch.nn.functional as F
 
-from sdn_dist.config import StageConfig
+from sdn_dist.config import Stage1Config, StageConfig
 from sdn_dist.errors import ConfigError
 from sdn_dist.model.plan import FC7, POINTS
 
@@ -81,3 +86,29 @@ def stage2_loss(teacher_real: dict[str, torch.Tensor], teacher_generated: dict[s
                 cfg: StageConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Indirect distillation: teacher on the real image vs the teacher on the generated image."""
     return distill_loss(teacher_real, teacher_generated, cfg, "stage2")
+
+
+Loss = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], StageConfig],
+                tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of the method: its number, its config section, its loss, and whether the
+    generated image goes back through the frozen teacher (the gradient flowing through it)."""
+
+    number: int
+    config: StageConfig
+    loss: Loss
+    through_teacher: bool
+
+    def __call__(self, teacher_real: dict[str, torch.Tensor], pred: dict[str, torch.Tensor]):
+        """``pred``: the student's output in a stage that does not go through the teacher, else
+        the teacher's output on the generated image."""
+        return self.loss(teacher_real, pred, self.config)
+
+
+def stages(stage1: Stage1Config, stage2: StageConfig) -> tuple[Stage, Stage]:
+    """The two stages in order: direct, then indirect distillation."""
+    return (Stage(1, stage1, stage1_loss, through_teacher=False),
+            Stage(2, stage2, stage2_loss, through_teacher=True))

@@ -26,7 +26,7 @@ from sdn_dist import fsio
 from sdn_dist.config import Config, StageConfig, deep_merge
 from sdn_dist.data.pipeline import as_float_images
 from sdn_dist.data.readers import DataFeed, DataSpec, peak_rss_bytes, run_at_raylet_priority
-from sdn_dist.model.losses import stage1_loss, stage2_loss
+from sdn_dist.model.losses import Stage
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.checkpoint import Checkpointer
@@ -146,25 +146,23 @@ def prepare_batch(image, text, device, dtype) -> tuple[torch.Tensor, torch.Tenso
     return real.contiguous(memory_format=MEMORY_FORMAT), torch.as_tensor(text).to(device, dtype)
 
 
-def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage: int,
-                 cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage: Stage,
+                 autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch forward -> (loss, {point: detached loss}); the caller does backward/step.
 
-    The teacher's pass over the real image is a constant target (no graph); in stage 2 the
-    generated image goes through the frozen teacher and the gradient flows through it to the
-    student. Shared with the benchmark's plain PyTorch loop (``sdn_dist.commands.bench``): same work.
+    The teacher's pass over the real image is a constant target (no graph); in a stage that goes
+    through the teacher (stage 2) the generated image goes through the frozen teacher and the
+    gradient flows through it to the student. Shared with the benchmark's plain PyTorch loop
+    (``sdn_dist.commands.bench``): same work. ``autocast``: the forward passes in bf16, the
+    losses (and all weights) in fp32.
     """
-    # cfg.autocast: the forward passes in bf16, the losses (and all weights) in fp32.
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=autocast):
         with torch.no_grad():
             t_real = teacher(real)
-        out = student(text)
-        if stage == 2:
-            t_gen = teacher(out["image"].float())  # gradients flow through the frozen teacher
-    t_real = {k: v.float() for k, v in t_real.items()}
-    if stage == 1:
-        return stage1_loss(t_real, {k: v.float() for k, v in out.items()}, cfg.stage1)
-    return stage2_loss(t_real, {k: v.float() for k, v in t_gen.items()}, cfg.stage2)
+        pred = student(text)
+        if stage.through_teacher:
+            pred = teacher(pred["image"].float())  # gradients flow through the frozen teacher
+    return stage({k: v.float() for k, v in t_real.items()}, {k: v.float() for k, v in pred.items()})
 
 
 def student_state_dict(engine, cfg: Config) -> dict:
@@ -208,7 +206,8 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, 
             engine.step()
             continue
         real, text = prepare_batch(b.image, b.text, engine.device, next(engine.module.parameters()).dtype)
-        loss, parts = distill_step(teacher, engine, real, text, state.stage, cfg)
+        loss, parts = distill_step(teacher, engine, real, text, state.schedule.stage(state.stage),
+                                   cfg.autocast == "bf16")
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() / accum + (0.0 if loss_sum is None else loss_sum)
@@ -300,7 +299,7 @@ def train_worker(config: dict) -> None:
             averaged.update_parameters(engine.module)
         if due(state.step, cfg.metrics.log_every, schedule):
             mean_loss = log.write(state, engine, per_step)
-            if state.stage == 1 and schedule.observe(state.step, mean_loss) and rank == 0:
+            if schedule.observe(state.step, mean_loss) and rank == 0:
                 collector.report.remote([message(f"stage 1 plateaued: switching to stage 2 at step {state.step}",
                                                  switch_step=state.step)])
         if grid is not None and due(state.step, cfg.samples.every, schedule):
@@ -312,15 +311,15 @@ def train_worker(config: dict) -> None:
         if due(state.step, cfg.checkpoint.preempt_check_every, schedule) and preempt.requested():
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
             return
-        if state.stage == 1 and state.step == schedule.switch_step:
+        if schedule.switches_after(state.step, state.stage):
             # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
+            state.stage = schedule.stage_at(state.step)
             del engine
-            engine = build_engine(cfg, cfg.stage2, spec.text_dim, device, spec.text_stats)
+            engine = build_engine(cfg, schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats)
             ckpt.load(engine, f"step-{state.step:08d}", module_only=True)
             averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
-            state.stage = 2
             if rank == 0:
-                collector.report.remote([message(f"switched to stage 2 at step {state.step}")])
+                collector.report.remote([message(f"switched to stage {state.stage} at step {state.step}")])
 
     preempt.close()
     finish(cfg, engine, averaged, state, spec, collector, rank, feed)
@@ -364,10 +363,11 @@ def resume(cfg: Config, ckpt: Checkpointer, rank: int, world: int, spec: DataSpe
     latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
     if latest is None:
         state = TrainState.start(cfg, world)
-        return state, build_engine(cfg, cfg.stage1 if state.stage == 1 else cfg.stage2, spec.text_dim, device,
+        return state, build_engine(cfg, state.schedule.stage(state.stage).config, spec.text_dim, device,
                                    spec.text_stats)
-    stage = TrainState.restore(latest, {}, cfg, world).schedule.stage_at(latest["step"])
-    engine = build_engine(cfg, cfg.stage1 if stage == 1 else cfg.stage2, spec.text_dim, device, spec.text_stats)
+    schedule = TrainState.restore(latest, {}, cfg, world).schedule
+    stage = schedule.stage_at(latest["step"])
+    engine = build_engine(cfg, schedule.stage(stage).config, spec.text_dim, device, spec.text_stats)
     saved = ckpt.load(engine, latest["tag"], module_only=latest["stage"] != stage)
     state = TrainState.restore(saved, saved["tensors"], cfg, world)
     restore_rng(state.rng)

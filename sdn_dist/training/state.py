@@ -2,6 +2,7 @@
 
     state = TrainState.start(cfg, world_size)           # or TrainState.restore(client, tensors, cfg, world)
     state.schedule.stage_at(state.step)                 # 1 or 2
+    state.schedule.stage(2)                             # its Stage object (config, loss, teacher or not)
     ckpt.save(engine, state.step, state.client_state(), state.tensors())   # loop.save: JSON + tensors
 
 ``StageSchedule`` is the stage switch as a small pure object: stage 1 ends at ``stage1.steps``, or
@@ -19,6 +20,7 @@ import torch
 
 from sdn_dist.config import Config
 from sdn_dist.errors import UserError
+from sdn_dist.model.losses import Stage, stages
 
 
 @dataclasses.dataclass
@@ -36,12 +38,21 @@ class StageSchedule:
     best: float = math.inf           # the plateau rule's memory (saved, so a resume continues it)
     bad: int = 0
     fixed_switch: int | None = None
+    stages: tuple[Stage, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "StageSchedule":
         p = cfg.stage1.plateau
         return cls(stage1_steps=cfg.stage1.steps, stage2_steps=cfg.stage2.steps,
-                   patience=p.patience, min_delta=p.min_delta)
+                   patience=p.patience, min_delta=p.min_delta, stages=stages(cfg.stage1, cfg.stage2))
+
+    def stage(self, number: int) -> Stage:
+        """The Stage object of stage ``number`` (1 or 2)."""
+        return self.stages[number - 1]
+
+    def switches_after(self, step: int, stage: int) -> bool:
+        """True when an engine in ``stage`` has just run that stage's last step (``step``)."""
+        return self.stage_at(step) != stage
 
     @property
     def switch_step(self) -> int:
