@@ -141,3 +141,26 @@ def test_grad_clip_and_user_json_reach_the_optimizer(tmp_path, clip, user_json, 
     after = student_state_dict(engine, cfg)
     step = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert (step > 0.5 * cfg.stage1.lr) == moves, (step, cfg.stage1.lr)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_the_switch_hands_the_weights_over_in_memory_as_a_weights_only_load_would(tmp_path, stage):
+    """The stage switch builds the stage-2 engine from the stage-1 weights in memory
+    (``build_engine(..., weights=)``), with no checkpoint read. It must be what loading the switch's
+    checkpoint weights-only gives: the same weights, and the same next step (so every ZeRO stage's
+    optimizer starts from them, not from the fresh init). Fails on: the weights dropped or loaded
+    after DeepSpeed took its fp32 copy (ZeRO 1/2 would step from the init)."""
+    cfg = config(tmp_path, f"deepspeed.zero_stage={stage}", *(zero3_partitioned(tmp_path) if stage == 3 else []))
+    a = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
+    one_step(a)
+    one_step(a, seed=1)
+    tag = Checkpointer(cfg.out, keep=2).save(a, 2, {"stage": 1})
+    handed = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"), weights=student_state_dict(a, cfg))
+    loaded = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"))
+    Checkpointer(cfg.out, keep=2).load(loaded, tag, module_only=True)
+    for engine in (handed, loaded):
+        one_step(engine, seed=2)
+    sa, sh, sl = student_state_dict(a, cfg), student_state_dict(handed, cfg), student_state_dict(loaded, cfg)
+    assert any(not torch.equal(sa[k], sh[k]) for k in sa)         # the step moved the weights
+    for k in sa:
+        torch.testing.assert_close(sh[k], sl[k], rtol=0, atol=0, msg=k)

@@ -95,9 +95,13 @@ def _this_environments_tools_first() -> None:
         os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
 
 
-def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device, text_stats: dict | None = None):
+def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device, text_stats: dict | None = None,
+                 weights: dict | None = None):
     """A fresh student + fresh optimizer inside a DeepSpeed engine (one per stage, as the method
-    says). ``text_stats``: the driver's DataSpec.text_stats (model.text_norm = standardize)."""
+    says). ``text_stats``: the driver's DataSpec.text_stats (model.text_norm = standardize).
+    ``weights``: a full student state dict to start from (the stage switch hands the stage-1
+    weights over in memory); loaded before DeepSpeed sees the module, so every ZeRO stage's
+    optimizer (and ZeRO-3's partitioning) starts from them."""
     _this_environments_tools_first()
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     student = Student(cfg.model, text_dim)
@@ -105,6 +109,8 @@ def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device, tex
         if text_stats is None:
             raise ValueError("model.text_norm=standardize needs the training captions' statistics (DataSpec.text_stats)")
         student.set_text_statistics(text_stats)
+    if weights is not None:
+        student.load_state_dict(weights)
     student = prepare_student(student.to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
                                            config=deepspeed_config(cfg, stage_cfg))
@@ -312,11 +318,12 @@ def train_worker(config: dict) -> None:
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
             return
         if schedule.switches_after(state.step, state.stage):
-            # The switch: the same weights (from the checkpoint just saved) under a fresh optimizer.
+            # The switch: the same weights, handed over in memory, under a fresh optimizer.
             state.stage = schedule.stage_at(state.step)
+            weights = student_state_dict(engine, cfg)     # full fp32 on every rank (ZeRO-3 gathers)
             del engine
-            engine = build_engine(cfg, schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats)
-            ckpt.load(engine, f"step-{state.step:08d}", module_only=True)
+            engine = build_engine(cfg, schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats,
+                                  weights=weights)
             averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
             if rank == 0:
                 collector.report.remote([message(f"switched to stage {state.stage} at step {state.step}")])
