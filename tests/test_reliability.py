@@ -356,6 +356,14 @@ def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path
     attempts = sorted({r["attempt"] for r in records(out)})
     last = [r for r in records(out) if r["attempt"] == attempts[-1] and r["rank"] == 0]
     assert ckpt_step < 320 and [r["step"] for r in last] == list(range(ckpt_step + 1, 321))
+    # the rerun's recovery is dated from the killed attempt's last record, and shows in goodput
+    (rec,) = [e for e in events(out) if e["event"] == "recovered"]
+    killed_last = max(r["time"] for r in records(out) if r["attempt"] == attempts[0])
+    assert (rec["cause"], rec["step"], rec["attempt"]) == ("rerun", ckpt_step, attempts[-1])
+    assert rec["fault_time"] >= killed_last and rec["seconds"] > 0
+    (summary,) = [e for e in events(out) if e["event"] == "summary"]
+    assert summary["steps"] == 320 and summary["recoveries"] == 1 and 0 < summary["goodput"] < 1
+    assert "goodput" in r.stdout
 
 
 def _incomplete(ck: Path) -> list[str]:

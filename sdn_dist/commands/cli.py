@@ -53,6 +53,9 @@ def cmd_train(args) -> int:
     from sdn_dist.training.driver import run_training
     result = run_training(cfg, progress=not args.quiet)
     print(f"run directory: {result['out']}")
+    if result.get("summary"):
+        from sdn_dist.training.recovery import format_summary
+        print(format_summary(result["summary"]))
     if result.get("preempted") is not None:   # SIGTERM: checkpoint saved, rerun to resume (75)
         step = result["preempted"]
         print(f"preempted{f' at step {step}' if step >= 0 else ''}: rerun the same command to resume",
