@@ -194,7 +194,7 @@ def test_metric_names_follow_prometheus_conventions():
         assert not re.search(r"_(ms|milliseconds|minutes|hours)\b", name)
     assert REQUIRED <= exported_names(exp.registry)
     # identity labels only where they belong; no unbounded label (step, pid, time, ...)
-    allowed = {"run_id", "attempt", "rank", "stage", "level", "reason", "le"}
+    allowed = {"run_id", "attempt", "rank", "stage", "level", "reason", "cause", "le"}   # cause: RECOVERY_CAUSES
     exp.log(rec(0, 1, 1, 1, **{"loss/conv1_1": 0.1}, skipped={"bad_image": 1}))
     exp.log({"event": "checkpoint", "step": 1, "stage": 1, "rank": 0, "checkpoint_seconds": 0.1, "time": 1.0})
     labels = {k for f in exp.registry.collect() for s in f.samples for k in s.labels}
@@ -508,6 +508,69 @@ def test_real_prometheus_scrapes_a_training_run(prometheus, shards, tmp_path):
              and not prometheus.query(grafana_to_promql(e), final_at)]
     assert not empty, f"dashboard queries with no data: {empty}"
     assert {r["metric"]["run_id"] for r in prometheus.query("sdn_train_step", final_at)} == {"prom-it"}
+
+
+def _step(step, t, seconds=1.0, window=1, rank=0):
+    return {"step": step, "stage": 1, "rank": rank, "time": t, "step_seconds": seconds, "window_steps": window}
+
+
+def test_goodput_and_recovery_from_the_records(tmp_path):
+    """training/recovery.py on a made-up history: an attempt preempted at step 4, a rerun that
+    resumes from step 4 and loses a worker after step 6 (Ray Train restarts the group from step
+    5). Recovery = first step after the fault - last record before it; goodput = steps x median
+    step time / wall time since the first attempt's start."""
+    from sdn_dist.training.recovery import RunClock, format_summary, median_step_seconds
+    assert median_step_seconds([(1, 9.0), (3, 1.0), (1, 2.0)]) == 1.0        # weighed by steps
+    assert median_step_seconds([(2, 1.0), (2, 3.0)]) == 1.0 and median_step_seconds([]) is None
+    out = tmp_path / "run"
+    out.mkdir()
+    first = [{"event": "attempt", "attempt": "a1", "time": 100.0}, {"event": "start", "step": 0, "time": 101.0},
+             {"event": "first_step", "step": 1, "time": 102.0}]
+    steps = [_step(s, 101.0 + s) for s in range(1, 5)] + [_step(s, 101.0 + s, rank=1) for s in range(1, 5)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps) + '{"step": 5, "ti\n')
+    (out / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first + [
+        {"event": "checkpoint", "step": 4, "time": 105.5}, {"event": "preempted", "step": 4, "time": 106.0}]))
+    clock = RunClock.from_run_dir(str(out), "a2", started=200.0)
+    assert clock.attempt_event()["time"] == 200.0
+    got = clock.observe([{"event": "start", "step": 4, "time": 210.0}, {"event": "first_step", "step": 5, "time": 212.5},
+                         _step(5, 212.5, seconds=2.5), _step(6, 213.5)])
+    assert [(r["event"], r["cause"], r["seconds"], r["step"], r["first_step"]) for r in got] == [
+        ("recovered", "preempted", 106.5, 4, 5)]                     # 212.5 - 106.0 (the preemption)
+    assert clock.observe([{"event": "start", "step": 5, "time": 230.0}, _step(6, 232.0, seconds=2.0)]) == []
+    (rec,) = clock.observe([{"event": "first_step", "step": 6, "time": 232.0}])
+    assert (rec["cause"], rec["seconds"], rec["step"]) == ("worker_restart", 18.5, 5)   # 232.0 - 213.5
+    s = clock.summary(now=250.0)
+    # 6 steps (step 6 done twice counts once) x median 1.0 s / (250 - 100) s since attempt a1 started
+    assert (s["event"], s["steps"], s["median_step_seconds"], s["wall_seconds"]) == ("summary", 6, 1.0, 150.0)
+    assert s["goodput"] == pytest.approx(6 / 150) and (s["recoveries"], s["recovery_seconds"]) == (2, 125.0)
+    assert format_summary(s).startswith("goodput 0.040: 6 steps x 1 s median step / 150.0 s wall")
+    # a rerun of a run whose previous attempt was lost without a preemption checkpoint: cause rerun
+    (out / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first))
+    clock = RunClock.from_run_dir(str(out), "a3", started=300.0)
+    (rec,) = clock.observe([{"event": "start", "step": 4, "time": 301.0}, {"event": "first_step", "step": 5, "time": 303.0}])
+    assert (rec["cause"], rec["seconds"]) == ("rerun", 198.0)        # 303.0 - 105.0, the last step record
+    # a rerun of a run that had finished (more steps asked for) recovers from no fault
+    (out / "events.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first + [
+        {"event": "final", "step": 4, "rank": 0, "time": 107.0}]))
+    clock = RunClock.from_run_dir(str(out), "a4", started=400.0)
+    assert clock.observe([{"event": "start", "step": 4, "time": 401.0}, {"event": "first_step", "step": 5, "time": 403.0}]) == []
+    # a fresh start recovers from nothing
+    assert RunClock.from_run_dir(str(tmp_path / "new"), "b", 0.0).observe(
+        [{"event": "start", "step": 0, "time": 1.0}, {"event": "first_step", "step": 1, "time": 2.0}]) == []
+
+
+def test_recovery_and_goodput_metrics():
+    exp = PrometheusExporter(MetricsConfig(), "r", "a")
+    get = exp.registry.get_sample_value
+    L = {"run_id": "r", "attempt": "a"}
+    assert get("sdn_train_recovery_seconds_count", {**L, "cause": "worker_restart"}) == 0
+    exp.log({"event": "recovered", "seconds": 7.5, "cause": "worker_restart", "step": 5, "time": 1.0})
+    exp.log({"event": "recovered", "seconds": 40.0, "cause": "preempted", "step": 9, "time": 2.0})
+    assert get("sdn_train_recovery_seconds_count", {**L, "cause": "worker_restart"}) == 1
+    assert get("sdn_train_recovery_seconds_bucket", {**L, "cause": "worker_restart", "le": "10.0"}) == 1
+    assert get("sdn_train_recovery_seconds_sum", {**L, "cause": "preempted"}) == 40.0
+    exp.log({"event": "summary", "goodput": 0.875, "steps": 10, "time": 3.0})
+    assert get("sdn_train_goodput", L) == 0.875
 
 
 def test_checkpoint_upload_records_become_upload_metrics():

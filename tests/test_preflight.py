@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from sdn_dist.errors import UserError
+
 SDN = [sys.executable, "-m", "sdn_dist"]
 PREFLIGHT_SECONDS = 15
 
@@ -137,6 +139,44 @@ def test_rerun_into_a_run_of_another_model_exit_2_naming_the_key(tmp_path, shard
     r, dt = train(out, shards)
     one_line_error(r, "model.width=0.125 there", "model.width=0.0625 now", "step-00000004")
     stopped_before_ray(r, dt, out)
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` -> its bytes (None for a directory)."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("refusal", ["another model", "older sdn-dist"])
+def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards, refusal):
+    """A rerun that cannot resume must not touch ``out``: not config.yaml (the driver rewrites it
+    with the new settings), not metrics.jsonl / events.jsonl, no ray/ or probe file. The layout of
+    a run that ended at step 4; the same on a really trained run is in
+    tests/test_reliability.py::test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed."""
+    from sdn_dist.config import load_config, to_yaml
+    out = tmp_path / "run"
+    ck = out / "checkpoints" / "step-00000004"
+    ck.mkdir(parents=True)
+    width = "model.width=0.125" if refusal == "another model" else "model.width=0.0625"
+    (out / "config.yaml").write_text(to_yaml(load_config("debug", overrides=[width, f"out={out}"])))
+    marker = {"step": 4, "stage": 1, "time": 1.5e9}
+    if refusal == "another model":
+        marker.update(schedule={"switch_step": 4, "best": 1.0, "bad": 0}, data_position=32, world_size=1)
+    (ck / "COMPLETE").write_text(json.dumps(marker))
+    (ck / "mp_rank_00_model_states.pt").write_bytes(b"\x80weights")
+    (out / "metrics.jsonl").write_text('{"step": 4, "stage": 1, "loss": 0.5, "time": 1.5e9}\n')
+    (out / "events.jsonl").write_text('{"event": "final", "step": 4, "time": 1.5e9}\n')
+    (out / "samples").mkdir()
+    (out / "samples" / "step-00000004.png").write_bytes(b"\x89PNG...")
+    before = snapshot(out)
+    r, dt = train(out, shards, "stage1.steps=6")
+    if refusal == "another model":
+        one_line_error(r, "model.width=0.125 there", "model.width=0.0625 now", "step-00000004")
+    else:
+        one_line_error(r, f"out={out}", "step-00000004", "older sdn-dist")
+    stopped_before_ray(r, dt, out)
+    after = snapshot(out)
+    assert sorted(after) == sorted(before)
+    assert [k for k in before if before[k] != after[k]] == []
 
 
 # ------------------------------------------------------------------ data
@@ -264,6 +304,24 @@ def test_generate_text_file_not_utf8_names_file_and_byte_offset(tmp_path):
     f.write_bytes(b"a red circle\nbad \xff here\n")
     r = cli("generate", "--checkpoint", tmp_path / "no-run", "--text-file", f, "--out", tmp_path / "g", timeout=120)
     one_line_error(r, str(f), "not UTF-8", "byte offset 17", "line 2")
+
+
+def test_generate_empty_caption_exit_2_naming_its_place(tmp_path):
+    """An empty or blank caption is exit 2 naming where it is: `--text`, or FILE:LINE (a blank
+    line used to be dropped, shifting the NNNN of every later caption's file name)."""
+    r = cli("generate", "--checkpoint", tmp_path / "no-run", "--text", "", "--out", tmp_path / "g", timeout=120)
+    one_line_error(r, "--text is an empty caption")
+    r = cli("generate", "--checkpoint", tmp_path / "no-run", "--text", "a red circle", "--text", "  \t",
+            "--out", tmp_path / "g", timeout=120)
+    one_line_error(r, "--text number 2 is an empty caption")
+    f = tmp_path / "captions.txt"
+    f.write_text("a red circle\na blue square\n  \na green cross\n")
+    r = cli("generate", "--checkpoint", tmp_path / "no-run", "--text-file", f, "--out", tmp_path / "g", timeout=120)
+    one_line_error(r, f"{f}:3: empty caption")
+    assert not (tmp_path / "g").exists()
+    from sdn_dist.evaluation.generate import generate
+    with pytest.raises(UserError, match=r"caption 1 \(counting from 0\) is empty"):
+        generate(str(tmp_path / "no-run"), ["a red circle", "\n"], str(tmp_path / "g"))
 
 
 def test_generate_out_is_an_existing_file_names_it(tmp_path):

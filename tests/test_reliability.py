@@ -356,6 +356,14 @@ def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path
     attempts = sorted({r["attempt"] for r in records(out)})
     last = [r for r in records(out) if r["attempt"] == attempts[-1] and r["rank"] == 0]
     assert ckpt_step < 320 and [r["step"] for r in last] == list(range(ckpt_step + 1, 321))
+    # the rerun's recovery is dated from the killed attempt's last record, and shows in goodput
+    (rec,) = [e for e in events(out) if e["event"] == "recovered"]
+    killed_last = max(r["time"] for r in records(out) if r["attempt"] == attempts[0])
+    assert (rec["cause"], rec["step"], rec["attempt"]) == ("rerun", ckpt_step, attempts[-1])
+    assert rec["fault_time"] >= killed_last and rec["seconds"] > 0
+    (summary,) = [e for e in events(out) if e["event"] == "summary"]
+    assert summary["steps"] == 320 and summary["recoveries"] == 1 and 0 < summary["goodput"] < 1
+    assert "goodput" in r.stdout
 
 
 def _incomplete(ck: Path) -> list[str]:
@@ -429,13 +437,15 @@ def test_checkpoint_interrupted_mid_write_is_removed_and_never_resumed(tmp_path,
     assert resumed and re.search(r"step-\d+", resumed[-1]).group(0) == done[-1]
     assert {e["step"] for e in finals(out)} == {end}
     # the same out with another model: stopped by the preflight (it used to be a "size mismatch"
-    # traceback from inside the workers), naming the key; the checkpoints stay as they were
-    before = sorted(p.name for p in ck.glob("step-*"))
+    # traceback from inside the workers), naming the key; the run directory stays byte for byte
+    # as it was (config.yaml, metrics.jsonl, events.jsonl, checkpoints, ray/: every file)
+    before = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
     t0 = time.time()
     r = cli(*base_args(out, shards), *sets("stage1.steps=4", f"stage2.steps={end - 4}", "model.width=0.125"))
     one_line_error(r, "model.width=0.0625 there", "model.width=0.125 now")
     assert "Ray cluster" not in r.stderr and time.time() - t0 < 60
-    assert sorted(p.name for p in ck.glob("step-*")) == before
+    after = {str(p.relative_to(out)): p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+    assert sorted(after) == sorted(before) and [k for k in before if before[k] != after[k]] == []
 
 
 @contextlib.contextmanager

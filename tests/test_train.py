@@ -170,6 +170,16 @@ def test_sigkilled_worker_resumes_exactly(tmp_path, shards, uninterrupted):
             assert mine[0] == ckpt_step + 1 and mine == list(range(mine[0], mine[-1] + 1)), (rank, mine[:3], mine[-3:])
         assert max(r["step"] for r in recs if r["rank"] == rank and r["pid"] in groups[-1]) == 500
     assert all((r["stage"] == 1) == (r["step"] <= 250) for r in recs)
+    # each restart measured (sdn_train_recovery_seconds' event): from the killed group's last record
+    # to the end of the restarted group's first step, which resumed from the checkpoint named above
+    recovered = [e for e in events(out) if e["event"] == "recovered"]
+    assert [(e["cause"], e["step"], e["first_step"]) for e in recovered] == [
+        ("worker_restart", int(t.split("step-")[1][:8]), int(t.split("step-")[1][:8]) + 1) for t in resumed]
+    for e in recovered:
+        assert 0 < e["seconds"] < 600 and e["fault_time"] <= e["time"] - e["seconds"] + 1e-3
+    (summary,) = [e for e in events(out) if e["event"] == "summary"]
+    assert summary["steps"] == 500 and summary["recoveries"] == 2 and 0 < summary["goodput"] < 1
+    assert "goodput" in stdout and f"{summary['goodput']:.3f}" in stdout
     # exact: the same per-step losses after each restart, the same final weights on both ranks
     ref, mine = _losses(uninterrupted), _losses(out, set().union(*groups[1:]))
     assert mine == {k: ref[k] for k in mine}
@@ -301,6 +311,14 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path, shards, unin
             steps_b = [r["step"] for r in recs if r["attempt"] == b and r["rank"] == rank]
             assert min(steps_b) == max(steps_a) + 1, (a, b, rank)
     assert sorted(r["step"] for r in recs if r["rank"] == 0) == list(range(1, 501))
+    # both reruns' recoveries, dated from the preemption (the previous attempt's last record)
+    recovered = [e for e in events(out) if e["event"] == "recovered"]
+    assert [(e["cause"], e["attempt"]) for e in recovered] == [("preempted", "a2"), ("preempted", "a3")]
+    pre = [e for e in events(out) if e["event"] == "preempted"]
+    assert [e["fault_time"] for e in recovered] == [e["time"] for e in pre]
+    summaries = [e for e in events(out) if e["event"] == "summary"]
+    assert [e["attempt"] for e in summaries] == ["a1", "a2", "a3"] and summaries[-1]["steps"] == 500
+    assert summaries[-1]["recoveries"] == 2 and 0 < summaries[-1]["goodput"] < 1
     assert _losses(out) == _losses(uninterrupted)
     digests = {e["param_sha256"] for e in events(out) + events(uninterrupted) if e["event"] == "final"}
     assert len(digests) == 1, digests

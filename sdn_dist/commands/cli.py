@@ -53,6 +53,9 @@ def cmd_train(args) -> int:
     from sdn_dist.training.driver import run_training
     result = run_training(cfg, progress=not args.quiet)
     print(f"run directory: {result['out']}")
+    if result.get("summary"):
+        from sdn_dist.training.recovery import format_summary
+        print(format_summary(result["summary"]))
     if result.get("preempted") is not None:   # SIGTERM: checkpoint saved, rerun to resume (75)
         step = result["preempted"]
         print(f"preempted{f' at step {step}' if step >= 0 else ''}: rerun the same command to resume",
@@ -133,6 +136,10 @@ def cmd_shards_index(args) -> int:
 def cmd_generate(args) -> int:
     from sdn_dist.evaluation.generate import generate
     captions = list(args.text or [])
+    for i, c in enumerate(captions):
+        if not c.strip():   # an empty caption would silently become an image of nothing in particular
+            which = f"--text number {i + 1}" if len(captions) > 1 else "--text"
+            raise UserError(f"{which} is an empty caption ({c!r}); give the text to draw")
     if args.text_file:
         try:
             raw = Path(args.text_file).read_bytes()
@@ -144,7 +151,11 @@ def cmd_generate(args) -> int:
             line = raw.count(b"\n", 0, e.start) + 1
             raise UserError(f"--text-file {args.text_file} is not UTF-8: byte offset {e.start} "
                             f"(line {line}) is {raw[e.start:e.start + 1]!r}") from None
-        captions += [l.strip() for l in text.splitlines() if l.strip()]
+        lines = text.splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():   # one caption a line: a blank line would shift every later file name
+                raise UserError(f"{args.text_file}:{n}: empty caption (one caption a line; remove the blank line)")
+        captions += [l.strip() for l in lines]
     if not captions:
         raise UserError("no captions: give --text and/or --text-file")
     paths = generate(args.checkpoint, captions, args.out, batch_size=args.batch_size, seed=args.seed)

@@ -52,11 +52,15 @@ def generate(checkpoint: str, captions: list[str], out: str, batch_size: int = 3
              seed: int = 0, device: str | torch.device | None = None, progress: bool = False) -> list[str]:
     """Write one PNG per caption to ``out`` (created; any fsspec URL): the images of
     :class:`sdn_dist.Pipeline` for the same captions and seed. Returns the file URLs
-    in caption order. UserError (exit 2) for a missing/unreadable export, no captions, a bad
+    in caption order. UserError (exit 2) for a missing/unreadable export, no captions, an empty
+    or whitespace-only caption, a bad
     batch size, or a run whose text encoder cannot encode free text."""
     captions = [str(c) for c in captions]
     if not captions:
         raise UserError("no captions to generate from")
+    empty = next((i for i, c in enumerate(captions) if not c.strip()), None)
+    if empty is not None:
+        raise UserError(f"caption {empty} (counting from 0) is empty ({captions[empty]!r}); give the text to draw")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     fs, path = fsio.url_to_fs(out)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from sdn_dist import fsio
 from sdn_dist.data.labels import sample_labels
-from sdn_dist.data.pipeline import iter_batches
+from sdn_dist.data.pipeline import SkipCounter, iter_batches
 from sdn_dist.data.shards import expand_urls
 from sdn_dist.data.text import encoder_from_record
 from sdn_dist.errors import DataError, UserError
@@ -360,11 +360,12 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     inception = load_inception(inception_weights, dev) if inception_weights else None
     notes: list[str] = []
 
+    skips = SkipCounter()   # bad samples are skipped, as in training; the report counts them by reason
     batches = iter_batches(urls, image_size=image_size, batch_size=batch_size, text_encoder=encoder,
-                           shuffle=False, seed=0, epochs=1, caption="first")
+                           shuffle=False, seed=0, epochs=1, caption="first", skips=skips)
     first = next((b for b in batches if b["key"]), None)
     if first is None:
-        raise DataError(f"no readable samples in {shards}")
+        raise DataError(f"no readable samples in {shards}" + _skipped_clause(skips.as_dict()))
     labelled = any(sample_labels(m) for m in first["meta"])
     ev, trained = None, False
     if evaluator or labelled:
@@ -438,7 +439,7 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
     bar.close()
     n = tallies["all"].n
     if n == 0:
-        raise DataError(f"no readable samples in {shards}")
+        raise DataError(f"no readable samples in {shards}" + _skipped_clause(skips.as_dict()))
 
     overall = tallies["all"].metrics(classes)
     report: dict[str, Any] = {
@@ -448,6 +449,10 @@ def evaluate(checkpoint: str, shards, out: str, limit: int = 0, *, evaluator: st
         "preset": blob.get("preset"),
         "shards": shards,
         "n_images": n,
+        # bad samples met while reading (in shard order up to the last batch read), by the reason
+        # labels of sdn_data_samples_skipped_total: {"bad_image": 2, "empty_caption": 1}
+        "skipped": skips.as_dict(),
+        "n_skipped": skips.total,
         "limit": int(limit),
         "image_size": image_size,
         "caption": "first",
@@ -514,6 +519,9 @@ def format_report(report: dict) -> str:
     by = report.get("by_split") or {}
     for k, v in by.items():
         lines.append(f"  {k:8s} n={v['n_images']:<6d} SSIM {v['ssim']:.4f}   FSIM {v['fsim']:.4f}")
+    skipped = report.get("skipped") or {}
+    lines.append(f"skipped {sum(skipped.values())} bad samples" + (
+        ": " + ", ".join(f"{k} {v}" for k, v in skipped.items()) if skipped else ""))
     acc = report.get("attribute_accuracy")
     if acc is not None:
         ev = report.get("evaluator") or {}
@@ -553,6 +561,11 @@ def format_report(report: dict) -> str:
     if report.get("grid"):
         lines.append(f"grid: {report['grid']}")
     return "\n".join(lines) + "\n"
+
+
+def _skipped_clause(skipped: dict[str, int]) -> str:
+    """' (skipped: bad_image 2, empty_caption 1)' or '' when nothing was skipped."""
+    return (" (skipped: " + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")") if skipped else ""
 
 
 def _top_mistakes(confusion: dict[str, dict[str, dict[str, int]]], top: int = 3) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from sdn_dist.training.collector import start_collector
 from sdn_dist.training.failures import reported_user_error, stop_on_user_error
 from sdn_dist.training.metrics import MetricsSink
 from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
+from sdn_dist.training.recovery import RunClock
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
 
 
 def run_training(cfg: Config, progress: bool = True) -> dict:
+    started = time.time()   # goodput's wall time of this attempt starts here (training/recovery.py)
     cfg = resolve_config(cfg)
     preflight.run(cfg)  # everything knowable, in seconds, before Ray (even its imports) starts
     # Imported here, after the preflight: Ray Train and DeepSpeed (training.loop) add 1-1.5 s of
@@ -95,8 +97,10 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
     # events and names Ray Train's own run state, so retries never overwrite each other's.
     attempt = os.environ.get("SDN_ATTEMPT") or time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    clock = RunClock.from_run_dir(cfg.out, attempt, started)   # before this attempt appends to out
     init_ray(cfg, quiet=progress)
     sink = MetricsSink(cfg.out, cfg.metrics, cfg.run_id, attempt)
+    sink.log([clock.attempt_event()])
     collector = start_collector()
 
     storage, storage_fs = fsio.arrow_storage(fsio.join(cfg.out, "ray"))   # s3:// too: no node's disk
@@ -128,11 +132,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         while preempted is None:
             alive = thread.is_alive()
             thread.join(timeout=0.5)
-            records = _drain(collector, sink)
+            records = _drain(collector, sink, clock)
             bar.update(records)
             preempted = _watch_preemption(preempt, collector, records, cfg)
             if not alive:
                 break
+        summary = clock.summary()     # goodput and recoveries, for events.jsonl, Prometheus, the CLI
+        sink.log([summary])
     finally:
         preempt.uninstall()
         bar.close()
@@ -141,14 +147,14 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         # The ranks returned after the checkpoint (or the grace ran out): nothing more to wait for;
         # exiting ends this job's actors, a worker group Ray Train may be restarting included.
         return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
-                "exit_status": EXIT_PREEMPTED}
+                "exit_status": EXIT_PREEMPTED, "summary": summary}
     if "error" in outcome:
         err = outcome["error"]
         cause = unwrap_user_error(err)
         if cause is not None:
             raise cause
         raise err
-    return {"out": cfg.out, "run_id": cfg.run_id}
+    return {"out": cfg.out, "run_id": cfg.run_id, "summary": summary}
 
 
 def scaling_workers(cfg: Config) -> int | tuple[int, int]:
@@ -195,8 +201,9 @@ def unwrap_user_error(err: BaseException) -> UserError | None:
     return None
 
 
-def _drain(collector, sink) -> list[dict]:
+def _drain(collector, sink, clock: RunClock) -> list[dict]:
     records = ray.get(collector.drain.remote())
+    records += clock.observe(records)      # "recovered" events, beside the records that date them
     fatal = reported_user_error(records)   # a worker's bad-input error: never retried (training/failures.py)
     try:
         sink.log(records)

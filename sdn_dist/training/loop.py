@@ -229,6 +229,7 @@ class StepLog:
     def __init__(self, collector, rank: int, world: int, attempt: str, feed: DataFeed, start_step: int):
         self.collector, self.rank, self.world, self.attempt, self.feed = collector, rank, world, attempt, feed
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.first = True
         self._open(start_step)
 
     def _open(self, step: int) -> None:
@@ -240,6 +241,10 @@ class StepLog:
         if loss is not None:
             self.loss, self.parts = loss, parts
         self.n += n
+        if self.first:
+            self.first = False
+            if self.rank == 0:   # the end of this group's first step: training/recovery.py dates recoveries by it
+                self.collector.report.remote([event("first_step", rank=0, step=self.step0 + 1, pid=os.getpid())])
 
     def write(self, state: TrainState, engine, per_step: int) -> float:
         """Send this rank's record; returns the loss averaged over the ranks (the same on every rank)."""

@@ -6,7 +6,8 @@ Metric names, types and labels: docs/metrics.md (keep it in step: tests/test_met
 
 Label cardinality is bounded by construction: ``run_id`` and ``attempt`` are constant for the
 process; ``rank`` < ``workers``; ``stage`` in {1, 2}; ``level`` is one of the model's matched points
-(at most ``MAX_LEVELS``); ``reason`` is one of ``SKIP_REASONS`` or ``other``.
+(at most ``MAX_LEVELS``); ``reason`` is one of ``SKIP_REASONS`` or ``other``; ``cause`` one of
+``RECOVERY_CAUSES``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ OTHER_REASON = "other"
 MAX_LEVELS = 64   # loss levels: 22 matched points + image + total in the paper model
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+RECOVERY_CAUSES = ("worker_restart", "preempted", "rerun")   # training/recovery.py
 CHECKPOINT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -86,6 +89,11 @@ class PrometheusExporter:
         self.world = Gauge("sdn_train_world_size", "Training workers in the current worker group (an elastic run, workers=MIN-MAX, changes it after losing or gaining nodes).", c, registry=r)
         self.restarts = Counter("sdn_train_restarts", "Worker-group starts that were not the fresh start of a run: restarts after a failure or a resize, and the resume of a rerun.", c, registry=r)
         self.restarts.labels(**self.const)   # 0 from the start: increase() sees the first restart
+        self.recovery = Histogram("sdn_train_recovery_seconds", "Time from a fault to the end of the first optimizer step after it, by cause (worker_restart: Ray Train restarted the worker group; preempted / rerun: a rerun resumed after a preemption checkpoint / after the previous attempt was lost); the fault is dated by the last record before it.", c + ["cause"], registry=r,
+                                  buckets=RECOVERY_BUCKETS)
+        for cause in RECOVERY_CAUSES:       # 0 from the start: increase() sees the first recovery
+            self.recovery.labels(**self.const, cause=cause)
+        self.goodput = Gauge("sdn_train_goodput", "Steps done x median step time / wall time since the run's first attempt started, set at the end of each attempt (1 = no time lost; docs/metrics.md).", c, registry=r)
         self._starts = 0
         for reason in (*SKIP_REASONS, OTHER_REASON):   # 0 from the start: rate()/increase() see the first skip
             self.skipped.labels(**self.const, reason=reason)
@@ -142,6 +150,14 @@ class PrometheusExporter:
             if self._starts > 1 or rec.get("step", 0) > 0:
                 self.restarts.labels(**L).inc()
             self.world.labels(**L).set(rec.get("world_size", 1))
+            return
+        if event == "recovered":
+            cause = rec.get("cause") if rec.get("cause") in RECOVERY_CAUSES else RECOVERY_CAUSES[-1]
+            self.recovery.labels(**L, cause=cause).observe(max(0.0, float(rec.get("seconds", 0.0))))
+            return
+        if event == "summary":
+            if rec.get("goodput") is not None:
+                self.goodput.labels(**L).set(rec["goodput"])
             return
         if event == "final":   # the final cumulative skip counts (deduplicated like any other)
             self._skips(self._worker(rec), rec.get("skipped"))

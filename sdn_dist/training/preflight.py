@@ -9,7 +9,9 @@ What would otherwise fail a minute later inside every worker, or never fail at a
   ``sdn_dist/model/plan.py``; ``deepspeed.config`` is readable and holds a JSON object;
 * the run directory: a rerun into an ``out`` that holds checkpoints of another model (its
   ``config.yaml`` differs in a ``model.*`` key, or in ``text.encoder`` / ``text.dim``, which size
-  the student's input) would resume into the wrong shapes; ``out`` must be writable;
+  the student's input) would resume into the wrong shapes, and one whose newest checkpoint an older
+  sdn-dist wrote cannot be resumed; either refusal comes before anything is written, so ``out`` is
+  left byte for byte as it was; ``out`` must be writable;
 * the data: the first sample of the first training shard is read and decoded exactly as the
   readers will (so ``text.encoder=precomputed`` on shards without ``KEY.emb.npy``, or embeddings
   of another ``text.dim``, stop here, naming the shard and the member);
@@ -112,6 +114,16 @@ def check_run_dir(cfg: Config) -> None:
             f"out={cfg.out} holds checkpoints of another model ({done[-1]}): {key}={was!r} "
             f"there, {key}={now!r} now" + (f" (also {', '.join(diff[1:])})" if diff[1:] else "")
             + "; use another out to start a new run, or the run's own settings to resume it")
+    # The workers refuse such a checkpoint too (TrainState.restore), but only after the driver has
+    # rewritten config.yaml and started logging into out: a refused resume must leave out as it was.
+    try:
+        marker = json.loads(fsio.read_text(fsio.join(cfg.out, "checkpoints", done[-1], "COMPLETE")))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return   # unreadable marker: the Checkpointer's own listing decides what it resumes
+    if isinstance(marker, dict) and "schedule" not in marker:
+        raise UserError(f"out={cfg.out}: checkpoint {done[-1]} was written by an older sdn-dist (no train "
+                        f"state in its COMPLETE marker): use another out to start a new run, or the "
+                        f"release that wrote it to resume it")
 
 
 def check_data(cfg: Config) -> None:
