@@ -1,6 +1,7 @@
 """Errors a user can fix. The CLI turns these into a one-line ``error: ...`` and exit status 2.
 
 Anything else that escapes is a bug or an environment failure: exit status 1 with the cause.
+``error_line`` is the one place that decides how an error reads, for every entry point.
 """
 
 
@@ -18,3 +19,15 @@ class DataError(UserError):
 
 class WeightsError(UserError):
     """A weights / checkpoint file that does not match what it is loaded into (names the key)."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line an entry point prints for ``e``: ``error: <message>`` for a UserError (its
+    message joined onto one line), ``error: <Type>: <message>`` for anything else. A UserError raised
+    inside a Ray task or actor arrives as Ray's dual-class wrapper (a RayTaskError that is also the
+    UserError) whose message is the remote traceback: its ``cause`` is the original error."""
+    if isinstance(e, UserError):
+        while isinstance(getattr(e, "cause", None), UserError) and e.cause is not e:
+            e = e.cause
+        return "error: " + " ".join(str(e).splitlines())
+    return f"error: {type(e).__name__}: " + " ".join(str(e).splitlines())

@@ -236,3 +236,22 @@ def test_training_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     bar.update(_records([5]))
     assert bar.bar.n == 5 and lines == []
     bar.close()
+
+
+def test_an_error_reads_as_one_line_wherever_it_was_raised():
+    """errors.error_line is how every entry point prints an error: a UserError's message on one line,
+    also when it comes back from a Ray worker as Ray's dual-class wrapper (whose own message is the
+    remote traceback); anything else with its type. Fails on: the wrapper's traceback printed, a
+    multi-line message left multi-line, or a bug's type dropped."""
+    from ray.exceptions import RayTaskError
+
+    from sdn_dist.errors import DataError, error_line
+    cause = DataError("shard s3://b/train-0.tar sample 7:\nnot a PNG")
+    try:
+        raise cause
+    except DataError as e:
+        wrapped = RayTaskError("ShardReader.next", "Traceback (most recent call last):\n  ...", e).as_instanceof_cause()
+    assert isinstance(wrapped, DataError) and "not a PNG" not in str(wrapped)   # its message: where it ran
+    assert error_line(wrapped) == "error: shard s3://b/train-0.tar sample 7: not a PNG"
+    assert error_line(cause) == error_line(wrapped)
+    assert error_line(KeyError("fc7")) == "error: KeyError: 'fc7'"

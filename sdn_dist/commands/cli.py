@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from sdn_dist.errors import UserError
+from sdn_dist.errors import UserError, error_line
 
 # Each command imports what it needs inside its function, on purpose: torch, Ray and DeepSpeed take
 # seconds to import, and `sdn-dist --help`, `config show` or a bad-usage error should not wait for them
@@ -309,15 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def user_message(e: UserError) -> str:
-    """The one line for a UserError. One raised inside a Ray task or actor arrives as Ray's
-    dual-class wrapper (a RayTaskError that is also the UserError) whose message is the remote
-    traceback: its ``cause`` is the original error."""
-    while isinstance(getattr(e, "cause", None), UserError) and e.cause is not e:
-        e = e.cause
-    return " ".join(str(e).splitlines())
-
-
 def _setup_logging(level: str = "INFO") -> None:
     """The ``sdn_dist`` log (which shards a directory gave, how long a count took, progress lines
     off a terminal ...) on stderr, one plain line each, at ``level`` (-v DEBUG, -q WARNING); other
@@ -345,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -356,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             print(f"(set SDN_DEBUG=1 for the traceback; raised at {tb.filename}:{tb.lineno})", file=sys.stderr)
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
 
 

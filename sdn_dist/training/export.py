@@ -33,7 +33,7 @@ import torch
 import sdn_dist
 from sdn_dist import fsio
 from sdn_dist.config import Config, ModelConfig
-from sdn_dist.errors import UserError
+from sdn_dist.errors import UserError, error_line
 from sdn_dist.model.student import Student
 
 FORMAT = "sdn-dist-export/1"
@@ -283,4 +283,5 @@ if __name__ == "__main__":
     try:
         print(convert_legacy(sys.argv[1]))
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(error_line(e), file=sys.stderr)
+        sys.exit(2)

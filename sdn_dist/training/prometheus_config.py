@@ -21,6 +21,8 @@ from collections.abc import Iterable
 
 import yaml
 
+from sdn_dist.errors import UserError, error_line
+
 RAY_DISCOVERY_FILE = "/tmp/ray/prom_metrics_service_discovery.json"
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sys.stdout.write(scrape_config_yaml(a.sdn, a.ray, ray_discovery_files=a.ray_discovery,
                                             scrape_interval=a.interval, labels=labels))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:   # a bad address or label: the user's input
+        print(error_line(UserError(str(e))), file=sys.stderr)
         return 2
     return 0
 
