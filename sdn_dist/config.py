@@ -254,57 +254,14 @@ class Config(Section):
         return self.stage1.steps + self.stage2.steps
 
 
-# Presets: overrides on the defaults above, for any image-caption shards. debug: seconds on one core
-# (tests). demo: a CPU-sized run, about 15 minutes of training on 2 cores. paper: the reference at
-# 224 px, for GPUs. A data set's own tuning is a recipe (sdn_dist/recipes/), not a preset.
+# Presets: YAML files of values over the defaults above, for any image-caption shards
+# (sdn_dist/presets/NAME.yaml). debug: seconds on one core (tests). demo: a CPU-sized run, about 15
+# minutes of training on 2 cores. paper: the reference at 224 px, for GPUs. A data set's own tuning
+# is a recipe (sdn_dist/recipes/), not a preset.
+PRESETS_DIR = Path(__file__).parent / "presets"
 PRESETS: dict[str, dict[str, Any]] = {
-    "debug": {
-        "out": "runs/debug",
-        "text": {"encoder": "hash", "dim": 32},
-        "model": {"image_size": 32, "width": 1 / 16, "fc_dim": 64, "init": "kaiming"},
-        "data": {"batch_size": 8, "shuffle_buffer": 16, "prefetch": 2},
-        "teacher": {"train": {"steps": 30, "batch_size": 16}},
-        "stage1": {"steps": 8, "lr": 1e-3},
-        "stage2": {"steps": 8, "lr": 1e-3},
-        "checkpoint": {"every": 4, "keep": 2},
-        "metrics": {"log_every": 1},
-        "samples": {"count": 4},
-    },
-    "demo": {
-        # A CPU-sized run on anyone's image-caption shards: 64 px, 1/8 width, ~15 minutes of
-        # training on 2 cores. The synthetic benchmark's own tuning is the `synth` recipe
-        # (sdn_dist/recipes/synth.yaml), which `sdn-dist demo` adds on top of this preset.
-        "out": "runs/demo",
-        "workers": 2,
-        "text": {"encoder": "minilm", "dim": 384},
-        "model": {"image_size": 64, "width": 1 / 8, "fc_dim": 512, "init": "kaiming", "text_norm": "standardize"},
-        "data": {"batch_size": 16, "keep_in_memory": True},
-        "teacher": {"train": {"steps": 1500, "batch_size": 32, "processes": 2, "lr": 1e-3}},
-        # The pixel point weighs 5x / 60x: a teacher trained from scratch sees only what its data
-        # varies in (grey digits: no colour), and stage 2's features alone let the student's colours
-        # drift; measured on the synthetic benchmark and the UCI digits (docs/results.md).
-        "stage1": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 5.0}},
-        "stage2": {"steps": 2700, "lr": 1e-3, "lr_schedule": "warmup_cosine", "warmup_steps": 100,
-                   "point_weights": {"image": 60.0}},
-        "checkpoint": {"every": 250, "keep": 2},
-        "metrics": {"log_every": 10},
-        "samples": {"every": 500, "count": 8},
-    },
-    "paper": {
-        "out": "runs/paper",
-        "use_gpu": True,
-        "text": {"encoder": "precomputed", "dim": 1024},
-        "model": {"image_size": 224, "width": 1.0, "fc_dim": 4096},
-        "data": {"batch_size": 12},
-        # 100 epochs of the 8,855 CUB training images at batch 12 per stage.
-        "stage1": {"steps": 73800, "lr": 1e-4},
-        "stage2": {"steps": 73800, "lr": 1e-4},
-        "checkpoint": {"every": 2000, "keep": 3},
-        "metrics": {"log_every": 50},
-        "samples": {"every": 5000},
-    },
-}
+    name: yaml.safe_load((PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+    for name in ("debug", "demo", "paper")}
 
 
 def deep_merge(base: dict, upd: dict) -> dict:
