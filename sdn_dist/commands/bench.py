@@ -23,13 +23,20 @@ one and records a run. In short:
 * ``flop_utilization``: FLOPs of one training step (torch.utils.flop_counter) x steps/s of the demo
   configuration (2 workers x 1 thread) / the measured dense fp32 4096x4096 matmul FLOP/s with all
   threads.
-* ``ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer / a
-  plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
+* ``loader_ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer
+  / what a user would write instead: ``benchmarks/ddp_loader_peer.py`` under torchrun, 2 processes
+  x 1 thread, DistributedDataParallel over gloo, a webdataset loader with one worker per rank that
+  reads and decodes the same shards, the same ``distill_step`` and torch Adam; run right before
+  and right after the trainer (the median chunk of both sides).
+* ``memory_ddp_ratio`` (per stage and ``combined``): the same trainer / the in-memory DDP peer
+  below (the ceiling of any data-parallel script here: it decodes nothing).
+* ``ddp_ratio`` (reference, = ``memory_ddp_ratio``, kept for earlier JSONs): samples/s of the 2
+  workers x 1 thread trainer / a plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
   processes x 1 thread started with torch.multiprocessing on 127.0.0.1, gloo on CPUs and nccl on
   GPUs, the same per-rank micro-batch, the batches in memory), measured right before and right
   after the trainer. The trainer's DeepSpeed engine runs in the same harness too
   (``raw.deepspeed_2proc``): the engine's cost apart from Ray and the readers.
-  ``parallel_efficiency``: the 2-worker trainer / twice the 1-thread plain loop.
+  ``parallel_efficiency`` (reference): the 2-worker trainer / twice the 1-thread plain loop.
 * ``bf16_autocast_speedup``: the plain loop with ``autocast=bf16`` / fp32, per stage, on this CPU.
 * ``memory``: peak RSS of each demo worker (trainer records), and for the ``paper`` preset the
   per-GPU memory of student weights + gradients + Adam state (ZeRO 0-3, 1/2/4/8 GPUs; fp32 as the
@@ -84,9 +91,13 @@ GOALS = {  # name: (comparison, threshold)
     "scaling_ratio": (">=", 1.0),
     "flop_utilization": (">=", 0.5),
     # per stage and combined: met when every one of them is
-    "ddp_ratio": (">=", 1.0),
-    "parallel_efficiency": (">=", 0.75),
+    "loader_ddp_ratio": (">=", 1.0),
+    "memory_ddp_ratio": (">=", 0.85),
 }
+# Reported beside the goals, not goals (issue 35): what 2 processes reach on 2 shared cores
+# depends on the machine more than on the trainer (parallel_ceiling says how much).
+REFERENCE = ("ddp_ratio", "parallel_efficiency")
+LOADER_PEER = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_loader_peer.py"
 
 
 @dataclass(frozen=True)
@@ -464,9 +475,42 @@ def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
 
 def make_shards(directory: Path, cfg, n_train: int) -> None:
     """Synthetic shards at the preset's image size with the run's caption embeddings stored, as
-    `sdn-dist demo` writes them (readers then take the stored rows instead of encoding)."""
-    make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size, per_shard=500,
+    `sdn-dist demo` writes them (readers then take the stored rows instead of encoding). At least
+    4 training shards: the loader peer splits shards over its 2 ranks, as webdataset does."""
+    make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size,
+               per_shard=min(500, max(1, n_train // 4)),
                seed=0, progress=False, embed=build_text_encoder(cfg.text))
+
+
+def loader_peer(cfg, work: Path, steps: int, warmup: int, chunk: int, world: int = 2) -> dict:
+    """``benchmarks/ddp_loader_peer.py`` under torchrun (``world`` processes x
+    ``threads_per_worker``, 127.0.0.1) on ``cfg``'s shards, both stages -> per stage samples/s (the
+    median chunk of rank 0), every chunk, the loader wait and the losses."""
+    import subprocess
+    import yaml
+    from sdn_dist.net import free_port
+
+    if not LOADER_PEER.exists():
+        raise RuntimeError(f"{LOADER_PEER} is missing: the bench runs from a source checkout (pip install -e .)")
+    d = Path(tempfile.mkdtemp(prefix="loader-peer-", dir=work))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_copy(update={"workers": world}).model_dump(mode="json")))
+    root = str(Path(__import__("sdn_dist").__file__).resolve().parents[1])   # this sdn_dist, in the children too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OMP_NUM_THREADS": str(cfg.threads_per_worker)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={world}",
+           "--master-addr", "127.0.0.1", f"--master-port={free_port()}", str(LOADER_PEER),
+           "--config", str(d / "config.yaml"), "--steps", str(steps), "--warmup", str(warmup),
+           "--chunk", str(chunk), "--out", str(d / "peer.json")]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"loader peer failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    r = json.loads((d / "peer.json").read_text())
+    out = {"world": r["world"], "micro_batch": r["micro_batch"], "backend": r["backend"],
+           "param_sums": r["param_sums"], "wall_seconds": time.perf_counter() - t}
+    for k, v in r["stages"].items():
+        out[k] = {**v, "samples_per_sec": statistics.median(v["chunk_samples_per_sec"])}
+    return out
 
 
 def _log(msg: str) -> None:
@@ -556,8 +600,12 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         # the 2-worker trainer (the median chunk of both sides, as the plain loop's)
         _log("plain torch DDP, 2 processes x 1 thread (before)")
         ddp_a = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        _log("DDP script with a webdataset loader (benchmarks/ddp_loader_peer.py), torchrun 2 x 1 (before)")
+        loader_a = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
         _log("sdn-dist train: 2 workers x 1 thread")
         run21 = train_run(cfg, work, 2, 1, plan, batches=batches)
+        _log("DDP script with a webdataset loader, torchrun 2 x 1 (after)")
+        loader_b = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
         _log("plain torch DDP, 2 processes x 1 thread (after)")
         ddp_b = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         _log("2 independent processes x 1 thread: the DDP loop without the all-reduce (the machine's ceiling)")
@@ -579,9 +627,26 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         raw["ddp_2proc"] = ddp
         raw["deepspeed_2proc"] = {**{f"stage{s}": r for s, r in ds_peer.items()},
                                   "samples_per_sec": combine(ds_peer[1]["samples_per_sec"], ds_peer[2]["samples_per_sec"])}
-        res["ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / ddp[f"stage{s}"]["samples_per_sec"]
-                               for s in (1, 2)},
-                            "combined": run21["samples_per_sec"] / ddp["samples_per_sec"]}
+        res["memory_ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / ddp[f"stage{s}"]["samples_per_sec"]
+                                      for s in (1, 2)},
+                                   "combined": run21["samples_per_sec"] / ddp["samples_per_sec"]}
+        res["ddp_ratio"] = dict(res["memory_ddp_ratio"])
+        loader: dict = {}
+        for s in (1, 2):
+            a, b = loader_a[f"stage{s}"], loader_b[f"stage{s}"]
+            chunks = a["chunk_samples_per_sec"] + b["chunk_samples_per_sec"]
+            loader[f"stage{s}"] = {"samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
+                                   "before": a["samples_per_sec"], "after": b["samples_per_sec"],
+                                   "data_wait_fraction": max(a["data_wait_fraction"], b["data_wait_fraction"]),
+                                   "losses": a["losses"] + b["losses"]}
+        loader["samples_per_sec"] = combine(loader["stage1"]["samples_per_sec"], loader["stage2"]["samples_per_sec"])
+        loader.update({k: loader_a[k] for k in ("world", "micro_batch", "backend")},
+                      param_sums=[loader_a["param_sums"], loader_b["param_sums"]],
+                      wall_seconds=[loader_a["wall_seconds"], loader_b["wall_seconds"]])
+        raw["loader_ddp_2proc"] = loader
+        res["loader_ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / loader[f"stage{s}"]["samples_per_sec"]
+                                      for s in (1, 2)},
+                                   "combined": run21["samples_per_sec"] / loader["samples_per_sec"]}
         eff = {f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / (2 * plain[f"stage{s}"]["samples_per_sec"])
                for s in (1, 2)}
         res["parallel_efficiency"] = run21["samples_per_sec"] / (2 * plain["samples_per_sec"])
@@ -637,6 +702,7 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         }
         res["raw"] = raw
     res["goals"] = _goals(res)
+    res["reference"] = list(REFERENCE)
     res["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["duration_seconds"] = time.time() - t_start
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -655,7 +721,13 @@ def summary(res: dict) -> str:
         shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
                  else f"{v:8.3f}")
         lines.append(f"  {name:20s} {shown}   goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
-    for k in ("plain_1thread", "train_1x1", "train_2x1", "ddp_2proc", "deepspeed_2proc", "independent_2proc", "train_1x2"):
+    for name in REFERENCE:
+        v = res[name]
+        shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
+                 else f"{v:8.3f}")
+        lines.append(f"  {name:20s} {shown}   (reference, not a goal)")
+    for k in ("plain_1thread", "train_1x1", "train_2x1", "loader_ddp_2proc", "ddp_2proc", "deepspeed_2proc",
+              "independent_2proc", "train_1x2"):
         r = raw[k]
         lines.append(f"  {k:20s} stage 1 {r['stage1']['samples_per_sec']:7.1f}  stage 2 {r['stage2']['samples_per_sec']:7.1f}  "
                      f"combined {r['samples_per_sec']:7.1f} samples/s")
