@@ -35,6 +35,7 @@ from sdn_dist.data.text import build_text_encoder
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
+from sdn_dist.training.precision import with_resolved_autocast
 
 
 def make_loader(cfg, micro_batch: int, seed: int):
@@ -78,6 +79,7 @@ def main() -> None:
     dist.init_process_group("nccl" if use_gpu else "gloo")   # RANK, WORLD_SIZE, MASTER_* from torchrun
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_gpu else "cpu")
+    cfg, autocast = with_resolved_autocast(cfg, device)    # autocast=auto: bf16 where the device has it
     micro = cfg.data.batch_size // world
     batches = iter(make_loader(cfg, micro, cfg.seed + rank))
 
@@ -86,7 +88,7 @@ def main() -> None:
     student = prepare_student(Student(cfg.model, cfg.text.dim)).to(device)
     model = DistributedDataParallel(student, device_ids=[device.index] if use_gpu else None)
 
-    results = {"world": world, "micro_batch": micro, "backend": dist.get_backend(), "stages": {}}
+    results = {"world": world, "micro_batch": micro, "backend": dist.get_backend(), "autocast": autocast, "stages": {}}
     for stage in [int(s) for s in a.stages.split(",")]:
         hp = cfg.stage1 if stage == 1 else cfg.stage2
         opt = torch.optim.Adam(model.parameters(), lr=hp.lr, betas=hp.betas)

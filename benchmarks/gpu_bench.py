@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     from sdn_dist.config import load_config
-    cfg = load_config(a.preset, overrides=["teacher.weights=random", "use_gpu=" + str(dev.type == "cuda").lower()])
+    cfg = load_config(a.preset, overrides=["teacher.weights=random", "autocast=off", "use_gpu=" + str(dev.type == "cuda").lower()])
     batch = cfg.data.batch_size
     res: dict = {
         "command": "bash benchmarks/gpu.sh", "preset": a.preset, "device": str(dev),

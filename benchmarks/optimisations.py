@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.preset, overrides=["teacher.weights=random"])
+    cfg = load_config(a.preset, overrides=["teacher.weights=random", "autocast=off"])   # the fp32 step
     if "engine" in a.variants.split(","):
         import deepspeed
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),

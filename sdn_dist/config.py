@@ -182,7 +182,7 @@ class Config(Section):
     threads_per_worker: int = Field(1, ge=1, description="torch / OMP threads in each worker.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     seed: int = Field(0, description="Seed for init, shuffling and caption choice.")
-    autocast: Literal["off", "bf16"] = Field("off", description="Run the teacher and student forward passes under torch.autocast in bfloat16 (weights, optimizer and losses stay fp32). Measured 1.29x per step on a Zen 4 CPU with AVX512_BF16 (docs/performance.md); much slower on CPUs without bf16 units; changes the numerics of the distillation targets.")
+    autocast: Literal["auto", "off", "bf16"] = Field("off", description="Run the teacher and student forward passes under torch.autocast in bfloat16 (weights, optimizer and losses stay fp32). auto: bf16 where the device has bf16 units (AVX512_BF16 or AMX on CPUs, bf16-capable GPUs), off elsewhere; the run logs which. Measured 1.13-1.80x per step on a Zen 4 CPU with AVX512_BF16 (docs/performance.md); much slower on CPUs without bf16 units; changes the numerics of the distillation targets.")
     data: DataConfig = Field(default_factory=DataConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

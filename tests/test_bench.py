@@ -180,6 +180,8 @@ def test_tiny_bench_writes_the_contracted_json(tmp_path):
         lo = raw[run]["batches_loss"]
         assert lo["final"] < 0.9 * lo["init"], (run, lo)
     assert all(positive(v) for v in data["bf16_autocast_speedup"].values())
+    # the run's autocast, resolved on this CPU; every side trained at it
+    assert data["autocast"]["asked"] == load_config("debug").autocast and data["autocast"]["used"] in ("off", "bf16")
     assert math.isfinite(data["data_wait_fraction"]) and 0 <= data["data_wait_fraction"] < 1
     assert set(data["goals"]) == set(bench.GOALS) >= {"loader_ddp_ratio", "memory_ddp_ratio"}
     assert not set(data["goals"]) & {"ddp_ratio", "parallel_efficiency"} and data["reference"] == list(bench.REFERENCE)

@@ -37,7 +37,9 @@ one and records a run. In short:
   after the trainer. The trainer's DeepSpeed engine runs in the same harness too
   (``raw.deepspeed_2proc``): the engine's cost apart from Ray and the readers.
   ``parallel_efficiency`` (reference): the 2-worker trainer / twice the 1-thread plain loop.
-* ``bf16_autocast_speedup``: the plain loop with ``autocast=bf16`` / fp32, per stage, on this CPU.
+* ``autocast``: what the run's ``autocast`` (``auto`` resolves on this CPU) asked and used; every
+  run and peer trains at the used one. ``bf16_autocast_speedup``: the plain loop with
+  ``autocast=bf16`` / fp32, per stage, on this CPU (the other one measured right after).
 * ``memory``: peak RSS of each demo worker (trainer records), and for the ``paper`` preset the
   per-GPU memory of student weights + gradients + Adam state (ZeRO 0-3, 1/2/4/8 GPUs; fp32 as the
   preset trains, and DeepSpeed's own cold estimators, which assume 16-bit mixed precision) plus the
@@ -83,6 +85,7 @@ from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.driver import init_ray, run_training
 from sdn_dist.training.export import load_student
 from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
+from sdn_dist.training.precision import with_resolved_autocast
 
 GOALS = {  # name: (comparison, threshold)
     "overhead_ratio": (">=", 0.90),
@@ -527,13 +530,15 @@ def _goals(res: dict) -> dict:
     return out
 
 
-def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None) -> dict:
+def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None,
+              autocast: str | None = None) -> dict:
     """Run the benchmark, print a summary and write the JSON to ``out``; returns the dict."""
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    command = ("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else "")) + f" --out {out}"
+    command = (("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else ""))
+               + (f" --autocast {autocast}" if autocast else "") + f" --out {out}")
     res: dict = {"mode": plan.mode, "command": command,
                  "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
     raw: dict = {}
@@ -543,7 +548,10 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
             stack.callback(ray.shutdown)   # before the directory goes; also when a measurement fails
         shards = work / "shards"
         cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
-            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"])
+            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"]
+            + ([f"autocast={autocast}"] if autocast else []))
+        cfg, res["autocast"] = with_resolved_autocast(cfg, torch.device("cpu"))   # every side at the same
+        _log(f"autocast: {res['autocast']['asked']} -> {res['autocast']['used']} ({res['autocast']['why']})")
         res["config"] = {"preset": plan.preset, "overrides": list(plan.overrides), "batch_size": cfg.data.batch_size,
                          "image_size": cfg.model.image_size, "width": cfg.model.width, "text": cfg.text.model_dump()}
         _log(f"{plan.mode}: shards ({plan.n_train} samples) in {work}")
@@ -578,14 +586,17 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
                                   "before": plain_a[s]["samples_per_sec"], "after": plain_b[s]["samples_per_sec"]}
         plain["samples_per_sec"] = combine(plain["stage1"]["samples_per_sec"], plain["stage2"]["samples_per_sec"])
         raw["plain_1thread"] = plain
-        # bf16 autocast on this CPU: the same plain loop with autocast=bf16, right after the fp32 one
-        _log("plain PyTorch loop, 1 thread, bf16 autocast")
-        bf16_cfg = cfg.model_copy(update={"autocast": "bf16"})
+        # bf16 autocast on this CPU: the same plain loop at the other precision, right after the run's one
+        other = "off" if cfg.autocast == "bf16" else "bf16"
+        _log(f"plain PyTorch loop, 1 thread, autocast={other}")
         raw["autocast_bf16"] = {}
         for s in (1, 2):
-            r = plain_loop(bf16_cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every)
-            raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": r["samples_per_sec"],
-                                                 "speedup": r["samples_per_sec"] / plain_b[s]["samples_per_sec"]}
+            r = plain_loop(cfg.model_copy(update={"autocast": other}), batches, s, plan.plain_steps, 1,
+                           plan.plain_warmup, plan.log_every)
+            bf16, fp32 = ((plain_b[s], r) if other == "off" else (r, plain_b[s]))
+            raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": bf16["samples_per_sec"],
+                                                 "fp32_samples_per_sec": fp32["samples_per_sec"],
+                                                 "speedup": bf16["samples_per_sec"] / fp32["samples_per_sec"]}
         res["bf16_autocast_speedup"] = {k: v["speedup"] for k, v in raw["autocast_bf16"].items()}
         raw["train_1x1"] = run11
         overhead = {f"stage{s}": run11[f"stage{s}"]["samples_per_sec"] / plain[f"stage{s}"]["samples_per_sec"]
@@ -714,8 +725,10 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
 def summary(res: dict) -> str:
     raw = res["raw"]
     gib = 2.0 ** 30
+    ac = res["autocast"]
     lines = [f"sdn-dist bench ({res['mode']}) on {res['machine']['cpu_model']}, {res['machine']['cores']} cores, "
-             f"torch {res['versions']['torch']}, {res['duration_seconds']:.0f} s"]
+             f"torch {res['versions']['torch']}, {res['duration_seconds']:.0f} s",
+             f"  autocast: {ac['asked']} -> {ac['used']} ({ac['why']}); every run and peer at {ac['used']}"]
     for name, g in res["goals"].items():
         v = g["value"]
         shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
@@ -753,8 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true")
     g.add_argument("--tiny", action="store_true", help="the debug preset, a handful of steps (tests)")
     ap.add_argument("--workdir", help="keep shards and runs here (default: a temporary directory)")
+    ap.add_argument("--autocast", choices=["auto", "off", "bf16"], help="every side at this autocast (default: the config's)")
     a = ap.parse_args(argv)
-    run_bench(a.out, quick=a.quick, tiny=a.tiny, workdir=a.workdir)
+    run_bench(a.out, quick=a.quick, tiny=a.tiny, workdir=a.workdir, autocast=a.autocast)
     return 0
 
 
