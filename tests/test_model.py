@@ -351,7 +351,7 @@ def _fake_stream(n: int, size: int, sample):
     """A stand-in for sdn_dist.data.pipeline.iter_batches over ``n`` samples; ``sample(i)`` ->
     (image [3, size, size], attributes of sample i)."""
     def gen(urls, *, image_size, batch_size, text_encoder=None, shuffle=True, seed=0, epochs=None, caption="random",
-            keep_in_memory=False):
+            keep_in_memory=False, cache_bytes=0):
         assert image_size == size
         g = torch.Generator().manual_seed(seed)
         epoch = 0
