@@ -110,7 +110,7 @@ def step_flops(cfg, dev, stage: int, batch: int) -> int:
     teacher, student = build(cfg, dev, False)
     real, text = inputs(cfg, dev, batch, False)
     with FlopCounterMode(display=False) as counter:
-        loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+        loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         loss.backward()
     del teacher, student, loss
     return int(counter.get_total_flops())
@@ -147,7 +147,7 @@ def run_plain(cfg, dev, stage: int, precision: str, channels_last: bool, batch: 
 
     def one_step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,7 +189,7 @@ def run_engine(cfg, dev, stage: int, batch: int, steps: int, warmup: int) -> dic
     real, text = prepare_batch(real, text, dev, next(engine.module.parameters()).dtype)
 
     def one_step():
-        loss, _ = distill_step(teacher, engine, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+        loss, _ = distill_step(teacher, engine, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         engine.backward(loss)
         engine.step()
 
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     from sdn_dist.config import load_config
-    cfg = load_config(a.preset, overrides=["teacher.weights=random", "use_gpu=" + str(dev.type == "cuda").lower()])
+    cfg = load_config(a.preset, overrides=["teacher.weights=random", "autocast=off", "use_gpu=" + str(dev.type == "cuda").lower()])
     batch = cfg.data.batch_size
     res: dict = {
         "command": "bash benchmarks/gpu.sh", "preset": a.preset, "device": str(dev),

@@ -73,7 +73,7 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
 
         def engine_step():
             r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
-            loss, _ = trainer.distill_step(teacher, engine, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            loss, _ = trainer.distill_step(teacher, engine, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
             engine.backward(loss)
             engine.step()
         return engine_step
@@ -84,7 +84,7 @@ def variant(cfg, stage: int, name: str, real: torch.Tensor, text: torch.Tensor):
     def forward():
         if name == "current":
             r, t = trainer.prepare_batch(real, text, torch.device("cpu"), torch.float32)
-            return trainer.distill_step(teacher, student, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            return trainer.distill_step(teacher, student, r, t, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         if name == "concat" and stage == 2:
             out = student(text)
             both = teacher(torch.cat([real, out["image"]]))       # [2B, ...]: real half first
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.preset, overrides=["teacher.weights=random"])
+    cfg = load_config(a.preset, overrides=["teacher.weights=random", "autocast=off"])   # the fp32 step
     if "engine" in a.variants.split(","):
         import deepspeed
         for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),

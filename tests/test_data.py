@@ -266,6 +266,48 @@ def test_keep_in_memory_reads_each_shard_once_and_changes_no_batch(tmp_path):
         assert torch.equal(g["image"], p["image"])
 
 
+def _cached_run(tmp_path, monkeypatch, **kw):
+    """3 epochs (35 samples each) of a shuffled stream -> (batches, images decoded, the stream)."""
+    from sdn_dist.data import pipeline
+    tmp_path.mkdir()
+    urls = _uneven_shards(tmp_path)
+    decoded = []
+    decode = pipeline.decode_image
+    monkeypatch.setattr(pipeline, "decode_image", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    stream = RankStream(urls, shard_counts(urls), 0, 1, seed=3, shuffle=True, image_size=8, caption="random",
+                        shuffle_buffer=5, **kw)
+    return list(stream.iter_samples(0, batch_size=5, stop_sample=105)), len(decoded), stream
+
+
+def _same_batches(got, plain):
+    assert len(got) == len(plain) == 21
+    assert [b["key"] for b in got[7:14]] != [b["key"] for b in got[:7]]      # reshuffled per epoch
+    for g, p in zip(got, plain):
+        assert g["key"] == p["key"] and g["captions"] == p["captions"] and g["index"] == p["index"]
+        assert torch.equal(g["image"], p["image"])
+
+
+def test_cache_bytes_decodes_each_image_once_and_changes_no_batch(tmp_path, monkeypatch):
+    """data.cache_bytes: later epochs take the decoded images from the cache, and every batch (order,
+    captions, pixels) is the one the stream gives without it."""
+    plain, n_plain, _ = _cached_run(tmp_path / "a", monkeypatch)
+    cached, n_cached, stream = _cached_run(tmp_path / "b", monkeypatch, cache_bytes=1 << 20)
+    assert (n_plain, n_cached) == (105, 35)
+    assert len(stream._cache) == 35 and 35 * 8 * 8 * 3 < stream.cached_bytes < 1 << 20
+    _same_batches(cached, plain)
+
+
+def test_cache_bytes_is_a_bound(tmp_path, monkeypatch):
+    """Room for about 10 of the 35 samples: those are kept, the others decoded again every epoch."""
+    plain, _, _ = _cached_run(tmp_path / "a", monkeypatch)
+    bound = 10 * (8 * 8 * 3 + 20)
+    cached, n, stream = _cached_run(tmp_path / "b", monkeypatch, cache_bytes=bound)
+    kept = len(stream._cache)
+    assert 5 <= kept < 35 and stream.cached_bytes <= bound
+    assert n == 35 + 2 * (35 - kept)
+    _same_batches(cached, plain)
+
+
 def test_readers_ship_uint8_and_the_trainer_gets_the_same_float_batch(synth_dir):
     """Reader actors send the decoded uint8 images (a quarter of the bytes through Ray's object
     store) and the trainer converts them: the step sees exactly the float batch the stream would
@@ -314,6 +356,20 @@ def test_bad_samples_skipped_and_counted(tmp_path):
     with pytest.raises(DataError, match="no usable sample"):
         for _ in iter_batches(str(allbad), image_size=16, batch_size=1):  # infinite epochs
             pass
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+def test_bad_samples_are_skipped_every_epoch_with_or_without_the_cache(tmp_path, cache_bytes):
+    """data.cache_bytes keeps only good samples: a bad one is read, and counted, every epoch."""
+    good = _png()
+    path = tmp_path / "bad-000000.tar"
+    _write_tar(path, [("a.png", good), ("a.txt", b"first good"), ("b.png", good[: len(good) // 2]),
+                      ("b.txt", b"truncated image"), ("d.png", good), ("e.png", good), ("e.txt", b"last good")])
+    skips = SkipCounter()
+    batches = list(iter_batches(str(path), image_size=16, batch_size=2, shuffle=False, epochs=3, skips=skips,
+                                cache_bytes=cache_bytes))
+    assert [k for b in batches for k in b["key"]] == ["a", "e"] * 3
+    assert skips.as_dict() == {"bad_image": 3, "missing_caption": 3}
 
 
 @pytest.mark.timeout(30)

@@ -307,7 +307,7 @@ def test_bf16_autocast_runs_forward_in_bf16_and_keeps_loss_and_grads_fp32(stage)
         cfg_m = cfg.model_copy(update={"autocast": mode})
         student.zero_grad()
         loss, parts = distill_step(teacher, student, real, text, stages(cfg_m.stage1, cfg_m.stage2)[stage - 1],
-                                   cfg_m.autocast == "bf16")
+                                   cfg_m.autocast)
         loss.backward()
         results[mode] = (loss.item(), loss.dtype, student.fc7.weight.grad.clone())
     hook.remove()
@@ -352,7 +352,7 @@ def _fake_stream(n: int, size: int, sample):
     """A stand-in for sdn_dist.data.pipeline.iter_batches over ``n`` samples; ``sample(i)`` ->
     (image [3, size, size], attributes of sample i)."""
     def gen(urls, *, image_size, batch_size, text_encoder=None, shuffle=True, seed=0, epochs=None, caption="random",
-            keep_in_memory=False):
+            keep_in_memory=False, cache_bytes=0):
         assert image_size == size
         g = torch.Generator().manual_seed(seed)
         epoch = 0

@@ -61,7 +61,8 @@ def student(out):
 
 def test_two_workers_two_stages(tmp_path, tiny):
     out = tmp_path / "run"
-    train(out, tiny, "workers=2", "data.shuffle=false", "stage1.steps=30", "stage2.steps=30", "checkpoint.every=10")
+    train(out, tiny, "workers=2", "data.shuffle=false", "stage1.steps=30", "stage2.steps=30", "checkpoint.every=10",
+          "autocast=auto")
     recs = records(out)
     for rank in (0, 1):
         mine = sorted((r for r in recs if r["rank"] == rank), key=lambda r: r["step"])
@@ -77,6 +78,12 @@ def test_two_workers_two_stages(tmp_path, tiny):
     finals = [e for e in events(out) if e["event"] == "final"]
     assert len(finals) == 2 and finals[0]["param_sha256"] == finals[1]["param_sha256"]
     assert finals[0]["step"] == 60
+    # autocast=auto is resolved once, on the workers' device, and the run says to what
+    from sdn_dist.training.precision import resolve_autocast
+    said = [e for e in events(out) if "autocast" in e]
+    used, why = resolve_autocast("auto", torch.device("cpu"))
+    assert len(said) == 1 and said[0]["autocast"] == {"asked": "auto", "used": used, "why": why}
+    assert said[0]["text"] == f"autocast: auto -> {used} ({why})"
     assert (out / "config.yaml").exists()
     assert sorted(p.name for p in (out / "samples").glob("*.png"))
     done = sorted(p.parent.name for p in (out / "checkpoints").glob("*/COMPLETE"))

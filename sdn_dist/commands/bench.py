@@ -23,14 +23,23 @@ one and records a run. In short:
 * ``flop_utilization``: FLOPs of one training step (torch.utils.flop_counter) x steps/s of the demo
   configuration (2 workers x 1 thread) / the measured dense fp32 4096x4096 matmul FLOP/s with all
   threads.
-* ``ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer / a
-  plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
+* ``loader_ddp_ratio`` (per stage and ``combined``): samples/s of the 2 workers x 1 thread trainer
+  / what a user would write instead: ``benchmarks/ddp_loader_peer.py`` under torchrun, 2 processes
+  x 1 thread, DistributedDataParallel over gloo, a webdataset loader with one worker per rank that
+  reads and decodes the same shards, the same ``distill_step`` and torch Adam; run right before
+  and right after the trainer (the median chunk of both sides).
+* ``memory_ddp_ratio`` (per stage and ``combined``): the same trainer / the in-memory DDP peer
+  below (the ceiling of any data-parallel script here: it decodes nothing).
+* ``ddp_ratio`` (reference, = ``memory_ddp_ratio``, kept for earlier JSONs): samples/s of the 2
+  workers x 1 thread trainer / a plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
   processes x 1 thread started with torch.multiprocessing on 127.0.0.1, gloo on CPUs and nccl on
   GPUs, the same per-rank micro-batch, the batches in memory), measured right before and right
   after the trainer. The trainer's DeepSpeed engine runs in the same harness too
   (``raw.deepspeed_2proc``): the engine's cost apart from Ray and the readers.
-  ``parallel_efficiency``: the 2-worker trainer / twice the 1-thread plain loop.
-* ``bf16_autocast_speedup``: the plain loop with ``autocast=bf16`` / fp32, per stage, on this CPU.
+  ``parallel_efficiency`` (reference): the 2-worker trainer / twice the 1-thread plain loop.
+* ``autocast``: what the run's ``autocast`` (``auto`` resolves on this CPU) asked and used; every
+  run and peer trains at the used one. ``bf16_autocast_speedup``: the plain loop with
+  ``autocast=bf16`` / fp32, per stage, on this CPU (the other one measured right after).
 * ``memory``: peak RSS of each demo worker (trainer records), and for the ``paper`` preset the
   per-GPU memory of student weights + gradients + Adam state (ZeRO 0-3, 1/2/4/8 GPUs; fp32 as the
   preset trains, and DeepSpeed's own cold estimators, which assume 16-bit mixed precision) plus the
@@ -77,6 +86,7 @@ from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.driver import init_ray, run_training
 from sdn_dist.training.export import load_student
 from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
+from sdn_dist.training.precision import with_resolved_autocast
 
 GOALS = {  # name: (comparison, threshold)
     "overhead_ratio": (">=", 0.90),
@@ -85,9 +95,13 @@ GOALS = {  # name: (comparison, threshold)
     "scaling_ratio": (">=", 1.0),
     "flop_utilization": (">=", 0.5),
     # per stage and combined: met when every one of them is
-    "ddp_ratio": (">=", 1.0),
-    "parallel_efficiency": (">=", 0.75),
+    "loader_ddp_ratio": (">=", 1.0),
+    "memory_ddp_ratio": (">=", 0.85),
 }
+# Reported beside the goals, not goals (issue 35): what 2 processes reach on 2 shared cores
+# depends on the machine more than on the trainer (parallel_ceiling says how much).
+REFERENCE = ("ddp_ratio", "parallel_efficiency")
+LOADER_PEER = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_loader_peer.py"
 
 
 @dataclass(frozen=True)
@@ -200,7 +214,7 @@ def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
         real = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size)
         text = torch.randn(batch, text_dim)
         with FlopCounterMode(display=False) as counter:
-            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
             loss.backward()
     return int(counter.get_total_flops())
 
@@ -234,7 +248,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
             image, text = batches[i % len(batches)]
             t = time.perf_counter()
             real, text = prepare_batch(image, text, torch.device("cpu"), torch.float32)
-            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -261,7 +275,7 @@ def batches_loss(cfg, student, batches, stage: int) -> float:
         losses = []
         for image, text in batches:
             real, text = prepare_batch(image, text, torch.device("cpu"), torch.float32)
-            losses.append(float(distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")[0]))
+            losses.append(float(distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)[0]))
     return statistics.fmean(losses)
 
 
@@ -397,7 +411,7 @@ def activation_bytes(model_cfg, teacher_cfg, stage_cfgs, text_dim: int, batch: i
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with torch.no_grad():
                 targets = teacher(real)
-            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+            loss, _ = distill_step(teacher, student, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         target_bytes = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
                             for v in targets.values()}.values())
         del loss
@@ -465,9 +479,42 @@ def paper_memory(act_image_size: int = 224, worlds=(1, 2, 4, 8)) -> dict:
 
 def make_shards(directory: Path, cfg, n_train: int) -> None:
     """Synthetic shards at the preset's image size with the run's caption embeddings stored, as
-    `sdn-dist demo` writes them (readers then take the stored rows instead of encoding)."""
-    make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size, per_shard=500,
+    `sdn-dist demo` writes them (readers then take the stored rows instead of encoding). At least
+    4 training shards: the loader peer splits shards over its 2 ranks, as webdataset does."""
+    make_synth(out=str(directory), train=n_train, test=16, size=cfg.model.image_size,
+               per_shard=min(500, max(1, n_train // 4)),
                seed=0, progress=False, embed=build_text_encoder(cfg.text))
+
+
+def loader_peer(cfg, work: Path, steps: int, warmup: int, chunk: int, world: int = 2) -> dict:
+    """``benchmarks/ddp_loader_peer.py`` under torchrun (``world`` processes x
+    ``threads_per_worker``, 127.0.0.1) on ``cfg``'s shards, both stages -> per stage samples/s (the
+    median chunk of rank 0), every chunk, the loader wait and the losses."""
+    import subprocess
+    import yaml
+    from sdn_dist.net import free_port
+
+    if not LOADER_PEER.exists():
+        raise RuntimeError(f"{LOADER_PEER} is missing: the bench runs from a source checkout (pip install -e .)")
+    d = Path(tempfile.mkdtemp(prefix="loader-peer-", dir=work))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg.model_copy(update={"workers": world}).model_dump(mode="json")))
+    root = str(Path(__import__("sdn_dist").__file__).resolve().parents[1])   # this sdn_dist, in the children too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "OMP_NUM_THREADS": str(cfg.threads_per_worker)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", f"--nproc-per-node={world}",
+           "--master-addr", "127.0.0.1", f"--master-port={free_port()}", str(LOADER_PEER),
+           "--config", str(d / "config.yaml"), "--steps", str(steps), "--warmup", str(warmup),
+           "--chunk", str(chunk), "--out", str(d / "peer.json")]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"loader peer failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    r = json.loads((d / "peer.json").read_text())
+    out = {"world": r["world"], "micro_batch": r["micro_batch"], "backend": r["backend"],
+           "param_sums": r["param_sums"], "wall_seconds": time.perf_counter() - t}
+    for k, v in r["stages"].items():
+        out[k] = {**v, "samples_per_sec": statistics.median(v["chunk_samples_per_sec"])}
+    return out
 
 
 def _log(msg: str) -> None:
@@ -484,13 +531,15 @@ def _goals(res: dict) -> dict:
     return out
 
 
-def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None) -> dict:
+def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None,
+              autocast: str | None = None) -> dict:
     """Run the benchmark, print a summary and write the JSON to ``out``; returns the dict."""
     plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    command = ("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else "")) + f" --out {out}"
+    command = (("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else ""))
+               + (f" --autocast {autocast}" if autocast else "") + f" --out {out}")
     res: dict = {"mode": plan.mode, "command": command,
                  "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
     raw: dict = {}
@@ -500,7 +549,10 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
             stack.callback(ray.shutdown)   # before the directory goes; also when a measurement fails
         shards = work / "shards"
         cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
-            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"])
+            f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"]
+            + ([f"autocast={autocast}"] if autocast else []))
+        cfg, res["autocast"] = with_resolved_autocast(cfg, torch.device("cpu"))   # every side at the same
+        _log(f"autocast: {res['autocast']['asked']} -> {res['autocast']['used']} ({res['autocast']['why']})")
         res["config"] = {"preset": plan.preset, "overrides": list(plan.overrides), "batch_size": cfg.data.batch_size,
                          "image_size": cfg.model.image_size, "width": cfg.model.width, "text": cfg.text.model_dump()}
         _log(f"{plan.mode}: shards ({plan.n_train} samples) in {work}")
@@ -535,14 +587,17 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
                                   "before": plain_a[s]["samples_per_sec"], "after": plain_b[s]["samples_per_sec"]}
         plain["samples_per_sec"] = combine(plain["stage1"]["samples_per_sec"], plain["stage2"]["samples_per_sec"])
         raw["plain_1thread"] = plain
-        # bf16 autocast on this CPU: the same plain loop with autocast=bf16, right after the fp32 one
-        _log("plain PyTorch loop, 1 thread, bf16 autocast")
-        bf16_cfg = cfg.model_copy(update={"autocast": "bf16"})
+        # bf16 autocast on this CPU: the same plain loop at the other precision, right after the run's one
+        other = "off" if cfg.autocast == "bf16" else "bf16"
+        _log(f"plain PyTorch loop, 1 thread, autocast={other}")
         raw["autocast_bf16"] = {}
         for s in (1, 2):
-            r = plain_loop(bf16_cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every)
-            raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": r["samples_per_sec"],
-                                                 "speedup": r["samples_per_sec"] / plain_b[s]["samples_per_sec"]}
+            r = plain_loop(cfg.model_copy(update={"autocast": other}), batches, s, plan.plain_steps, 1,
+                           plan.plain_warmup, plan.log_every)
+            bf16, fp32 = ((plain_b[s], r) if other == "off" else (r, plain_b[s]))
+            raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": bf16["samples_per_sec"],
+                                                 "fp32_samples_per_sec": fp32["samples_per_sec"],
+                                                 "speedup": bf16["samples_per_sec"] / fp32["samples_per_sec"]}
         res["bf16_autocast_speedup"] = {k: v["speedup"] for k, v in raw["autocast_bf16"].items()}
         raw["train_1x1"] = run11
         overhead = {f"stage{s}": run11[f"stage{s}"]["samples_per_sec"] / plain[f"stage{s}"]["samples_per_sec"]
@@ -557,8 +612,12 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         # the 2-worker trainer (the median chunk of both sides, as the plain loop's)
         _log("plain torch DDP, 2 processes x 1 thread (before)")
         ddp_a = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        _log("DDP script with a webdataset loader (benchmarks/ddp_loader_peer.py), torchrun 2 x 1 (before)")
+        loader_a = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
         _log("sdn-dist train: 2 workers x 1 thread")
         run21 = train_run(cfg, work, 2, 1, plan, batches=batches)
+        _log("DDP script with a webdataset loader, torchrun 2 x 1 (after)")
+        loader_b = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
         _log("plain torch DDP, 2 processes x 1 thread (after)")
         ddp_b = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
         _log("2 independent processes x 1 thread: the DDP loop without the all-reduce (the machine's ceiling)")
@@ -580,9 +639,26 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         raw["ddp_2proc"] = ddp
         raw["deepspeed_2proc"] = {**{f"stage{s}": r for s, r in ds_peer.items()},
                                   "samples_per_sec": combine(ds_peer[1]["samples_per_sec"], ds_peer[2]["samples_per_sec"])}
-        res["ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / ddp[f"stage{s}"]["samples_per_sec"]
-                               for s in (1, 2)},
-                            "combined": run21["samples_per_sec"] / ddp["samples_per_sec"]}
+        res["memory_ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / ddp[f"stage{s}"]["samples_per_sec"]
+                                      for s in (1, 2)},
+                                   "combined": run21["samples_per_sec"] / ddp["samples_per_sec"]}
+        res["ddp_ratio"] = dict(res["memory_ddp_ratio"])
+        loader: dict = {}
+        for s in (1, 2):
+            a, b = loader_a[f"stage{s}"], loader_b[f"stage{s}"]
+            chunks = a["chunk_samples_per_sec"] + b["chunk_samples_per_sec"]
+            loader[f"stage{s}"] = {"samples_per_sec": statistics.median(chunks), "chunk_samples_per_sec": chunks,
+                                   "before": a["samples_per_sec"], "after": b["samples_per_sec"],
+                                   "data_wait_fraction": max(a["data_wait_fraction"], b["data_wait_fraction"]),
+                                   "losses": a["losses"] + b["losses"]}
+        loader["samples_per_sec"] = combine(loader["stage1"]["samples_per_sec"], loader["stage2"]["samples_per_sec"])
+        loader.update({k: loader_a[k] for k in ("world", "micro_batch", "backend")},
+                      param_sums=[loader_a["param_sums"], loader_b["param_sums"]],
+                      wall_seconds=[loader_a["wall_seconds"], loader_b["wall_seconds"]])
+        raw["loader_ddp_2proc"] = loader
+        res["loader_ddp_ratio"] = {**{f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / loader[f"stage{s}"]["samples_per_sec"]
+                                      for s in (1, 2)},
+                                   "combined": run21["samples_per_sec"] / loader["samples_per_sec"]}
         eff = {f"stage{s}": run21[f"stage{s}"]["samples_per_sec"] / (2 * plain[f"stage{s}"]["samples_per_sec"])
                for s in (1, 2)}
         res["parallel_efficiency"] = run21["samples_per_sec"] / (2 * plain["samples_per_sec"])
@@ -638,6 +714,7 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         }
         res["raw"] = raw
     res["goals"] = _goals(res)
+    res["reference"] = list(REFERENCE)
     res["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["duration_seconds"] = time.time() - t_start
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -649,14 +726,22 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
 def summary(res: dict) -> str:
     raw = res["raw"]
     gib = 2.0 ** 30
+    ac = res["autocast"]
     lines = [f"sdn-dist bench ({res['mode']}) on {res['machine']['cpu_model']}, {res['machine']['cores']} cores, "
-             f"torch {res['versions']['torch']}, {res['duration_seconds']:.0f} s"]
+             f"torch {res['versions']['torch']}, {res['duration_seconds']:.0f} s",
+             f"  autocast: {ac['asked']} -> {ac['used']} ({ac['why']}); every run and peer at {ac['used']}"]
     for name, g in res["goals"].items():
         v = g["value"]
         shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
                  else f"{v:8.3f}")
         lines.append(f"  {name:20s} {shown}   goal {g['goal']:8s} {'met' if g['met'] else 'NOT met'}")
-    for k in ("plain_1thread", "train_1x1", "train_2x1", "ddp_2proc", "deepspeed_2proc", "independent_2proc", "train_1x2"):
+    for name in REFERENCE:
+        v = res[name]
+        shown = (f"{v['combined']:8.3f}   (stage 1 {v['stage1']:.3f}, stage 2 {v['stage2']:.3f})" if isinstance(v, dict)
+                 else f"{v:8.3f}")
+        lines.append(f"  {name:20s} {shown}   (reference, not a goal)")
+    for k in ("plain_1thread", "train_1x1", "train_2x1", "loader_ddp_2proc", "ddp_2proc", "deepspeed_2proc",
+              "independent_2proc", "train_1x2"):
         r = raw[k]
         lines.append(f"  {k:20s} stage 1 {r['stage1']['samples_per_sec']:7.1f}  stage 2 {r['stage2']['samples_per_sec']:7.1f}  "
                      f"combined {r['samples_per_sec']:7.1f} samples/s")
@@ -682,8 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true")
     g.add_argument("--tiny", action="store_true", help="the debug preset, a handful of steps (tests)")
     ap.add_argument("--workdir", help="keep shards and runs here (default: a temporary directory)")
+    ap.add_argument("--autocast", choices=["auto", "off", "bf16"], help="every side at this autocast (default: the config's)")
     a = ap.parse_args(argv)
-    run_bench(a.out, quick=a.quick, tiny=a.tiny, workdir=a.workdir)
+    run_bench(a.out, quick=a.quick, tiny=a.tiny, workdir=a.workdir, autocast=a.autocast)
     return 0
 
 

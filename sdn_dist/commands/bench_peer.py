@@ -34,6 +34,7 @@ from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.net import free_port
 from sdn_dist.training.loop import _digest, build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher
+from sdn_dist.training.precision import with_resolved_autocast
 
 
 def _models(cfg, text_dim: int, seed: int = 0):
@@ -53,6 +54,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
     device = torch.device(f"cuda:{rank}") if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
+    cfg, _ = with_resolved_autocast(cfg, device)     # autocast=auto: bf16 where the device has it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
@@ -80,7 +82,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         image, text = batches[i % len(batches)]
         image, text = image[rank * micro:(rank + 1) * micro], text[rank * micro:(rank + 1) * micro]
         real, text = prepare_batch(image, text, device, torch.float32)
-        loss, _ = distill_step(teacher, model, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast == "bf16")
+        loss, _ = distill_step(teacher, model, real, text, stages(cfg.stage1, cfg.stage2)[stage - 1], cfg.autocast)
         if kind != "deepspeed":
             opt.zero_grad(set_to_none=True)
             loss.backward()

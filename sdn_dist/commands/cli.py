@@ -181,7 +181,7 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from sdn_dist.commands.bench import run_bench
-    run_bench(out=args.out, quick=args.quick)
+    run_bench(out=args.out, quick=args.quick, autocast=args.autocast)
     return 0
 
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the performance benchmark")
     p.add_argument("--quick", action="store_true", help="finish within 10 minutes on 2 cores")
     p.add_argument("--out", required=True, metavar="FILE.json")
+    p.add_argument("--autocast", choices=["auto", "off", "bf16"],
+                   help="every run and peer at this autocast (default: the config's; `auto` resolves on this CPU)")
     p.set_defaults(fn=cmd_bench)
     return ap
 

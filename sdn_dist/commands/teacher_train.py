@@ -535,7 +535,7 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     stream_caption = "random" if objective == "caption" else "first"
     stream = iter_batches(urls, image_size=size, batch_size=tcfg.batch_size, text_encoder=encoder,
                           shuffle=True, seed=cfg.seed, epochs=None, caption=stream_caption,
-                          keep_in_memory=cfg.data.keep_in_memory)
+                          keep_in_memory=cfg.data.keep_in_memory, cache_bytes=cfg.data.cache_bytes)
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not (progress and sys.stderr.isatty()), unit="step")
     # Off a terminal (a log file, ray job submit): plain lines, the first step's and ~20 more.
     plain_every = max(1, tcfg.steps // 20) if progress and not sys.stderr.isatty() and peers.rank == 0 else 0

@@ -253,10 +253,14 @@ class RankStream:
         strict: a bad sample raises DataError naming shard and key instead of being skipped.
         skips: the SkipCounter to add skips to (default: a new one, ``self.skips``).
         max_caption_chars, max_image_pixels: the per-sample memory bounds (``data.*``); None = none.
-        keep_in_memory: keep every sample read (its tar members) and its decoded image, so that
-            later epochs read neither the shards nor the PNGs again: the same samples in the same
-            order, for data sets that fit in memory and are read many times (``data.keep_in_memory``:
-            `sdn-dist teacher train` reads the demo's 4,000 images, ~90 MB kept, twelve times).
+        keep_in_memory: keep every sample read (its tar members), so that later epochs do not
+            read the shards again: the same samples in the same order, for data sets that fit in
+            memory and are read many times (``data.keep_in_memory``: `sdn-dist teacher train`
+            reads the demo's 4,000 images twelve times).
+        cache_bytes: keep decoded samples (the uint8 [S,S,3] image, captions, meta and stored
+            embedding rows, keyed by shard URL and sample key), the first ones decoded until they
+            fill this many bytes, so that later epochs decode them no more (``data.cache_bytes``;
+            0 = off). Decoding is deterministic, so the batches are the same with or without it.
 
     A reader that goes through a whole epoch of its share without one usable sample raises
     DataError with the skip counts by reason: a run cannot train on nothing.
@@ -267,7 +271,7 @@ class RankStream:
                  image_size: int = 64, text_encoder=None, caption: str = "random",
                  shuffle_buffer: int = 64, strict: bool = False, skips: SkipCounter | None = None,
                  max_caption_chars: int | None = MAX_CAPTION_CHARS, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-                 keep_in_memory: bool = False):
+                 keep_in_memory: bool = False, cache_bytes: int = 0):
         if len(urls) != len(counts):
             raise ValueError(f"{len(urls)} urls but {len(counts)} counts")
         if not 0 <= rank < world_size:
@@ -286,9 +290,12 @@ class RankStream:
         self._read_limits = {"txt": caption_bytes_cap(max_caption_chars)} if max_caption_chars else None
         self._use_emb = bool(getattr(text_encoder, "precomputed", False))
         self._plan_cache: tuple[int, list] | None = None
-        # keep_in_memory: (shard index, sample index) -> raw sample; (url, key) -> decoded image
+        # keep_in_memory: (shard index, sample index) -> raw sample
         self._raw: dict[tuple[int, int], dict] | None = {} if keep_in_memory else None
-        self._images: dict[tuple[str, str], np.ndarray] | None = {} if keep_in_memory else None
+        # cache_bytes: (url, key) -> decoded sample (captions, meta, stored rows, image), filled
+        # until the next one would not fit
+        self._cache: dict[tuple[str, str], dict] | None = {} if cache_bytes > 0 else None
+        self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
 
     # -- positions ------------------------------------------------------------------------------
     def epoch_length(self, epoch: int) -> int:
@@ -433,7 +440,27 @@ class RankStream:
             return None
 
     def decode(self, raw: dict, epoch: int = 0) -> dict:
-        """One raw webdataset sample -> the decoded sample; raises _Skip(reason, detail)."""
+        """One raw webdataset sample -> the decoded sample; raises _Skip(reason, detail). With
+        ``cache_bytes``, a kept sample's captions, meta, stored embedding rows and image come from
+        the cache: only the epoch's caption choice is made again (the same checks, in the same
+        order, so the same samples are skipped for the same reasons)."""
+        at = (raw.get("__url__", ""), raw["__key__"])
+        part = (self._cache.get(at) if self._cache is not None else None) or self._parse(raw)
+        captions, rows, key = part["captions"], part["rows"], raw["__key__"]
+        c = 0 if self.caption == "first" else seed_int(self.seed, "caption", epoch, key) % len(captions)
+        emb = None if rows is None else rows[c]
+        if emb is not None and not np.isfinite(emb).all():
+            if self._use_emb:
+                raise _Skip("nan_embedding", "NaN or inf in the embedding")
+            emb = None                     # a stored row that is no good: encode the caption
+        if part["image"] is None:          # not from the cache: decode, and keep it if it fits
+            part["image"] = decode_image(raw[part["img_ext"]], self.image_size, self.max_image_pixels)
+            self._keep(at, part)
+        return {"image": part["image"], "caption": captions[c], "emb": emb, "meta": part["meta"],
+                "key": key, "epoch": epoch}
+
+    def _parse(self, raw: dict) -> dict:
+        """The part of decoding that does not depend on the epoch, but the image."""
         img_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if img_ext is None:
             raise _Skip("missing_image", "no image member")
@@ -448,32 +475,29 @@ class RankStream:
                 meta = None
             if not isinstance(meta, dict):
                 raise _Skip("bad_meta", "KEY.json is not a JSON object")
-        key = raw["__key__"]
-        c = 0 if self.caption == "first" else seed_int(self.seed, "caption", epoch, key) % len(captions)
-        emb = None
+        rows = None
         if self._use_emb:
             if EMB_EXT not in raw:
                 raise _Skip("missing_embedding", "no .emb.npy member")
-            emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
-            if not np.isfinite(emb).all():
-                raise _Skip("nan_embedding", "NaN or inf in the embedding")
+            rows = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)
         elif EMB_EXT in raw and self._stored_rows_match(meta.get("emb_encoder")):
             # Rows this very encoder computed when the shard was written: no need to encode.
             try:
-                emb = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)[c]
+                rows = decode_embedding(raw[EMB_EXT], len(captions), self.text_encoder.dim)
             except _Skip:
-                emb = None
-            if emb is not None and not np.isfinite(emb).all():
-                emb = None
-        if self._images is None:
-            image = decode_image(raw[img_ext], self.image_size, self.max_image_pixels)
-        else:
-            at = (raw.get("__url__", ""), key)
-            image = self._images.get(at)
-            if image is None:
-                image = self._images[at] = decode_image(raw[img_ext], self.image_size, self.max_image_pixels)
-        return {"image": image, "caption": captions[c], "emb": emb, "meta": meta,
-                "key": key, "epoch": epoch}
+                rows = None
+        return {"img_ext": img_ext, "captions": captions, "meta": meta, "rows": rows, "image": None}
+
+    def _keep(self, at: tuple[str, str], part: dict) -> None:
+        """Cache a decoded sample while the cache has room (first come; never evicted)."""
+        if self._cache is None:
+            return
+        n = (part["image"].nbytes + (0 if part["rows"] is None else part["rows"].nbytes)
+             + sum(len(c.encode()) for c in part["captions"]))
+        if self.cached_bytes + n <= self.cache_bytes:
+            part["image"].flags.writeable = False     # shared by every later epoch's batches
+            self._cache[at] = part
+            self.cached_bytes += n
 
     def _stored_rows_match(self, record) -> bool:
         matches = getattr(self.text_encoder, "matches", None)
@@ -566,19 +590,20 @@ def iter_batches(urls, *, image_size: int, batch_size: int, text_encoder=None, s
                  seed: int = 0, epochs: int | None = None, caption: str = "random", rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 64, strict: bool = False,
                  skips: SkipCounter | None = None, max_caption_chars: int | None = MAX_CAPTION_CHARS,
-                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, keep_in_memory: bool = False) -> Iterator[dict]:
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, keep_in_memory: bool = False,
+                 cache_bytes: int = 0) -> Iterator[dict]:
     """Micro-batches (the dict of :meth:`RankStream.iter_samples`) in one process.
 
     ``epochs=None`` never ends; ``epochs=k`` stops after k epochs of this rank (the last batch may
     be short). ``shuffle=False, epochs=1`` reads every sample once, in shard order (eval).
-    ``keep_in_memory``: see :class:`RankStream`.
+    ``keep_in_memory``, ``cache_bytes``: see :class:`RankStream`.
     """
     shard_list = expand_urls(urls)
     stream = RankStream(shard_list, shard_counts(shard_list), rank, world_size, seed, shuffle,
                         image_size=image_size, text_encoder=text_encoder, caption=caption,
                         shuffle_buffer=shuffle_buffer, strict=strict, skips=skips,
                         max_caption_chars=max_caption_chars, max_image_pixels=max_image_pixels,
-                        keep_in_memory=keep_in_memory)
+                        keep_in_memory=keep_in_memory, cache_bytes=cache_bytes)
     stop = None if epochs is None else stream.epoch_start(epochs)
     yield from stream.iter_samples(0, 0, 1, batch_size, stop)
 

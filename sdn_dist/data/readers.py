@@ -160,7 +160,8 @@ class ShardReader:
                                  shuffle=spec.data.shuffle, image_size=spec.image_size,
                                  text_encoder=encoder_from_record(spec.text), caption=spec.data.caption,
                                  strict=spec.data.strict, shuffle_buffer=spec.data.shuffle_buffer,
-                                 keep_in_memory=spec.data.keep_in_memory, **sample_caps(spec.data))
+                                 keep_in_memory=spec.data.keep_in_memory, cache_bytes=spec.data.cache_bytes,
+                                 **sample_caps(spec.data))
         self.it = self.stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
                                            batch_size=micro_batch, uint8=True)
 

@@ -34,6 +34,7 @@ from sdn_dist.training.collector import StepRecord, event, message
 from sdn_dist.training.export import export_student
 from sdn_dist.training.grids import SampleGrid
 from sdn_dist.training.preemption import WorkerPreemption
+from sdn_dist.training.precision import with_resolved_autocast
 from sdn_dist.training.state import TrainState, restore_rng
 
 
@@ -153,16 +154,19 @@ def prepare_batch(image, text, device, dtype) -> tuple[torch.Tensor, torch.Tenso
 
 
 def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage: Stage,
-                 autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 autocast: str = "off") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch forward -> (loss, {point: detached loss}); the caller does backward/step.
 
     The teacher's pass over the real image is a constant target (no graph); in a stage that goes
     through the teacher (stage 2) the generated image goes through the frozen teacher and the
     gradient flows through it to the student. Shared with the benchmark's plain PyTorch loop
-    (``sdn_dist.commands.bench``): same work. ``autocast``: the forward passes in bf16, the
-    losses (and all weights) in fp32.
+    (``sdn_dist.commands.bench``): same work. ``autocast`` (resolved: "bf16" or "off"): "bf16"
+    runs the forward passes in bf16, the losses (and all weights) stay fp32.
     """
-    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=autocast):
+    if autocast == "auto":   # would silently run fp32: resolve it once, up front
+        raise ValueError("autocast=auto reached the training step unresolved: "
+                         "use precision.with_resolved_autocast(cfg, device) first")
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         with torch.no_grad():
             t_real = teacher(real)
         pred = student(text)
@@ -213,7 +217,7 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, 
             continue
         real, text = prepare_batch(b.image, b.text, engine.device, next(engine.module.parameters()).dtype)
         loss, parts = distill_step(teacher, engine, real, text, state.schedule.stage(state.stage),
-                                   cfg.autocast == "bf16")
+                                   cfg.autocast)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() / accum + (0.0 if loss_sum is None else loss_sum)
@@ -282,6 +286,10 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    cfg, autocast = with_resolved_autocast(cfg, device)     # autocast=auto -> bf16 or off, on this device
+    if rank == 0:
+        collector.report.remote([message(f"autocast: {autocast['asked']} -> {autocast['used']} ({autocast['why']})",
+                                         autocast=autocast)])
     torch.manual_seed(cfg.seed)  # a random-init teacher (the ablation) must be the same on every rank
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
