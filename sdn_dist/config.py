@@ -44,7 +44,7 @@ class DataConfig(Section):
     shuffle: bool = Field(True, description="Shuffle shard order (per epoch, seeded) and samples within a shard buffer.")
     shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
     keep_in_memory: bool = Field(False, description="Keep every sample read (its tar members) in memory, so later epochs do not read the shards again (the same samples in the same order). For data sets that fit (the demo's 4,000 images at 64 px: ~40 MB per reader) and are read many times; see docs/performance.md.")
-    cache_bytes: int = Field(1 << 30, ge=0, description="Decoded samples (image, captions, stored caption rows) each reader keeps, first come, up to this many bytes, so that later epochs do not decode them again; the same samples in the same order. 0 = off. The demo's 4,000 samples at 64 px take ~75 MB; with keep_in_memory a reader's CPU per sample fell 55 -> 13 us on a Zen 4 (docs/performance.md).")
+    cache_bytes: int = Field(1 << 30, ge=0, description="Decoded samples (image, captions, stored caption rows) each shard reader keeps, first come, up to this many bytes, so later epochs do not decode them again; the same batches. 0 = off. A node holds up to readers x ranks x this. Measured on the synthetic demo's shards (docs/performance.md).")
     caption: Literal["random", "first"] = Field("random", description="Which of a sample's captions to use: a seeded random one per epoch, or always the first.")
     strict: bool = Field(False, description="Fail on the first bad sample instead of skipping and counting it.")
     # Bounds on what one sample may cost a reader (docs/reliability.md, "Bounded memory").
@@ -183,7 +183,7 @@ class Config(Section):
     threads_per_worker: int = Field(1, ge=1, description="torch / OMP threads in each worker.")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
     seed: int = Field(0, description="Seed for init, shuffling and caption choice.")
-    autocast: Literal["auto", "off", "bf16"] = Field("off", description="Run the teacher and student forward passes under torch.autocast in bfloat16 (weights, optimizer and losses stay fp32). auto: bf16 where the device has bf16 units (AVX512_BF16 or AMX on CPUs, bf16-capable GPUs), off elsewhere; the run logs which. Measured 1.13-1.80x per step on a Zen 4 CPU with AVX512_BF16 (docs/performance.md); much slower on CPUs without bf16 units; changes the numerics of the distillation targets.")
+    autocast: Literal["auto", "off", "bf16"] = Field("off", description="Forward passes under torch.autocast in bfloat16 (weights, optimizer and losses stay fp32). auto: bf16 where the device has bf16 units (AVX512_BF16/AMX, bf16 GPUs), else off; the run logs which. Off by default: faster per step but below the demo's held-out goal at one of two seeds on the synthetic benchmark (docs/results.md, docs/performance.md).")
     data: DataConfig = Field(default_factory=DataConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
