@@ -146,7 +146,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("refusal", ["another model", "older sdn-dist"])
+@pytest.mark.parametrize("refusal", ["another model", "older sdn-dist", "ZeRO-1 on another world size"])
 def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards, refusal):
     """A rerun that cannot resume must not touch ``out``: not config.yaml (the driver rewrites it
     with the new settings), not metrics.jsonl / events.jsonl, no ray/ or probe file. The layout of
@@ -157,10 +157,12 @@ def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards,
     ck = out / "checkpoints" / "step-00000004"
     ck.mkdir(parents=True)
     width = "model.width=0.125" if refusal == "another model" else "model.width=0.0625"
-    (out / "config.yaml").write_text(to_yaml(load_config("debug", overrides=[width, f"out={out}"])))
+    zero = ["deepspeed.zero_stage=1", "workers=2"] if refusal.startswith("ZeRO") else []
+    (out / "config.yaml").write_text(to_yaml(load_config("debug", overrides=[width, f"out={out}", *zero])))
     marker = {"step": 4, "stage": 1, "time": 1.5e9}
-    if refusal == "another model":
-        marker.update(schedule={"switch_step": 4, "best": 1.0, "bad": 0}, data_position=32, world_size=1)
+    if refusal != "older sdn-dist":
+        marker.update(schedule={"switch_step": 4, "best": 1.0, "bad": 0}, data_position=32,
+                      world_size=2 if zero else 1)
     (ck / "COMPLETE").write_text(json.dumps(marker))
     (ck / "mp_rank_00_model_states.pt").write_bytes(b"\x80weights")
     (out / "metrics.jsonl").write_text('{"step": 4, "stage": 1, "loss": 0.5, "time": 1.5e9}\n')
@@ -168,9 +170,11 @@ def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards,
     (out / "samples").mkdir()
     (out / "samples" / "step-00000004.png").write_bytes(b"\x89PNG...")
     before = snapshot(out)
-    r, dt = train(out, shards, "stage1.steps=6")
+    r, dt = train(out, shards, "stage1.steps=6", *(["deepspeed.zero_stage=1", "workers=1"] if zero else []))
     if refusal == "another model":
         one_line_error(r, "model.width=0.125 there", "model.width=0.0625 now", "step-00000004")
+    elif zero:
+        one_line_error(r, f"out={out}", "step-00000004", "deepspeed.zero_stage=1", "2 worker(s)", "workers=1 now")
     else:
         one_line_error(r, f"out={out}", "step-00000004", "older sdn-dist")
     stopped_before_ray(r, dt, out)

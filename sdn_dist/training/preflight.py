@@ -124,6 +124,12 @@ def check_run_dir(cfg: Config) -> None:
         raise UserError(f"out={cfg.out}: checkpoint {done[-1]} was written by an older sdn-dist (no train "
                         f"state in its COMPLETE marker): use another out to start a new run, or the "
                         f"release that wrote it to resume it")
+    # DeepSpeed 0.19 loads ZeRO 1-3 optimizer state only at the world size that saved it.
+    zero, saved_world = (old.get("deepspeed") or {}).get("zero_stage") or 0, marker.get("world_size")
+    if zero and isinstance(saved_world, int) and cfg.min_workers == cfg.max_workers != saved_world:
+        raise UserError(f"out={cfg.out}: checkpoint {done[-1]} holds deepspeed.zero_stage={zero} optimizer "
+                        f"state of {saved_world} worker(s), workers={cfg.workers} now: DeepSpeed cannot "
+                        f"re-partition it; resume with workers={saved_world}, or use another out")
 
 
 def check_data(cfg: Config) -> None:
