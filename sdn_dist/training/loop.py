@@ -337,6 +337,7 @@ def train_worker(config: dict) -> None:
             del engine
             engine = build_engine(cfg, schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats,
                                   weights=weights)
+            del weights                                    # the engine holds them now (the paper model: 575 MB)
             averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
             if rank == 0:
                 collector.report.remote([message(f"switched to stage {state.stage} at step {state.step}")])
