@@ -126,12 +126,15 @@ class FakeEngine:
     ``load_checkpoint`` honour the same flags (the real engine is tested in the slow tier,
     tests/test_checkpoint.py)."""
 
-    def __init__(self, cfg, stage_cfg, text_dim, device=None, text_stats=None):
+    def __init__(self, cfg, stage_cfg, text_dim, device=None, text_stats=None, weights=None):
         from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
         from sdn_dist.training.loop import deepspeed_config
         torch.manual_seed(cfg.seed)
         self.module = Student(cfg.model, text_dim)
+        self.stage_cfg = stage_cfg
+        if weights is not None:
+            self.module.load_state_dict(weights)
         self.device = torch.device("cpu")
         conf = deepspeed_config(cfg, stage_cfg)
         p = conf["optimizer"]["params"]
@@ -282,6 +285,36 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_switch_moves_to_stage_2_with_the_same_weights_and_a_fresh_optimizer(tmp_path, monkeypatch):
+    """``loop.next_stage`` after the last stage-1 step: the state is in stage 2, the new engine
+    has stage 2's config (its lr), the stage-1 weights (not a fresh init) and a fresh optimizer and
+    EMA. Fails on: the weights not handed over, stage 1's config kept, the stage not advanced, the
+    stage-1 EMA carried over. (build_engine itself loading them at every ZeRO stage:
+    tests/test_checkpoint.py.)"""
+    from sdn_dist.training import loop
+    from sdn_dist.training.state import TrainState
+    cfg = _cfg("workers=1", "data.batch_size=4", "stage1.steps=2", "stage2.steps=3", "stage1.lr=0.01",
+               "stage2.lr=0.002", "ema.decay=0.5", f"out={tmp_path / 'run'}")
+    _, teacher = _models(cfg)
+    state = TrainState.start(cfg, 1)
+    engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
+    averaged = loop.average(engine.module, cfg, None)
+    _steps(2, engine, teacher, FakeFeed(cfg, cfg.micro_batch_at(1)), state, averaged, cfg, [])
+    assert state.schedule.switches_after(state.step, state.stage)
+    trained = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    monkeypatch.setattr(loop, "build_engine", FakeEngine)
+    spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
+    new, new_avg = loop.next_stage(cfg, state, spec, torch.device("cpu"), loop.student_state_dict(engine, cfg))
+    assert state.stage == 2 and new.stage_cfg == cfg.stage2 and new.get_lr() == [0.002]
+    assert not new.optimizer.state                                   # no moments carried over
+    fresh = FakeEngine(cfg, cfg.stage2, cfg.text.dim).module.state_dict()
+    assert any(not torch.equal(trained[k], fresh[k]) for k in trained)   # stage 1 moved the weights
+    for k, v in trained.items():
+        torch.testing.assert_close(new.module.state_dict()[k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(new_avg.module.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert int(new_avg.n_averaged) == 0                              # stage 2 averages its own weights
 
 
 def test_data_position_counts_every_slot_drawn_with_grad_accum():

@@ -331,20 +331,26 @@ def train_worker(config: dict) -> None:
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
             return
         if schedule.switches_after(state.step, state.stage):
-            # The switch: the same weights, handed over in memory, under a fresh optimizer.
-            state.stage = schedule.stage_at(state.step)
             weights = student_state_dict(engine, cfg)     # full fp32 on every rank (ZeRO-3 gathers)
-            del engine
-            engine = build_engine(cfg, schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats,
-                                  weights=weights)
+            del engine, averaged                           # the old optimizer's memory, before the new one's
+            engine, averaged = next_stage(cfg, state, spec, device, weights)
             del weights                                    # the engine holds them now (the paper model: 575 MB)
-            averaged = average(engine.module, cfg, None)   # stage 2 averages its own weights
             if rank == 0:
                 collector.report.remote([message(f"switched to stage {state.stage} at step {state.step}")])
 
     preempt.close()
     finish(cfg, engine, averaged, state, spec, collector, rank, feed)
     ckpt.finish()   # the last checkpoint's upload is done, or the run fails here
+
+
+def next_stage(cfg: Config, state: TrainState, spec: DataSpec, device, weights: dict):
+    """The stage switch: ``state`` moves to the stage its schedule says comes next, and the same
+    weights (handed over in memory) go into a fresh engine with that stage's optimizer -> (engine,
+    a fresh EMA or None: each stage averages its own weights)."""
+    state.stage = state.schedule.stage_at(state.step)
+    engine = build_engine(cfg, state.schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats,
+                          weights=weights)
+    return engine, average(engine.module, cfg, None)
 
 
 def save(ckpt: Checkpointer, engine, averaged, state: TrainState) -> None:
