@@ -82,7 +82,7 @@ def run(engine, text, steps: int, every: int, out: str | None, background: bool)
     for i in range(1, steps + 1):
         step(engine, text)
         if ck is not None and i % every == 0 and i < steps:
-            ck.save(engine, i, {"stage": 1})
+            ck.save(engine, i, {"train": {"stage": 1}})
             saves += 1
     train = time.perf_counter() - t0
     t1 = time.perf_counter()

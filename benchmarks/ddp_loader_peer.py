@@ -36,7 +36,7 @@ from sdn_dist.model.losses import stages
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
-from sdn_dist.training.precision import with_resolved_autocast
+from sdn_dist.training.loop import with_resolved_autocast
 
 
 def make_loader(cfg, micro_batch: int, seed: int):

@@ -18,6 +18,7 @@ from sdn_dist.config import load_config
 from sdn_dist.errors import UserError
 from sdn_dist.training.checkpoint import Checkpointer
 from sdn_dist.training.loop import build_engine, student_state_dict
+from sdn_dist.training.state import RNG
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +61,15 @@ def test_zero_checkpoint_round_trip_through_the_allow_list(tmp_path, stage):
         assert a.module.state_dict()["fc7.weight"].numel() == 0
     one_step(a)
     ck = Checkpointer(cfg.out, keep=2)
-    tag = ck.save(a, 1, {"stage": 1}, {"rng": torch.get_rng_state()})
+    rng = torch.get_rng_state()
+    tag = ck.save(a, 1, {"train": {"stage": 1}, "rng": RNG})
     b = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
-    state = ck.load(b, tag, module_only=False)
-    assert state["stage"] == 1 and torch.equal(state["tensors"]["rng"], torch.get_rng_state())
+    torch.rand(5)                          # the generator moves on; the load puts it back
+    saved = ck.load(b, tag, {"rng": RNG}, module_only=False)
+    assert saved["train"] == {"stage": 1} and torch.equal(torch.get_rng_state(), rng)
     one_step(a, seed=1)
     one_step(b, seed=1)
-    sa, sb = student_state_dict(a, cfg), student_state_dict(b, cfg)
+    sa, sb = student_state_dict(a), student_state_dict(b)
     assert sa["fc7.weight"].numel() > 0 and sa.keys() == sb.keys()   # ZeRO-3: full tensors
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
@@ -79,10 +82,10 @@ def test_zero3_weights_only_load_for_the_stage_switch(tmp_path):
     a = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
     one_step(a)
     ck = Checkpointer(cfg.out, keep=2)
-    tag = ck.save(a, 3, {"stage": 1})
+    tag = ck.save(a, 3, {"train": {"stage": 1}})
     b = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"))
-    ck.load(b, tag, module_only=True)
-    sa, sb = student_state_dict(a, cfg), student_state_dict(b, cfg)
+    ck.load(b, tag, {}, module_only=True)
+    sa, sb = student_state_dict(a), student_state_dict(b)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
@@ -93,7 +96,7 @@ def test_zero3_consolidated_state_dict_is_the_full_model(tmp_path):
     engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
     torch.manual_seed(cfg.seed)   # build_engine's init: the same seed gives the same weights
     ref = Student(cfg.model, TEXT_DIM).state_dict()
-    sd = student_state_dict(engine, cfg)
+    sd = student_state_dict(engine)
     assert sd.keys() == ref.keys()
     for k in ref:
         torch.testing.assert_close(sd[k], ref[k].float(), msg=k)
@@ -113,7 +116,7 @@ def test_hostile_deepspeed_checkpoint_is_refused_by_checkpointer_load(tmp_path):
     cfg = config(tmp_path)
     engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
     ck = Checkpointer(cfg.out, keep=2)
-    tag = ck.save(engine, 4, {"stage": 1})
+    tag = ck.save(engine, 4, {"train": {"stage": 1}})
     f = tmp_path / "run" / "checkpoints" / tag / "mp_rank_00_model_states.pt"
     blob = torch.load(f, weights_only=False)  # noqa: S614 - our own file, just written
     marker = tmp_path / "pwned"
@@ -121,7 +124,7 @@ def test_hostile_deepspeed_checkpoint_is_refused_by_checkpointer_load(tmp_path):
     torch.save(blob, f)
     assert ck.latest()["tag"] == tag          # it is complete: resume would pick it
     with pytest.raises(UserError, match=r"mp_rank_00_model_states\.pt: it references (posix|os)\.system"):
-        ck.load(engine, tag, module_only=False)
+        ck.load(engine, tag, {}, module_only=False)
     assert not marker.exists()
 
 
@@ -136,9 +139,9 @@ def test_grad_clip_and_user_json_reach_the_optimizer(tmp_path, clip, user_json, 
         extra = [f"deepspeed.config={tmp_path / 'user.json'}"]
     cfg = config(tmp_path, f"deepspeed.grad_clip={clip}", *extra)
     engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
-    before = student_state_dict(engine, cfg)
+    before = student_state_dict(engine)
     one_step(engine)
-    after = student_state_dict(engine, cfg)
+    after = student_state_dict(engine)
     step = max(float((after[k] - before[k]).abs().max()) for k in before)
     assert (step > 0.5 * cfg.stage1.lr) == moves, (step, cfg.stage1.lr)
 
@@ -154,13 +157,13 @@ def test_the_switch_hands_the_weights_over_in_memory_as_a_weights_only_load_woul
     a = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
     one_step(a)
     one_step(a, seed=1)
-    tag = Checkpointer(cfg.out, keep=2).save(a, 2, {"stage": 1})
-    handed = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"), weights=student_state_dict(a, cfg))
+    tag = Checkpointer(cfg.out, keep=2).save(a, 2, {"train": {"stage": 1}})
+    handed = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"), weights=student_state_dict(a))
     loaded = build_engine(cfg, cfg.stage2, TEXT_DIM, torch.device("cpu"))
-    Checkpointer(cfg.out, keep=2).load(loaded, tag, module_only=True)
+    Checkpointer(cfg.out, keep=2).load(loaded, tag, {}, module_only=True)
     for engine in (handed, loaded):
         one_step(engine, seed=2)
-    sa, sh, sl = student_state_dict(a, cfg), student_state_dict(handed, cfg), student_state_dict(loaded, cfg)
+    sa, sh, sl = student_state_dict(a), student_state_dict(handed), student_state_dict(loaded)
     assert any(not torch.equal(sa[k], sh[k]) for k in sa)         # the step moved the weights
     for k in sa:
         torch.testing.assert_close(sh[k], sl[k], rtol=0, atol=0, msg=k)

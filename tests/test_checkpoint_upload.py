@@ -67,7 +67,7 @@ def test_background_upload_then_complete_then_prune(engine, s3, proxied, tmp_pat
     out = s3.url("runs", "bg")
     ck, records, _ = checkpointer(out, keep=1, upload_retry_seconds=0.2)
     step_weights(engine, 1.0)
-    ck.save(engine, 4, {"stage": 1})
+    ck.save(engine, 4, {"train": {"stage": 1}})
     staged = os.path.join(ck._staging, "step-00000004")
     assert ck._pending is not None       # save() returned with the upload in flight
     assert ck.wait() is True
@@ -80,13 +80,13 @@ def test_background_upload_then_complete_then_prune(engine, s3, proxied, tmp_pat
     assert [r["step"] for r in records if r["event"] == "checkpoint"] == [4]
 
     step_weights(engine, 2.0)
-    ck.save(engine, 8, {"stage": 1})
+    ck.save(engine, 8, {"train": {"stage": 1}})
     ck.finish()
     tags = sorted(p.rsplit("/", 1)[-1] for p in s3.fs.ls(root, refresh=True))
     assert tags == ["step-00000008"]     # keep=1: the older one pruned once the new one is COMPLETE
     step_weights(engine, 0.0)
     ck2, _, _ = checkpointer(out)
-    ck2.load(engine, ck2.latest()["tag"], module_only=True)
+    ck2.load(engine, ck2.latest()["tag"], {}, module_only=True)
     assert all(float(p.detach().flatten()[0]) == 2.0 for p in engine.module.parameters())
 
 
@@ -97,7 +97,7 @@ def test_training_goes_on_while_the_upload_waits_out_an_outage(engine, s3, proxi
     ck, records, said = checkpointer(out, keep=2, upload_retries=6, upload_retry_seconds=0.3)
     proxied.down()
     t0 = time.time()
-    ck.save(engine, 4, {"stage": 1})
+    ck.save(engine, 4, {"train": {"stage": 1}})
     held = time.time() - t0
     threading.Timer(2.0, proxied.up).start()
     assert ck.wait() is True
@@ -114,11 +114,11 @@ def test_persistent_outage_gives_up_that_checkpoint_and_keeps_earlier_ones(engin
     root = f"{s3.bucket}/runs/down/checkpoints"
     ck, records, said = checkpointer(out, keep=1, upload_retries=2, upload_retry_seconds=0.2)
     step_weights(engine, 3.0)
-    ck.save(engine, 4, {"stage": 1})
+    ck.save(engine, 4, {"train": {"stage": 1}})
     assert ck.wait()
     proxied.down()
     step_weights(engine, 5.0)
-    ck.save(engine, 8, {"stage": 1})
+    ck.save(engine, 8, {"train": {"stage": 1}})
     with pytest.raises(Exception, match="step-00000008 could not be uploaded.*earlier checkpoints are intact"):
         ck.finish()
     proxied.up()
@@ -128,5 +128,5 @@ def test_persistent_outage_gives_up_that_checkpoint_and_keeps_earlier_ones(engin
     assert ck2.latest()["tag"] == "step-00000004"   # the earlier one, untouched (keep=1 did not prune it)
     assert not s3.fs.exists(f"{root}/step-00000008/COMPLETE")
     step_weights(engine, 0.0)
-    ck2.load(engine, "step-00000004", module_only=True)
+    ck2.load(engine, "step-00000004", {}, module_only=True)
     assert all(float(p.detach().flatten()[0]) == 3.0 for p in engine.module.parameters())

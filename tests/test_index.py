@@ -26,6 +26,10 @@ from sdn_dist.data.synth import make_synth
 PER_SHARD, N_TRAIN = 8, 28      # shards of 8, 8, 8 and 4 samples
 
 
+def _spec(c):
+    return DataSpec.build(c.data, c.text, c.model, c.seed)
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth-indexed")
@@ -56,7 +60,7 @@ def test_with_an_index_start_up_reads_no_tar(s3, synth, capsys):
     count from it and the server sees no GET of a tar; `shards inspect` reads one (its example)."""
     d = upload(s3, synth, "indexed")
     _, mark = s3.requests()
-    spec = DataSpec.build(_cfg(f"{d}/train-*.tar"))
+    spec = _spec(_cfg(f"{d}/train-*.tar"))
     gets, mark2 = tar_gets(s3, mark)
     assert spec.counts == [8, 8, 8, 4] and gets == []
     assert "counted the samples" not in capsys.readouterr().err
@@ -70,7 +74,7 @@ def test_with_an_index_start_up_reads_no_tar(s3, synth, capsys):
 def test_without_an_index_counts_tell_the_cost_and_shards_index_writes_one(s3, synth, capsys):
     d = upload(s3, synth, "plain", index=False)
     _, mark = s3.requests()
-    spec = DataSpec.build(_cfg(f"{d}/train-*.tar"))
+    spec = _spec(_cfg(f"{d}/train-*.tar"))
     gets, mark = tar_gets(s3, mark)
     assert spec.counts == [8, 8, 8, 4] and len(gets) == 4
     note = capsys.readouterr().err
@@ -85,7 +89,7 @@ def test_without_an_index_counts_tell_the_cost_and_shards_index_writes_one(s3, s
     assert first["url"] == "train-000000.tar" and first["nsamples"] == 8
     assert first["filesize"] == os.path.getsize(synth / "train-000000.tar") and first["etag"]
     _, mark = s3.requests()
-    assert DataSpec.build(_cfg(f"{d}/train-*.tar")).counts == [8, 8, 8, 4]
+    assert _spec(_cfg(f"{d}/train-*.tar")).counts == [8, 8, 8, 4]
     assert tar_gets(s3, mark)[0] == []
 
 

@@ -226,7 +226,7 @@ def _run_cfg(tmp_path, stage, *sets):
 def _steps(k, engine, teacher, feed, state, averaged, cfg, lrs):
     from sdn_dist.training.loop import train_step
     for _ in range(k):
-        train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+        train_step(engine, teacher, feed, state, cfg.text.dim, cfg.deepspeed.grad_accum, cfg.autocast)
         averaged.update_parameters(engine.module)
         lrs.append(engine.get_lr()[0])
 
@@ -236,10 +236,10 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     """Save after 2 of 5 steps through the product's Checkpointer (a local directory), resume with
     ``loop.resume`` into a fresh engine, take the other 3: the learning rates, the weights, the
     EMA weights and the samples drawn equal an uninterrupted run's, bit for bit.
-    Fails on: interrupted checkpoints never removed at the start, the EMA dropped from the checkpoint (``loop.save`` or ``TrainState.tensors`` or
-    ``restore``), a resume that restarts the lr curve (the scheduler's state not loaded), the
-    optimizer state not loaded, the data position not saved or restored, a resume that does not
-    continue the EMA (``average`` ignoring the saved weights)."""
+    Fails on: interrupted checkpoints never removed at the start, the EMA or the RNGs left out of
+    ``loop.save``'s states or of ``loop.resume``'s load, a resume that restarts the lr curve (the
+    scheduler's state not loaded), the optimizer state not loaded, the data position not saved or
+    restored."""
     from sdn_dist.training import loop
     from sdn_dist.training.checkpoint import Checkpointer
     from sdn_dist.training.state import TrainState
@@ -249,9 +249,9 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
 
     def fresh():
-        state = TrainState.start(cfg, 1)
+        state = TrainState.start(cfg.stage1, cfg.stage2, 1)
         engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
-        return state, engine, loop.average(engine.module, cfg, None)
+        return state, engine, loop.average(engine.module, cfg.ema.decay)
 
     state, engine, averaged = fresh()
     assert state.stage == stage
@@ -263,7 +263,9 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     feed, lrs = FakeFeed(cfg, micro), []
     _steps(2, engine, teacher, feed, state, averaged, cfg, lrs)
     ck = Checkpointer(cfg.out, keep=2)
+    torch.manual_seed(12345)            # the generator somewhere the resume's engine build does not re-seed it to
     loop.save(ck, engine, averaged, state)
+    rng_after_save = torch.rand(8)      # what the generator gives next at the checkpoint
     drawn = feed.drawn
     del state, engine, averaged, feed
 
@@ -272,11 +274,10 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     (interrupted / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     monkeypatch.setattr(loop, "build_engine", FakeEngine)
     spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
-    state, engine = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    state, engine, averaged = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert torch.equal(torch.rand(8), rng_after_save)     # the RNGs restored, not left where they were
     assert not interrupted.exists()
     assert (state.step, state.stage, state.data_position) == (2, stage, 2 * 2 * micro)
-    assert state.ema is not None
-    averaged = loop.average(engine.module, cfg, state.ema)
     feed = FakeFeed(cfg, micro, start=state.data_position)
     _steps(3, engine, teacher, feed, state, averaged, cfg, lrs)
 
@@ -298,15 +299,15 @@ def test_the_switch_moves_to_stage_2_with_the_same_weights_and_a_fresh_optimizer
     cfg = _cfg("workers=1", "data.batch_size=4", "stage1.steps=2", "stage2.steps=3", "stage1.lr=0.01",
                "stage2.lr=0.002", "ema.decay=0.5", f"out={tmp_path / 'run'}")
     _, teacher = _models(cfg)
-    state = TrainState.start(cfg, 1)
+    state = TrainState.start(cfg.stage1, cfg.stage2, 1)
     engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
-    averaged = loop.average(engine.module, cfg, None)
+    averaged = loop.average(engine.module, cfg.ema.decay)
     _steps(2, engine, teacher, FakeFeed(cfg, cfg.micro_batch_at(1)), state, averaged, cfg, [])
     assert state.schedule.switches_after(state.step, state.stage)
     trained = {k: v.clone() for k, v in engine.module.state_dict().items()}
     monkeypatch.setattr(loop, "build_engine", FakeEngine)
     spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
-    new, new_avg = loop.next_stage(cfg, state, spec, torch.device("cpu"), loop.student_state_dict(engine, cfg))
+    new, new_avg = loop.next_stage(cfg, state, spec, torch.device("cpu"), loop.student_state_dict(engine))
     assert state.stage == 2 and new.stage_cfg == cfg.stage2 and new.get_lr() == [0.002]
     assert not new.optimizer.state                                   # no moments carried over
     fresh = FakeEngine(cfg, cfg.stage2, cfg.text.dim).module.state_dict()
@@ -331,17 +332,17 @@ def test_data_position_counts_every_slot_drawn_with_grad_accum():
     assert micro == 4
     student, teacher = _models(cfg)
     engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
-    state = TrainState.start(cfg, 1)
+    state = TrainState.start(cfg.stage1, cfg.stage2, 1)
     feed = FakeFeed(cfg, micro, bad={1, 2, 8, 9, 10, 11})     # slots 8-11: a whole micro-batch bad
     # the step's loss is the mean over its micro-batches (the weights move only after both)
     ahead = FakeFeed(cfg, micro, bad=feed.bad)
     want = sum(distill_step(teacher, engine.module, *prepare_batch(b.image, b.text, "cpu", torch.float32), stages(cfg.stage1, cfg.stage2)[0])[0]
                for b in (ahead.next(), ahead.next())) / 2
-    loss, _, good = train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+    loss, _, good = train_step(engine, teacher, feed, state, cfg.text.dim, cfg.deepspeed.grad_accum, cfg.autocast)
     torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=0)
     assert good == 2 * micro - 2
     for _ in range(2):
-        train_step(engine, teacher, feed, state, cfg, cfg.text.dim)
+        train_step(engine, teacher, feed, state, cfg.text.dim, cfg.deepspeed.grad_accum, cfg.autocast)
     assert state.step == 3 and state.data_position == 3 * 2 * micro == feed.position
     assert feed.drawn == [k for k in range(24) if k not in feed.bad]
 
@@ -381,3 +382,14 @@ def test_preflight_rejects_an_unknown_point_name_in_either_stage(tmp_path, stage
     with pytest.raises(ConfigError, match=rf"'stage{stage}\.point_weights\.conv9_9'"):
         preflight.run(cfg)
     preflight.check_config(_cfg(f"stage{stage}.point_weights.conv3_3=2"))   # a known one passes
+
+
+def test_a_checkpoint_of_the_previous_layout_loads_under_the_same_names():
+    """Checkpoints written before every state had its own name kept the train state under "sdn"
+    and the RNG and EMA under "sdn_tensors"; they resume as the same named states. Fails on: the
+    old layout read as new (the train state and the EMA lost)."""
+    from sdn_dist.training.checkpoint import _saved_states
+    rng, ema = torch.get_rng_state(), {"n_averaged": torch.tensor(3)}
+    old = _saved_states({"sdn": {"step": 4, "stage": 1}, "sdn_tensors": {"rng": rng, "ema": ema}})
+    assert old == {"train": {"step": 4, "stage": 1}, "rng": rng, "ema": ema}
+    assert _saved_states({"sdn": {"train": {"step": 4}}}) == {"train": {"step": 4}}

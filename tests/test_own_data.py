@@ -218,7 +218,7 @@ def test_training_data_and_teacher_from_a_directory_see_no_test_sample(tmp_path)
     res = convert_folder(photos, photos / "captions.jsonl", str(tmp_path / "sh"), test_fraction=0.25,
                          per_shard=9, progress=False)
     cfg = load_config("debug", overrides=[f"data.train={tmp_path / 'sh'}"])
-    spec = DataSpec.build(cfg)
+    spec = DataSpec.build(cfg.data, cfg.text, cfg.model, cfg.seed)
     assert spec.urls == res["train"] and sum(spec.counts) == res["counts"]["train"]
     _, held, metas, _, n = _scan(expand_urls(str(tmp_path / "sh"), split="train"), 32, 8, 0)
     assert n == res["counts"]["train"] and all(m["split"] == "train" for m in metas)

@@ -8,7 +8,7 @@ import torch
 
 from sdn_dist.config import load_config
 from sdn_dist.model.losses import stages
-from sdn_dist.training import precision
+from sdn_dist.training import loop, precision
 
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\nprocessor\t: 1\n"
 SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
@@ -34,7 +34,7 @@ def test_auto_is_accepted_and_resolved_before_the_step(tmp_path, monkeypatch):
     assert cfg.autocast == "auto"
     (tmp_path / "cpuinfo").write_text(ZEN4)
     monkeypatch.setattr(precision, "CPUINFO", tmp_path / "cpuinfo")
-    resolved, info = precision.with_resolved_autocast(cfg, torch.device("cpu"))
+    resolved, info = loop.with_resolved_autocast(cfg, torch.device("cpu"))
     assert resolved.autocast == "bf16" and info == {"asked": "auto", "used": "bf16", "why": "avx512_bf16"}
     with pytest.raises(ValueError, match="autocast=auto"):
         distill_step(None, None, torch.zeros(1, 3, 32, 32), torch.zeros(1, cfg.text.dim), stages(cfg.stage1, cfg.stage2)[0], cfg.autocast)

@@ -489,11 +489,11 @@ cfg = Config.model_validate(yaml.safe_load(open(os.path.join(out, "config.yaml")
 cfg = cfg.model_copy(update={"out": out})
 ck = Checkpointer(out, keep=100)
 info = next(i for i in ck.complete() if i["tag"] == tag)
-engine = build_engine(cfg, StageSchedule.from_config(cfg).stage(info["stage"]).config, build_text_encoder(cfg.text).dim, torch.device("cpu"))
-saved = ck.load(engine, tag, module_only=False)
-state = TrainState.restore(saved, saved["tensors"], cfg, 1)
+engine = build_engine(cfg, StageSchedule.from_stages(cfg.stage1, cfg.stage2).stage(info["stage"]).config, build_text_encoder(cfg.text).dim, torch.device("cpu"))
+state = TrainState.start(cfg.stage1, cfg.stage2, 1)
+ck.load(engine, tag, {"train": state}, module_only=False)
 print(json.dumps({"step": state.data_position // (cfg.micro_batch * cfg.deepspeed.grad_accum), "stage": state.stage,
-                  "params": sum(v.numel() for v in student_state_dict(engine, cfg).values())}))
+                  "params": sum(v.numel() for v in student_state_dict(engine).values())}))
 """
 
 

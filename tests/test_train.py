@@ -203,7 +203,7 @@ def test_ema_student_is_exported_saved_and_resumed(tmp_path, tiny):
     from sdn_dist.training.checkpoint import _deepspeed_safe_globals
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         ck = torch.load(out / "checkpoints" / "step-00000014" / "mp_rank_00_model_states.pt", weights_only=True)
-    ema, raw = ck["sdn_tensors"]["ema"], ck["module"]
+    ema, raw = ck["sdn"]["ema"], ck["module"]
     assert int(ema["n_averaged"]) == 10          # every stage-2 step averaged: 6 before, 4 after the resume
     exported = student(out)
     assert exported.keys() == raw.keys()

@@ -86,7 +86,7 @@ from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.driver import init_ray, run_training
 from sdn_dist.training.export import load_student
 from sdn_dist.training.loop import distill_step, prepare_batch, prepare_student, prepare_teacher
-from sdn_dist.training.precision import with_resolved_autocast
+from sdn_dist.training.loop import with_resolved_autocast
 
 GOALS = {  # name: (comparison, threshold)
     "overhead_ratio": (">=", 0.90),
@@ -288,7 +288,7 @@ def init_student(cfg, text_dim: int):
 def pipeline_rate(cfg, n_batches: int) -> dict:
     """Samples/s one rank's reader actors deliver (the default ``data.readers``), drained as fast
     as possible by this process; Ray must be running. The first batch (actor start) is not timed."""
-    feed = DataFeed(DataSpec.build(cfg), rank=0, world_size=1, micro_batch=cfg.data.batch_size, start_sample=0)
+    feed = DataFeed(DataSpec.build(cfg.data, cfg.text, cfg.model, cfg.seed), rank=0, world_size=1, micro_batch=cfg.data.batch_size, start_sample=0)
     try:
         feed.next()
         n, decode = 0, 0.0

@@ -34,7 +34,7 @@ from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.net import free_port
 from sdn_dist.training.loop import _digest, build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher
-from sdn_dist.training.precision import with_resolved_autocast
+from sdn_dist.training.loop import with_resolved_autocast
 
 
 def _models(cfg, text_dim: int, seed: int = 0):

@@ -22,7 +22,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from sdn_dist.config import DataConfig
+from sdn_dist.config import DataConfig, ModelConfig, TextConfig
 from sdn_dist.data.pipeline import RankStream, sample_caps
 from sdn_dist.data.index import count_shards, list_ahead, scan_note
 from sdn_dist.data.shards import configure_network, expand_urls
@@ -80,47 +80,50 @@ class DataSpec:
     text_stats: dict | None = None    # model.text_norm = standardize: text_statistics()
 
     @classmethod
-    def build(cls, cfg) -> "DataSpec":
-        """From the run's Config: expands and counts ``data.train``, builds the text encoder once."""
-        if not cfg.data.train:
+    def build(cls, data: DataConfig, text: TextConfig, model: ModelConfig, seed: int) -> "DataSpec":
+        """From the run's ``data``, ``text`` and ``model`` sections: expands and counts ``data.train``,
+        builds the text encoder once."""
+        if not data.train:
             raise ConfigError("data.train is empty: give training shards, e.g. --set data.train=shards/synth "
                               "(make some with `sdn-dist shards synth --out shards/synth`)")
-        list_ahead(cfg.data.train)    # one listing serves the expansion and the index's checks
-        urls = expand_urls(cfg.data.train, split="train")
+        list_ahead(data.train)    # one listing serves the expansion and the index's checks
+        urls = expand_urls(data.train, split="train")
         counted = count_shards(urls)
         note = scan_note(counted)
         if note:    # no index (or a stale one): say what the count cost and how to skip it
             print(note, file=sys.stderr, flush=True)
         counts = counted.counts
-        if sum(counts) < cfg.data.batch_size:
-            raise UserError(f"data.train={cfg.data.train!r} holds {sum(counts)} samples, fewer than one batch ({cfg.data.batch_size})")
-        encoder = build_text_encoder(cfg.text)
-        stats = text_statistics(urls, counts, cfg, encoder) if cfg.model.text_norm == "standardize" else None
-        return cls(urls=urls, counts=counts, seed=cfg.seed, image_size=cfg.model.image_size,
-                   data=cfg.data, text=encoder.record(), text_dim=encoder.dim, text_stats=stats)
+        if sum(counts) < data.batch_size:
+            raise UserError(f"data.train={data.train!r} holds {sum(counts)} samples, fewer than one batch ({data.batch_size})")
+        encoder = build_text_encoder(text)
+        stats = (text_statistics(urls, counts, data, model.image_size, seed, encoder)
+                 if model.text_norm == "standardize" else None)
+        return cls(urls=urls, counts=counts, seed=seed, image_size=model.image_size,
+                   data=data, text=encoder.record(), text_dim=encoder.dim, text_stats=stats)
 
 
 TEXT_STATISTICS_SAMPLES = 1024
 
 
-def text_statistics(urls: list[str], counts: list[int], cfg, encoder) -> dict:
+def text_statistics(urls: list[str], counts: list[int], data: DataConfig, image_size: int, seed: int,
+                    encoder) -> dict:
     """model.text_norm = standardize: the mean embedding of the captions of the first
     TEXT_STATISTICS_SAMPLES samples of the training stream (rank 0 of 1, the run's seed and
     caption choice) and their standard deviation around it (one number: the root mean square
     over samples and components). Deterministic: every driver of a run computes the same."""
-    stream = RankStream(urls, counts, 0, 1, cfg.seed, cfg.data.shuffle, image_size=cfg.model.image_size,
-                        text_encoder=encoder, caption=cfg.data.caption, strict=cfg.data.strict,
-                        shuffle_buffer=cfg.data.shuffle_buffer, **sample_caps(cfg.data))
+    stream = RankStream(urls, counts, 0, 1, seed, data.shuffle, image_size=image_size,
+                        text_encoder=encoder, caption=data.caption, strict=data.strict,
+                        shuffle_buffer=data.shuffle_buffer, **sample_caps(data))
     n = min(TEXT_STATISTICS_SAMPLES, sum(counts))
     rows = [b["text"] for b in stream.iter_samples(0, batch_size=256, stop_sample=n, uint8=True)]
     text = torch.cat(rows).double() if rows else torch.zeros(0)
     if len(text) < 2:
-        raise UserError(f"data.train={cfg.data.train!r}: model.text_norm=standardize needs the captions of at "
+        raise UserError(f"data.train={data.train!r}: model.text_norm=standardize needs the captions of at "
                         f"least 2 readable samples, found {len(text)}")
     mean = text.mean(0)
     std = float((text - mean).pow(2).mean().sqrt())
     if not std > 0:
-        raise UserError(f"data.train={cfg.data.train!r}: the first {len(text)} captions all have the same "
+        raise UserError(f"data.train={data.train!r}: the first {len(text)} captions all have the same "
                         f"embedding; model.text_norm=standardize cannot scale by their spread (0)")
     return {"mean": mean.float().tolist(), "std": std}
 

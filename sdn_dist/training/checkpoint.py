@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ class CheckpointUploadError(RuntimeError):
 
 
 class Checkpointer:
-    def __init__(self, out: str, keep: int, rank: int = 0, world_size: int = 1, cfg=None,
+    def __init__(self, out: str, keep: int, rank: int = 0, world_size: int = 1, cfg: CheckpointConfig | None = None,
                  report: Callable[[list[dict]], object] | None = None,
                  say: Callable[[str], object] | None = None):
         """``cfg``: the ``checkpoint`` config section (defaults if None); ``report(records)`` and
@@ -113,17 +113,22 @@ class Checkpointer:
         return removed
 
     # ------------------------------------------------------------ save / load
-    def save(self, engine, step: int, client_state: dict, tensors: dict | None = None) -> str:
-        """Collective: every rank calls it. ``client_state`` is JSON (also written to the marker),
-        ``tensors`` holds per-rank RNG state and the like. Returns the tag. With a remote ``out``
-        it returns once DeepSpeed has written the local staging copy; the upload goes on behind."""
+    def save(self, engine, step: int, states: Mapping[str, object]) -> str:
+        """Collective: every rank calls it. DeepSpeed's files hold the engine's student, optimizer
+        and lr scheduler; beside them, ``states`` (name -> an object with ``state_dict()`` /
+        ``load_state_dict()``, a plain dict, or None for nothing) go into its client state, and the
+        ``train`` entry (JSON) is also written to the COMPLETE marker. Returns the tag. With a
+        remote ``out`` it returns once DeepSpeed has written the local staging copy; the upload
+        goes on behind."""
+        saved = {name: (s if isinstance(s, dict) else s.state_dict()) for name, s in states.items() if s is not None}
+        client_state = saved.get("train", {})
         self.wait()   # one upload at a time: the previous checkpoint is complete (or given up) first
         t0 = time.time()
         tag = f"step-{step:08d}"
         save_dir = self.local_root or self._staging
         try:
             os.makedirs(save_dir, exist_ok=True)
-            engine.save_checkpoint(save_dir, tag=tag, client_state={"sdn": client_state, "sdn_tensors": tensors or {}}, save_latest=False)
+            engine.save_checkpoint(save_dir, tag=tag, client_state={"sdn": saved}, save_latest=False)
         except (OSError, RuntimeError) as err:
             e = fsio.write_os_error(err, save_dir)   # torch's writer hides ENOSPC in a RuntimeError
             if e is None:
@@ -198,9 +203,13 @@ class Checkpointer:
             self.fs.rm(f"{self.path}/{info['tag']}", recursive=True)
 
 
-    def load(self, engine, tag: str, module_only: bool) -> dict:
-        """Load a complete checkpoint into ``engine``; module_only for a stage switch (fresh optimizer)."""
-        self.wait()   # collective: the checkpoint being uploaded (the switch loads the one just saved) is complete first
+    def load(self, engine, tag: str, states: Mapping[str, object], module_only: bool = False) -> dict:
+        """Load a complete checkpoint: the student into ``engine`` (with its optimizer and lr
+        scheduler unless ``module_only``: a stage switch starts a fresh optimizer), and each of
+        ``states`` (name -> object with ``load_state_dict``, or None to leave out) from what was
+        saved under its name; a name the checkpoint lacks is left as it is. Returns everything
+        the checkpoint saved beside the engine, by name."""
+        self.wait()   # collective: the checkpoint being uploaded is complete first
         load_dir = self.local_root
         if not load_dir:
             load_dir = self._staging
@@ -215,8 +224,20 @@ class Checkpointer:
             load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
         if path is None:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
-        client = client or {}
-        return dict(client.get("sdn", {}), tensors=client.get("sdn_tensors", {}))
+        saved = _saved_states(client or {})
+        for name, obj in states.items():
+            if obj is not None and name in saved:
+                obj.load_state_dict(saved[name])
+        return saved
+
+
+def _saved_states(client: dict) -> dict:
+    """The named states of a checkpoint's DeepSpeed client state. Earlier checkpoints kept the
+    train state under "sdn" and the RNG and EMA under "sdn_tensors": read under the same names."""
+    sdn = client.get("sdn", {})
+    if "sdn_tensors" in client:
+        return {"train": sdn, **client["sdn_tensors"]}
+    return dict(sdn)
 
 
 def _point_latest_at(load_dir: str, tag: str) -> None:

@@ -92,7 +92,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
 
     from sdn_dist.training.loop import train_worker
 
-    spec = DataSpec.build(cfg)
+    spec = DataSpec.build(cfg.data, cfg.text, cfg.model, cfg.seed)
     prepare_run_dir(cfg)
     # Each invocation is an attempt (a rerun after a crash, a Kubernetes retry): it labels metrics and
     # events and names Ray Train's own run state, so retries never overwrite each other's.

@@ -15,6 +15,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from sdn_dist import fsio
+from sdn_dist.config import DataConfig, SamplesConfig
 from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.data.shards import expand_urls
 from sdn_dist.data.text import encoder_from_record
@@ -34,16 +35,19 @@ class SampleGrid:
     same steps: the student's forward gathers its partitioned weights from every rank (a
     collective), so a rank-0-only forward would wait forever; only rank 0 writes the files."""
 
-    def __init__(self, cfg, text_spec: dict, device, report=None, rank: int = 0):
+    def __init__(self, out: str, data: DataConfig, samples: SamplesConfig, image_size: int, seed: int,
+                 text_spec: dict, device, report=None, rank: int = 0):
+        """``out``: the run directory; ``data`` / ``samples``: those config sections (the grid shows
+        ``samples.count`` captions of the test data, else of the training data)."""
         self.rank = rank
-        self.out = fsio.join(cfg.out, "samples")
+        self.out = fsio.join(out, "samples")
         self.device = device
         self.report = report   # records -> the driver (RecordCollector.report.remote), or None
-        urls = (expand_urls(cfg.data.test, split="test") if cfg.data.test
-                else expand_urls(cfg.data.train, split="train"))
+        urls = (expand_urls(data.test, split="test") if data.test
+                else expand_urls(data.train, split="train"))
         encoder = encoder_from_record(text_spec)
-        batch = next(iter(iter_batches(urls, image_size=cfg.model.image_size, batch_size=cfg.samples.count,
-                                       text_encoder=encoder, shuffle=False, seed=cfg.seed, epochs=1,
+        batch = next(iter(iter_batches(urls, image_size=image_size, batch_size=samples.count,
+                                       text_encoder=encoder, shuffle=False, seed=seed, epochs=1,
                                        caption="first")))
         self.real = batch["image"]
         self.text = torch.as_tensor(batch["text"]).float()

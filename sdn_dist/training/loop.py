@@ -34,8 +34,8 @@ from sdn_dist.training.collector import StepRecord, event, message
 from sdn_dist.training.export import export_student
 from sdn_dist.training.grids import SampleGrid
 from sdn_dist.training.preemption import WorkerPreemption
-from sdn_dist.training.precision import with_resolved_autocast
-from sdn_dist.training.state import TrainState, restore_rng
+from sdn_dist.training.precision import resolve_autocast
+from sdn_dist.training.state import RNG, TrainState
 
 
 def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
@@ -78,6 +78,12 @@ def zero_optimization(ds) -> dict:
         conf.update(overlap_comm=ds.overlap_comm, reduce_bucket_size=ds.reduce_bucket_size,
                     allgather_bucket_size=ds.allgather_bucket_size, contiguous_gradients=ds.contiguous_gradients)
     return conf
+
+
+def with_resolved_autocast(cfg: Config, device: torch.device):
+    """(cfg with ``autocast`` resolved on ``device``, {"asked", "used", "why"}): precision.resolve_autocast."""
+    used, why = resolve_autocast(cfg.autocast, device)
+    return cfg.model_copy(update={"autocast": used}), {"asked": cfg.autocast, "used": used, "why": why}
 
 
 def _world_size(cfg: Config) -> int:
@@ -165,7 +171,7 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
     """
     if autocast == "auto":   # would silently run fp32: resolve it once, up front
         raise ValueError("autocast=auto reached the training step unresolved: "
-                         "use precision.with_resolved_autocast(cfg, device) first")
+                         "use loop.with_resolved_autocast(cfg, device) first")
     with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
         with torch.no_grad():
             t_real = teacher(real)
@@ -175,11 +181,11 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
     return stage({k: v.float() for k, v in t_real.items()}, {k: v.float() for k, v in pred.items()})
 
 
-def student_state_dict(engine, cfg: Config) -> dict:
-    """Full-precision student weights on every rank. ZeRO-3 gathers its partitions on every rank
-    (collective): its consolidated state dict would exist on rank 0 only, leaving the other ranks'
-    final digest that of nothing."""
-    if cfg.deepspeed.zero_stage == 3:
+def student_state_dict(engine) -> dict:
+    """Full-precision student weights on every rank. ZeRO-3 (the engine partitions its weights)
+    gathers its partitions on every rank (collective): its consolidated state dict would exist on
+    rank 0 only, leaving the other ranks' final digest that of nothing."""
+    if engine.zero_optimization_partition_weights():
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
@@ -193,7 +199,8 @@ def _digest(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, text_dim: int):
+def train_step(engine, teacher, feed: DataFeed, state: TrainState, text_dim: int, grad_accum: int,
+               autocast: str):
     """One optimizer step over ``grad_accum`` micro-batches in ``state.stage`` -> (loss,
     {point: loss}, good samples); advances ``state.step`` by one and ``state.data_position`` by the
     samples drawn from the stream (good or bad: every micro-batch is ``feed.micro_batch`` slots).
@@ -202,7 +209,7 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, 
     only at log steps: a float() per step would be 23 host syncs per step on a GPU); ``None`` when
     every sample of the step was skipped as bad.
     """
-    accum = cfg.deepspeed.grad_accum
+    accum = grad_accum
     loss_sum, parts_sum, n = None, {}, 0
     for _ in range(accum):
         b = feed.next()
@@ -216,8 +223,7 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, cfg: Config, 
             engine.step()
             continue
         real, text = prepare_batch(b.image, b.text, engine.device, next(engine.module.parameters()).dtype)
-        loss, parts = distill_step(teacher, engine, real, text, state.schedule.stage(state.stage),
-                                   cfg.autocast)
+        loss, parts = distill_step(teacher, engine, real, text, state.schedule.stage(state.stage), autocast)
         engine.backward(loss)
         engine.step()
         loss_sum = loss.detach() / accum + (0.0 if loss_sum is None else loss_sum)
@@ -294,7 +300,7 @@ def train_worker(config: dict) -> None:
     teacher = prepare_teacher(build_teacher(cfg.model, cfg.teacher).to(device))
     ckpt = Checkpointer(cfg.out, cfg.checkpoint.keep, rank, world, cfg.checkpoint,   # it reports its own saves and uploads
                         report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
-    state, engine = resume(cfg, ckpt, rank, world, spec, device)
+    state, engine, averaged = resume(cfg, ckpt, rank, world, spec, device)   # averaged: the EMA student or None
     if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
         collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
     if rank == 0 and state.step:
@@ -305,15 +311,15 @@ def train_worker(config: dict) -> None:
     feed = DataFeed(spec, rank, world, micro, state.data_position)
     preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds)
     # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
-    grid = (SampleGrid(cfg, spec.text, device, collector.report.remote, rank)
+    grid = (SampleGrid(cfg.out, cfg.data, cfg.samples, cfg.model.image_size, cfg.seed, spec.text, device,
+                       collector.report.remote, rank)
             if rank == 0 or cfg.deepspeed.zero_stage == 3 else None)
     log = StepLog(collector, rank, world, attempt, feed, state.step)
     schedule = state.schedule
-    averaged = average(engine.module, cfg, state.ema)     # the EMA student, or None (ema.decay = 0)
 
     while state.step < schedule.end:
         engine.train()
-        log.add(*train_step(engine, teacher, feed, state, cfg, spec.text_dim))
+        log.add(*train_step(engine, teacher, feed, state, spec.text_dim, cfg.deepspeed.grad_accum, cfg.autocast))
         if averaged is not None:
             averaged.update_parameters(engine.module)
         if due(state.step, cfg.metrics.log_every, schedule):
@@ -331,7 +337,7 @@ def train_worker(config: dict) -> None:
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
             return
         if schedule.switches_after(state.step, state.stage):
-            weights = student_state_dict(engine, cfg)     # full fp32 on every rank (ZeRO-3 gathers)
+            weights = student_state_dict(engine)     # full fp32 on every rank (ZeRO-3 gathers)
             del engine, averaged                           # the old optimizer's memory, before the new one's
             engine, averaged = next_stage(cfg, state, spec, device, weights)
             del weights                                    # the engine holds them now (the paper model: 575 MB)
@@ -350,15 +356,15 @@ def next_stage(cfg: Config, state: TrainState, spec: DataSpec, device, weights: 
     state.stage = state.schedule.stage_at(state.step)
     engine = build_engine(cfg, state.schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats,
                           weights=weights)
-    return engine, average(engine.module, cfg, None)
+    return engine, average(engine.module, cfg.ema.decay)
 
 
 def save(ckpt: Checkpointer, engine, averaged, state: TrainState) -> None:
-    """Collective: every rank saves its part of the state (with the averaged weights when
-    ``ema.decay`` is on); the Checkpointer reports the checkpoint once it is complete (with a
-    remote ``out``, after its background upload)."""
-    state.ema = None if averaged is None else averaged.state_dict()
-    ckpt.save(engine, state.step, state.client_state(), state.tensors())
+    """Collective: every rank saves its part of every stateful thing of the run (the engine's
+    student, optimizer and lr scheduler; the train state, the RNGs, the EMA when ``ema.decay`` is
+    on); the Checkpointer reports the checkpoint once it is complete (with a remote ``out``, after
+    its background upload)."""
+    ckpt.save(engine, state.step, {"train": state, "rng": RNG, "ema": averaged})
 
 
 def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: int, saved: bool,
@@ -378,48 +384,42 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
     preempt.close()
 
 
-def resume(cfg: Config, ckpt: Checkpointer, rank: int, world: int, spec: DataSpec,
-           device) -> tuple[TrainState, object]:
-    """Collective. The last complete checkpoint's state and engine, or a fresh start; rank 0 first
-    removes checkpoints interrupted mid-write. A checkpoint saved at the switch holds stage-1
-    optimizer state: it brings only the weights into a fresh stage-2 engine."""
+def resume(cfg: Config, ckpt: Checkpointer, rank: int, world: int, spec: DataSpec, device):
+    """Collective -> (state, engine, EMA or None): the last complete checkpoint's, or a fresh start;
+    rank 0 first removes checkpoints interrupted mid-write. The train state comes from the
+    checkpoint's COMPLETE marker (it says which stage's engine to build); one load then restores
+    the engine, the RNGs and the EMA. A checkpoint saved at the switch holds stage-1 optimizer
+    state and EMA: only its weights go into the fresh stage-2 engine."""
     if rank == 0:
         ckpt.clean_incomplete()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    latest = ckpt.latest()       # its COMPLETE marker holds the JSON half of the state
-    if latest is None:
-        state = TrainState.start(cfg, world)
-        return state, build_engine(cfg, state.schedule.stage(state.stage).config, spec.text_dim, device,
-                                   spec.text_stats)
-    schedule = TrainState.restore(latest, {}, cfg, world).schedule
-    stage = schedule.stage_at(latest["step"])
-    engine = build_engine(cfg, schedule.stage(stage).config, spec.text_dim, device, spec.text_stats)
-    saved = ckpt.load(engine, latest["tag"], module_only=latest["stage"] != stage)
-    state = TrainState.restore(saved, saved["tensors"], cfg, world)
-    restore_rng(state.rng)
-    if state.stage != stage:
-        state.ema = None      # resumed at the switch: stage 2 averages its own weights
-    state.stage = stage
-    return state, engine
+    state = TrainState.start(cfg.stage1, cfg.stage2, world)
+    latest = ckpt.latest()       # its COMPLETE marker is the train state's state_dict
+    if latest is not None:
+        state.load_state_dict(latest)
+    saved_stage, state.stage = state.stage, state.schedule.stage_at(state.step)
+    engine = build_engine(cfg, state.schedule.stage(state.stage).config, spec.text_dim, device, spec.text_stats)
+    averaged = average(engine.module, cfg.ema.decay)
+    if latest is not None:
+        switch = saved_stage != state.stage
+        ckpt.load(engine, latest["tag"], {"rng": RNG, "ema": None if switch else averaged}, module_only=switch)
+    return state, engine, averaged
 
 
-def average(student: torch.nn.Module, cfg: Config, weights: dict | None):
-    """An exponential moving average of ``student`` (torch's AveragedModel), continued from
-    ``weights`` (a checkpoint's) when given; None when ``ema.decay`` is 0."""
-    if not cfg.ema.decay:
+def average(student: torch.nn.Module, decay: float):
+    """A fresh exponential moving average of ``student`` (torch's AveragedModel; the Checkpointer
+    saves and restores it), or None when ``decay`` (``ema.decay``) is 0."""
+    if not decay:
         return None
-    averaged = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
-    if weights is not None:
-        averaged.load_state_dict(weights)
-    return averaged
+    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def finish(cfg: Config, engine, averaged, state: TrainState, spec: DataSpec, collector, rank: int,
            feed: DataFeed) -> None:
     """Every rank reports a digest of its final weights (data parallelism made visible); rank 0
     exports the student (the averaged one when ``ema.decay`` is on) for `generate` and `eval`."""
-    sd = student_state_dict(engine, cfg) if averaged is None else {
+    sd = student_state_dict(engine) if averaged is None else {
         k: v.detach().float().cpu().clone() for k, v in averaged.module.state_dict().items()}
     collector.report.remote([event("final", rank=rank, step=state.step, stage=state.stage, pid=os.getpid(),
                                    world_size=state.world_size, param_sha256=_digest(sd), skipped=feed.skipped)])

@@ -44,9 +44,3 @@ def resolve_autocast(asked: str, device: torch.device) -> tuple[str, str]:
     if flags:
         return "bf16", "+".join(flags)
     return "off", "no avx512_bf16 / amx_bf16 on this CPU"
-
-
-def with_resolved_autocast(cfg, device: torch.device):
-    """(cfg with ``autocast`` resolved, {"asked", "used", "why"})."""
-    used, why = resolve_autocast(cfg.autocast, device)
-    return cfg.model_copy(update={"autocast": used}), {"asked": cfg.autocast, "used": used, "why": why}

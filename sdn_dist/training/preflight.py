@@ -114,7 +114,7 @@ def check_run_dir(cfg: Config) -> None:
             f"out={cfg.out} holds checkpoints of another model ({done[-1]}): {key}={was!r} "
             f"there, {key}={now!r} now" + (f" (also {', '.join(diff[1:])})" if diff[1:] else "")
             + "; use another out to start a new run, or the run's own settings to resume it")
-    # The workers refuse such a checkpoint too (TrainState.restore), but only after the driver has
+    # The workers refuse such a checkpoint too (TrainState.load_state_dict), but only after the driver has
     # rewritten config.yaml and started logging into out: a refused resume must leave out as it was.
     try:
         marker = json.loads(fsio.read_text(fsio.join(cfg.out, "checkpoints", done[-1], "COMPLETE")))

@@ -1,9 +1,14 @@
 """What a run is at a step boundary: exactly what a checkpoint saves and a resume restores.
 
-    state = TrainState.start(cfg, world_size)           # or TrainState.restore(client, tensors, cfg, world)
+    state = TrainState.start(cfg.stage1, cfg.stage2, world_size)
     state.schedule.stage_at(state.step)                 # 1 or 2
     state.schedule.stage(2)                             # its Stage object (config, loss, teacher or not)
-    ckpt.save(engine, state.step, state.client_state(), state.tensors())   # loop.save: JSON + tensors
+    ckpt.save(engine, state.step, {"train": state, "rng": RNG, "ema": averaged})   # loop.save
+
+Every stateful thing of a run has a ``state_dict()`` / ``load_state_dict()`` pair and is handed to
+the Checkpointer by name: ``TrainState`` (JSON: step, stage, schedule, data position), ``RNG`` (the
+generators the step draws from), the EMA (torch's ``AveragedModel``) and, through DeepSpeed's own
+files, the student, its optimizer and its lr scheduler.
 
 ``StageSchedule`` is the stage switch as a small pure object: stage 1 ends at ``stage1.steps``, or
 earlier when the plateau rule fires on the loss all ranks agree on (the all-reduced mean), so every
@@ -18,7 +23,7 @@ import math
 
 import torch
 
-from sdn_dist.config import Config
+from sdn_dist.config import StageConfig
 from sdn_dist.errors import UserError
 from sdn_dist.model.losses import Stage, stages
 
@@ -41,10 +46,11 @@ class StageSchedule:
     stages: tuple[Stage, ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "StageSchedule":
-        p = cfg.stage1.plateau
-        return cls(stage1_steps=cfg.stage1.steps, stage2_steps=cfg.stage2.steps,
-                   patience=p.patience, min_delta=p.min_delta, stages=stages(cfg.stage1, cfg.stage2))
+    def from_stages(cls, stage1: StageConfig, stage2: StageConfig) -> "StageSchedule":
+        """The schedule of the config's ``stage1`` and ``stage2`` sections."""
+        p = stage1.plateau
+        return cls(stage1_steps=stage1.steps, stage2_steps=stage2.steps,
+                   patience=p.patience, min_delta=p.min_delta, stages=stages(stage1, stage2))
 
     def stage(self, number: int) -> Stage:
         """The Stage object of stage ``number`` (1 or 2)."""
@@ -103,43 +109,44 @@ class TrainState:
     schedule: StageSchedule
     data_position: int               # samples each rank has drawn from its stream (good or bad)
     world_size: int                  # the world size data_position was counted in
-    rng: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    ema: dict[str, torch.Tensor] | None = None   # the averaged student's weights (ema.decay > 0)
 
     @classmethod
-    def start(cls, cfg: Config, world_size: int) -> "TrainState":
-        schedule = StageSchedule.from_config(cfg)
+    def start(cls, stage1: StageConfig, stage2: StageConfig, world_size: int) -> "TrainState":
+        """Step 0 of a run with these ``stage1`` / ``stage2`` sections on ``world_size`` workers."""
+        schedule = StageSchedule.from_stages(stage1, stage2)
         return cls(step=0, stage=schedule.stage_at(0), schedule=schedule, data_position=0, world_size=world_size)
 
     # -- checkpoint form -----------------------------------------------------------------------
-    def client_state(self) -> dict:
-        """The JSON half (also in the COMPLETE marker, so listing checkpoints needs no torch.load)."""
+    def state_dict(self) -> dict:
+        """JSON (the Checkpointer also writes it to the COMPLETE marker, so listing checkpoints
+        needs no torch.load)."""
         return {"step": self.step, "stage": self.stage, "schedule": self.schedule.state_dict(),
                 "data_position": self.data_position, "world_size": self.world_size}
 
-    def tensors(self) -> dict:
-        """The tensor half: every RNG in use. DeepSpeed keeps rank 0's copy; every rank seeds and
-        draws alike, so it serves them all."""
-        return {"rng": capture_rng(), **({"ema": self.ema} if self.ema is not None else {})}
-
-    @classmethod
-    def restore(cls, client: dict, tensors: dict, cfg: Config, world_size: int) -> "TrainState":
-        """The state a checkpoint holds, under this run's config, re-counted for ``world_size``
-        (a resume on fewer or more workers re-plans the data order from the same number of samples
-        drawn in all)."""
-        if "schedule" not in client:
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from a checkpoint's ``state_dict()`` under this run's config (its step counts)
+        and world size: a resume on fewer or more workers re-plans the data order from the same
+        number of samples drawn in all."""
+        if "schedule" not in saved:
             raise UserError("the checkpoint was written by an older sdn-dist (no train state in it): "
                             "start a new run directory (`out`) or use the release that wrote it")
-        step = int(client["step"])
-        schedule = StageSchedule.from_config(cfg)
-        schedule.load_state_dict(client["schedule"], step)
-        state = cls(step=step, stage=int(client["stage"]), schedule=schedule,
-                    data_position=int(client["data_position"]), world_size=int(client["world_size"]),
-                    rng=tensors.get("rng") or {}, ema=tensors.get("ema"))
-        if world_size != state.world_size:
-            state.data_position = state.data_position * state.world_size // world_size
-            state.world_size = world_size
-        return state
+        self.step, self.stage = int(saved["step"]), int(saved["stage"])
+        self.schedule.load_state_dict(saved["schedule"], self.step)
+        drawn = int(saved["data_position"]) * int(saved["world_size"])
+        self.data_position = drawn // self.world_size
+
+
+class _RNG:
+    """Every RNG the training step draws from, as a stateful thing (the module-level ``RNG``)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return capture_rng()
+
+    def load_state_dict(self, saved: dict[str, torch.Tensor]) -> None:
+        restore_rng(saved)
+
+
+RNG = _RNG()
 
 
 def capture_rng() -> dict[str, torch.Tensor]:
