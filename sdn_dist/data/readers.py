@@ -10,6 +10,7 @@ be scaled apart from the trainers. A restart begins at the checkpoint's sample o
 
 from __future__ import annotations
 
+import logging
 import collections
 import dataclasses
 import os
@@ -28,6 +29,8 @@ from sdn_dist.data.index import count_shards, list_ahead, scan_note
 from sdn_dist.data.shards import configure_network, expand_urls
 from sdn_dist.data.text import build_text_encoder, encoder_from_record
 from sdn_dist.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
 
 
 def peak_rss_bytes() -> int:
@@ -91,7 +94,7 @@ class DataSpec:
         counted = count_shards(urls)
         note = scan_note(counted)
         if note:    # no index (or a stale one): say what the count cost and how to skip it
-            print(note, file=sys.stderr, flush=True)
+            log.warning(note)
         counts = counted.counts
         if sum(counts) < data.batch_size:
             raise UserError(f"data.train={data.train!r} holds {sum(counts)} samples, fewer than one batch ({data.batch_size})")

@@ -23,9 +23,9 @@ Inception Score of the generated images and their FID against the paired real te
 
 from __future__ import annotations
 
+import logging
 import json
 import math
-import sys
 import time
 from typing import Any
 
@@ -48,6 +48,8 @@ from sdn_dist.evaluation.judge import (MAX_SIDE, describe, evaluator_matches, lo
                                        train_evaluator)
 from sdn_dist.training.export import load_student, resolve, write_card_with_report
 from sdn_dist.training.grids import grid_png
+
+log = logging.getLogger(__name__)
 
 REPORT_FORMAT = "sdn-dist-eval/1"
 INCEPTION_SIZE = 299
@@ -309,8 +311,7 @@ def _get_evaluator(evaluator: str | None, blob: dict, checkpoint: str, image_siz
         except UserError as e:
             notes.append(f"cached evaluator unusable ({e}): retrained")
     if progress:
-        print(f"training the attribute evaluator on {train_urls} at {size} px (cached as {cache})",
-              file=sys.stderr)
+        log.info(f"training the attribute evaluator on {train_urls} at {size} px (cached as {cache})")
     try:
         res = train_evaluator(train_urls, size, None, steps=steps, progress=progress)
     except DataError as e:

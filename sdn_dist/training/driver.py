@@ -175,8 +175,8 @@ def _watch_preemption(preempt: DriverPreemption, collector, records: list[dict],
             collector.preempt.remote()
             preempt.forwarded = True
         if time.time() - preempt.since > cfg.checkpoint.preempt_grace_seconds:
-            print(f"preempted: no checkpoint within checkpoint.preempt_grace_seconds="
-                  f"{cfg.checkpoint.preempt_grace_seconds:g}; a rerun resumes from the last complete one", flush=True)
+            log.warning(f"preempted: no checkpoint within checkpoint.preempt_grace_seconds="
+                        f"{cfg.checkpoint.preempt_grace_seconds:g}; a rerun resumes from the last complete one")
             return -1
     return None
 

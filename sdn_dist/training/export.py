@@ -22,6 +22,7 @@ Older runs (before the safetensors folder) have ``export/student.pt`` instead (t
 
 from __future__ import annotations
 
+import logging
 import json
 import sys
 
@@ -35,6 +36,8 @@ from sdn_dist import fsio
 from sdn_dist.config import Config, ModelConfig
 from sdn_dist.errors import UserError, error_line
 from sdn_dist.model.student import Student
+
+log = logging.getLogger(__name__)
 
 FORMAT = "sdn-dist-export/1"
 WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
@@ -146,7 +149,7 @@ def write_card_with_report(folder: str, config: dict, report: dict) -> str | Non
     try:
         fsio.atomic_write(url, model_card(config, grid=fsio.exists(fsio.join(folder, GRID)), report=report))
     except Exception as e:  # noqa: BLE001 - a read-only location keeps its card; the report is written anyway
-        print(f"warning: could not update the model card {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        log.warning(f"warning: could not update the model card {url}: {type(e).__name__}: {e}")
         return None
     return url
 
@@ -226,9 +229,9 @@ def check_weights(url: str, expected: dict[str, torch.Tensor], got: dict[str, to
 
 
 def _load_legacy(url: str, device) -> tuple[Student, dict]:
-    print(f"warning: {url} is an older export (a torch file, student.pt); it is read until sdn-dist {LEGACY_UNTIL}. "
-          f"Rerun the export with `python -m sdn_dist.training.export {url}` to get the safetensors folder",
-          file=sys.stderr)
+    log.warning(f"warning: {url} is an older export (a torch file, student.pt); it is read until sdn-dist "
+                f"{LEGACY_UNTIL}. Rerun the export with `python -m sdn_dist.training.export {url}` to get the "
+                "safetensors folder")
     blob = fsio.load_torch(url, "exported student", map_location="cpu")
     if not isinstance(blob, dict) or blob.get("format") != LEGACY_FORMAT:
         raise UserError(f"{url} is not an sdn-dist exported student (format {LEGACY_FORMAT})")

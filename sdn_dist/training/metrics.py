@@ -12,13 +12,13 @@ process; ``rank`` < ``workers``; ``stage`` in {1, 2}; ``level`` is one of the mo
 
 from __future__ import annotations
 
+import logging
 import errno
 import io
 import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 
@@ -30,6 +30,8 @@ from torch.utils.tensorboard import SummaryWriter
 from sdn_dist import fsio
 from sdn_dist.config import MetricsConfig
 from sdn_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 try:  # the label values of sdn_data_samples_skipped_total{reason}
     from sdn_dist.data.pipeline import SKIP_REASONS
@@ -224,8 +226,8 @@ class PrometheusExporter:
             return
         try:
             if linger_seconds > 0:
-                print(f"metrics: serving the final values at {self.url} for {linger_seconds:g}s "
-                      "(metrics.linger_seconds)", file=sys.stderr, flush=True)
+                log.info(f"metrics: serving the final values at {self.url} for {linger_seconds:g}s "
+                         "(metrics.linger_seconds)")
                 time.sleep(linger_seconds)
         except KeyboardInterrupt:
             pass
@@ -283,7 +285,7 @@ class TensorBoardWriter:
         try:
             png = fs.cat_file(path)
         except OSError as e:   # a grid that cannot be read back costs its image, not the run
-            print(f"tensorboard: cannot read sample grid {rec['url']}: {e}", file=sys.stderr)
+            log.warning(f"tensorboard: cannot read sample grid {rec['url']}: {e}")
             return
         with Image.open(io.BytesIO(png)) as im:
             img = np.asarray(im.convert("RGB"))   # [H,W,3] uint8
