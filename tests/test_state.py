@@ -85,12 +85,22 @@ def test_a_rerun_with_more_steps_extends_the_run_but_not_a_finished_stage_one():
     assert longer.schedule.switch_step == 50     # stage 1 had not ended: the new length applies
 
 
-def test_world_size_change_keeps_the_number_of_samples_drawn():
+def test_world_size_change_keeps_the_global_data_position():
+    """The position counts the global stream (issue 34): a resume at another world size continues
+    it where it was, unscaled. A checkpoint of the per-rank era (no ``data_order``) counted one
+    rank's samples: it becomes the samples drawn in all. Fails on: a restore that rescales the
+    position by the world sizes, or one that takes an old per-rank position as global."""
     c = cfg()
     state = TrainState.start(c, world_size=2)
-    state.step, state.data_position = 10, 40      # 2 ranks x 40 = 80 samples drawn
-    back = TrainState.restore(state.client_state(), {}, c, world_size=1)
-    assert (back.data_position, back.world_size) == (80, 1)
+    state.step, state.data_position = 10, 80      # 10 steps of a global batch of 8
+    client = state.client_state()
+    assert client["data_order"] == "global"
+    for world in (1, 2, 3):
+        back = TrainState.restore(client, {}, c, world_size=world)
+        assert (back.data_position, back.world_size) == (80, world)
+    old = {k: v for k, v in client.items() if k != "data_order"} | {"data_position": 40}   # 40 per rank
+    for world in (1, 2):
+        assert TrainState.restore(old, {}, c, world_size=world).data_position == 80
 
 
 def test_checkpoint_of_an_older_release_is_a_user_error():

@@ -101,8 +101,8 @@ class TrainState:
     step: int
     stage: int
     schedule: StageSchedule
-    data_position: int               # samples each rank has drawn from its stream (good or bad)
-    world_size: int                  # the world size data_position was counted in
+    data_position: int               # samples all ranks have drawn from the global stream (good or bad)
+    world_size: int                  # the world size the run is at
     rng: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     ema: dict[str, torch.Tensor] | None = None   # the averaged student's weights (ema.decay > 0)
 
@@ -115,7 +115,7 @@ class TrainState:
     def client_state(self) -> dict:
         """The JSON half (also in the COMPLETE marker, so listing checkpoints needs no torch.load)."""
         return {"step": self.step, "stage": self.stage, "schedule": self.schedule.state_dict(),
-                "data_position": self.data_position, "world_size": self.world_size}
+                "data_position": self.data_position, "data_order": "global", "world_size": self.world_size}
 
     def tensors(self) -> dict:
         """The tensor half: every RNG in use. DeepSpeed keeps rank 0's copy; every rank seeds and
@@ -124,9 +124,11 @@ class TrainState:
 
     @classmethod
     def restore(cls, client: dict, tensors: dict, cfg: Config, world_size: int) -> "TrainState":
-        """The state a checkpoint holds, under this run's config, re-counted for ``world_size``
-        (a resume on fewer or more workers re-plans the data order from the same number of samples
-        drawn in all)."""
+        """The state a checkpoint holds, under this run's config, at ``world_size``. The data
+        position is global (``data_order: global``), so a resume on fewer or more workers continues
+        the same sample order. A checkpoint without ``data_order`` counted per rank in its own plan:
+        its position becomes the samples drawn in all (exact from one worker; from more, that
+        epoch's order changes at the resume, samples around the cut may repeat or be skipped)."""
         if "schedule" not in client:
             raise UserError("the checkpoint was written by an older sdn-dist (no train state in it): "
                             "start a new run directory (`out`) or use the release that wrote it")
@@ -136,9 +138,9 @@ class TrainState:
         state = cls(step=step, stage=int(client["stage"]), schedule=schedule,
                     data_position=int(client["data_position"]), world_size=int(client["world_size"]),
                     rng=tensors.get("rng") or {}, ema=tensors.get("ema"))
-        if world_size != state.world_size:
-            state.data_position = state.data_position * state.world_size // world_size
-            state.world_size = world_size
+        if client.get("data_order") != "global":
+            state.data_position *= state.world_size
+        state.world_size = world_size
         return state
 
 
