@@ -317,6 +317,25 @@ def test_keep_in_memory_reads_each_shard_once_and_changes_no_batch(tmp_path):
         assert torch.equal(g["image"], p["image"])
 
 
+def test_keep_in_memory_on_one_of_two_ranks_reads_each_shard_once(tmp_path):
+    """A rank's micro-batches are another part of every shard each epoch: keep_in_memory keeps the
+    whole of each shard it opens, so the later epochs still need no shard, and change no batch.
+    Fails on: keeping only the rank's own samples (the second epoch reopens the deleted shards)."""
+    urls = _uneven_shards(tmp_path)
+    counts = shard_counts(urls)
+
+    def stream(**kw):
+        return RankStream(urls, counts, 1, 2, seed=3, shuffle=True, image_size=8, shuffle_buffer=5, **kw)
+    plain = list(stream().iter_samples(0, batch_size=2, stop_sample=104))
+    kept = stream(keep_in_memory=True)
+    got = list(kept.iter_samples(0, batch_size=2, stop_sample=36))    # the first epoch: every shard
+    for u in urls:                                                     # holds one of rank 1's batches
+        os.remove(u)
+    got += list(kept.iter_samples(36, batch_size=2, stop_sample=104))  # 36: both ranks drew 9 batches
+    assert [(b["key"], b["index"]) for b in got] == [(b["key"], b["index"]) for b in plain]
+    assert all(torch.equal(g["image"], p["image"]) for g, p in zip(got, plain))
+
+
 def _cached_run(tmp_path, monkeypatch, **kw):
     """3 epochs (35 samples each) of a shuffled stream -> (batches, images decoded, the stream)."""
     from sdn_dist.data import pipeline
