@@ -492,7 +492,7 @@ info = next(i for i in ck.complete() if i["tag"] == tag)
 engine = build_engine(cfg, StageSchedule.from_config(cfg).stage(info["stage"]).config, build_text_encoder(cfg.text).dim, torch.device("cpu"))
 saved = ck.load(engine, tag, module_only=False)
 state = TrainState.restore(saved, saved["tensors"], cfg, 1)
-print(json.dumps({"step": state.data_position // (cfg.micro_batch * cfg.deepspeed.grad_accum), "stage": state.stage,
+print(json.dumps({"step": state.data_position // cfg.data.batch_size, "stage": state.stage,
                   "params": sum(v.numel() for v in student_state_dict(engine, cfg).values())}))
 """
 
