@@ -8,8 +8,9 @@ micro-batches of 8 the trainer asks for), timed with this process's CPU clock
 (``time.process_time``): tar reading, PNG decoding, caption choice and the stored embedding row.
 The readers' share of a core at a training speed is these seconds per sample x the samples/s one
 rank consumes (e.g. ~100 in the demo's 2 x 1 layout). The first epoch decodes every image; later
-ones take them from the cache when it is on (a rank reads other shards each epoch, so the cache
-fills over the first ~2 epochs of 2 ranks). Every run's batches are compared: they must be equal.
+ones take them from the cache when it is on (the cache
+fills over the first epochs: each epoch a rank takes every other micro-batch of the one global
+order, so a different half of the samples). Every run's batches are compared: they must be equal.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def run(urls, counts, cfg, encoder, epochs: int, **kw) -> tuple[list[float], lis
     per_epoch, batches = [], []
     for e in range(epochs):
         start, stop = stream.epoch_start(e), stream.epoch_start(e + 1)
-        t = time.process_time()
+        t, n = time.process_time(), 0
         for b in stream.iter_samples(start, batch_size=8, stop_sample=stop, uint8=True):
             batches.append((b["key"], b["image"], b["text"]))
-        per_epoch.append((time.process_time() - t) / (stop - start))
+            n += b["size"]            # this rank's positions (the epoch's are global)
+        per_epoch.append((time.process_time() - t) / n)
     return per_epoch, batches, stream
 
 

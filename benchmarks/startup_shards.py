@@ -81,7 +81,7 @@ def phases(url: str) -> dict:
     t1 = time.time()
     counted = index.count_shards(urls)
     t2 = time.time()
-    plan_epoch(counted.counts, 0, 0, 1, True)
+    plan_epoch(counted.counts, 0, 0, True)
     t3 = time.time()
     return {"list_s": round(t1 - t0, 2), "counts_s": round(t2 - t1, 2), "plan_s": round(t3 - t2, 3),
             "counts_from": counted.sources()}

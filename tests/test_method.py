@@ -192,6 +192,7 @@ class FakeFeed:
 
     def __init__(self, cfg, micro_batch, start=0, bad=()):
         self.cfg, self.micro_batch, self.position, self.bad = cfg, micro_batch, start, set(bad)
+        self.slots = micro_batch        # one rank: its micro-batch is all the global stream gives
         self.drawn: list[int] = []
 
     def next(self):

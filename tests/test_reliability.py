@@ -492,7 +492,7 @@ info = next(i for i in ck.complete() if i["tag"] == tag)
 engine = build_engine(cfg, StageSchedule.from_stages(cfg.stage1, cfg.stage2).stage(info["stage"]).config, build_text_encoder(cfg.text).dim, torch.device("cpu"))
 state = TrainState.start(cfg.stage1, cfg.stage2, 1)
 ck.load(engine, tag, {"train": state}, module_only=False)
-print(json.dumps({"step": state.data_position // (cfg.micro_batch * cfg.deepspeed.grad_accum), "stage": state.stage,
+print(json.dumps({"step": state.data_position // cfg.data.batch_size, "stage": state.stage,
                   "params": sum(v.numel() for v in student_state_dict(engine).values())}))
 """
 

@@ -88,12 +88,22 @@ def test_a_rerun_with_more_steps_extends_the_run_but_not_a_finished_stage_one():
     assert longer.schedule.switch_step == 50     # stage 1 had not ended: the new length applies
 
 
-def test_world_size_change_keeps_the_number_of_samples_drawn():
+def test_world_size_change_keeps_the_global_data_position():
+    """The position counts the global stream (issue 34): a resume at another world size continues
+    it where it was, unscaled. A checkpoint of the per-rank era (no ``data_order``) counted one
+    rank's samples: it becomes the samples drawn in all. Fails on: a restore that rescales the
+    position by the world sizes, or one that takes an old per-rank position as global."""
     c = cfg()
     state = TrainState.start(c.stage1, c.stage2, world_size=2)
-    state.step, state.data_position = 10, 40      # 2 ranks x 40 = 80 samples drawn
-    back = restored(state.state_dict(), c, world_size=1)
-    assert (back.data_position, back.world_size) == (80, 1)
+    state.step, state.data_position = 10, 80      # 10 steps of a global batch of 8
+    saved = state.state_dict()
+    assert saved["data_order"] == "global"
+    for world in (1, 2, 3):
+        back = restored(saved, c, world_size=world)
+        assert (back.data_position, back.world_size) == (80, world)
+    old = {k: v for k, v in saved.items() if k != "data_order"} | {"data_position": 40}   # 40 per rank
+    for world in (1, 2):
+        assert restored(old, c, world_size=world).data_position == 80
 
 
 def test_checkpoint_of_an_older_release_is_a_user_error():

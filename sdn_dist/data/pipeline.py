@@ -7,19 +7,22 @@
 
 The design the trainer relies on:
 
-* :func:`plan_epoch` is pure: from the shard sample counts, the epoch, the seed and the world size
-  it gives every rank its list of ``(shard_index, start, stop)`` sample ranges. Shards are permuted
-  per epoch; the concatenated sample sequence is cut into ``world_size`` contiguous parts whose
-  sizes differ by at most one, and which ranks get the +1 rotates with the epoch so that no rank
-  ever gets more than one sample ahead of another over any number of epochs.
-* :class:`RankStream` is one rank's infinite sample sequence over epochs 0, 1, 2, ...: each epoch's
-  ranges in order, each range optionally shuffled by a seeded shuffle buffer. A *position* in the
-  stream counts samples as they sit in the tars, good or bad, so positions never depend on decoding.
+* The order is global: one sample sequence per epoch whatever the number of ranks, so a resume
+  on another worker count continues it exactly. :func:`plan_epoch` is pure: from the shard sample
+  counts, the epoch and the seed it gives the epoch's ``(shard_index, start, stop)`` sample ranges
+  (the shards in a per-epoch permutation). A *position* counts samples of that global sequence as
+  they sit in the tars, good or bad, over epochs 0, 1, 2, ... (epoch ``e`` starts at ``e * total``),
+  so positions never depend on decoding or on the world size.
+* :class:`RankStream` reads that sequence, each range optionally shuffled by a shuffle buffer
+  seeded by ``(seed, epoch, range)``, never by the rank. Rank ``r`` of ``W`` takes every ``W``-th
+  micro-batch of it: micro-batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)`` and is
+  rank ``i % W``'s. A training step of ``W`` ranks x ``grad_accum`` micro-batches so always covers
+  the same ``data.batch_size`` positions at any world size; only their split over ranks differs.
 * ``RankStream.iter_samples(start_sample, worker, num_workers, batch_size)`` resumes at an absolute
-  position (skipped shards are not opened, and the skipped part of a shard is not decoded). Micro-
-  batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)``; loader worker ``w`` of ``n`` yields
-  the batches with ``i % n == w``, so a torch DataLoader (round-robin over workers) returns them in
-  exactly the single-process order. Resume offset after ``k`` micro-batches: ``start + k*B``.
+  position (skipped shards are not opened, and the skipped part of a shard is not decoded). Loader
+  worker ``w`` of ``n`` yields the rank's micro-batches ``i`` with ``(i // W) % n == w``, so a torch
+  DataLoader (round-robin over workers) returns them in exactly the single-process order. Resume
+  offset after each rank drew ``k`` micro-batches: ``start + k*W*B``.
 * Bad samples are skipped and counted by reason (:class:`SkipCounter`), so a batch can be short,
   even empty; its ``index`` and the positions of every later batch are unaffected.
 """
@@ -85,14 +88,6 @@ def seed_int(*parts: Any) -> int:
 # Planning (pure)
 # ----------------------------------------------------------------------------------------------
 
-def _epoch_sizes(total: int, epoch: int, world_size: int) -> list[int]:
-    base, rem = divmod(total, world_size)
-    # The +1s go to the next `rem` ranks after the previous epoch's, cyclically: over any span of
-    # epochs every rank's total is within one of every other's.
-    first = (epoch * rem) % world_size
-    return [base + (1 if (r - first) % world_size < rem else 0) for r in range(world_size)]
-
-
 def shard_order(n_shards: int, epoch: int, seed: int, shuffle: bool) -> list[int]:
     order = list(range(n_shards))
     if shuffle:
@@ -100,30 +95,16 @@ def shard_order(n_shards: int, epoch: int, seed: int, shuffle: bool) -> list[int
     return order
 
 
-def plan_epoch(counts: Sequence[int], epoch: int, seed: int, world_size: int,
-               shuffle: bool) -> list[list[tuple[int, int, int]]]:
-    """Per rank, the ``(shard_index, start, stop)`` sample ranges it reads in ``epoch``.
+def plan_epoch(counts: Sequence[int], epoch: int, seed: int,
+               shuffle: bool) -> list[tuple[int, int, int]]:
+    """The ``(shard_index, start, stop)`` sample ranges of ``epoch``'s global sequence, in order.
 
     Shards are visited in a per-epoch permutation (seeded by ``(seed, epoch)``; identity when
-    ``shuffle`` is False); the concatenated samples are split into ``world_size`` contiguous parts
-    of sizes ``total // world_size`` or one more. Every sample appears in exactly one range.
+    ``shuffle`` is False), each whole; empty shards have no range. Every sample appears in exactly
+    one range. The number of ranks plays no part: they split the sequence by micro-batch
+    (:meth:`RankStream.iter_samples`).
     """
-    if world_size < 1:
-        raise ValueError("world_size must be >= 1")
-    sizes = _epoch_sizes(int(sum(counts)), epoch, world_size)
-    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(world_size)]
-    rank, left = 0, sizes[0]
-    for k in shard_order(len(counts), epoch, seed, shuffle):
-        pos, n = 0, int(counts[k])
-        while pos < n:
-            while left == 0:
-                rank += 1
-                left = sizes[rank]
-            take = min(left, n - pos)
-            plan[rank].append((k, pos, pos + take))
-            pos += take
-            left -= take
-    return plan
+    return [(k, 0, int(counts[k])) for k in shard_order(len(counts), epoch, seed, shuffle) if counts[k]]
 
 
 def buffer_order(n: int, buffer: int, rng: random.Random) -> list[int]:
@@ -239,11 +220,13 @@ def decode_embedding(data: bytes, n_captions: int, dim: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 class RankStream:
-    """One rank's infinite, deterministic sample stream (see the module docstring).
+    """One rank's share of the infinite, deterministic global sample stream (see the module
+    docstring): its positions are global, it yields the micro-batches that are its own.
 
     Args:
         urls, counts: the shards and their sample counts (``shard_counts(urls)``), same order.
-        rank, world_size: this rank among the data-parallel trainers.
+        rank, world_size: this rank among the data-parallel trainers: it takes micro-batches
+            ``i`` with ``i % world_size == rank`` of the global stream.
         seed, shuffle: shard permutation, shuffle buffer and caption choice seeds.
         image_size: output side in pixels.
         text_encoder: a :class:`~sdn_dist.data.text.TextEncoder` (``precomputed`` reads KEY.emb.npy)
@@ -298,41 +281,26 @@ class RankStream:
         self.cache_bytes, self.cached_bytes = int(cache_bytes), 0
 
     # -- positions ------------------------------------------------------------------------------
-    def epoch_length(self, epoch: int) -> int:
-        """Samples this rank reads in ``epoch``."""
-        return _epoch_sizes(self.total, epoch, self.world_size)[self.rank]
-
-    def _cycle(self) -> tuple[int, int]:
-        # Epoch lengths repeat with period world_size; one period holds this many samples.
-        return self.world_size, sum(self.epoch_length(e) for e in range(self.world_size))
-
     def epoch_start(self, epoch: int) -> int:
         """Absolute stream position of ``epoch``'s first sample."""
-        period, per = self._cycle()
-        q, r = divmod(epoch, period)
-        return q * per + sum(self.epoch_length(q * period + e) for e in range(r))
+        return epoch * self.total
 
     def locate(self, position: int) -> tuple[int, int]:
         """Absolute position -> (epoch, offset within that epoch)."""
-        period, per = self._cycle()
-        q = position // per
-        epoch, pos = q * period, position - q * per
-        while pos >= self.epoch_length(epoch):
-            pos -= self.epoch_length(epoch)
-            epoch += 1
-        return epoch, pos
+        return divmod(position, self.total)
 
     def ranges(self, epoch: int) -> list[tuple[int, int, int]]:
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            plan = plan_epoch(self.counts, epoch, self.seed, self.world_size, self.shuffle)
-            self._plan_cache = (epoch, plan[self.rank])
+            self._plan_cache = (epoch, plan_epoch(self.counts, epoch, self.seed, self.shuffle))
         return self._plan_cache[1]
 
     # -- reading --------------------------------------------------------------------------------
     def _range_order(self, epoch: int, ri: int, n: int) -> list[int]:
         if not self.shuffle or self.shuffle_buffer <= 1:
             return list(range(n))
-        rng = random.Random(seed_int(self.seed, "buffer", epoch, self.rank, ri))
+        # The 0 stands where the rank was when each rank had a plan of its own: the global order is
+        # the one rank 0 of 1 read then, so a single-worker run and its checkpoints read as before.
+        rng = random.Random(seed_int(self.seed, "buffer", epoch, 0, ri))
         return buffer_order(n, self.shuffle_buffer, rng)
 
     def iter_raw(self, start: int = 0, stop: int | None = None,
@@ -365,13 +333,19 @@ class RankStream:
         held: dict[int, dict] = {}
         it = iter(need)
         j = next(it)
-        for idx, raw in iter_shard(self.urls[k], a + min(inputs), a + max(inputs) + 1,
-                                   want=lambda i: (i - a) in inputs, read_limits=self._read_limits):
+        # keep_in_memory keeps the whole range once its shard is open, the other ranks' samples
+        # too: which of them are this rank's changes every epoch, and a later epoch then never
+        # opens the shard again (reading unwanted members costs little beside parsing the headers).
+        lo_i, hi_i = (0, n) if self._raw is not None else (min(inputs), max(inputs) + 1)
+        for idx, raw in iter_shard(self.urls[k], a + lo_i, a + hi_i, read_limits=self._read_limits,
+                                   want=None if self._raw is not None else lambda i: (i - a) in inputs):
             if raw is None:
                 continue
-            held[idx - a] = raw
             if self._raw is not None:
                 self._raw[(k, idx)] = raw
+            if idx - a not in inputs:
+                continue
+            held[idx - a] = raw
             while j is not None and order[j] in held:
                 yield base + j, epoch, held.pop(order[j])
                 j = next(it, None)
@@ -379,10 +353,12 @@ class RankStream:
     def iter_samples(self, start_sample: int = 0, worker: int = 0, num_workers: int = 1,
                      batch_size: int = 1, stop_sample: int | None = None,
                      uint8: bool = False) -> Iterator[dict]:
-        """Micro-batches of this rank's stream from absolute position ``start_sample``.
+        """This rank's micro-batches of the global stream from absolute position ``start_sample``.
 
-        Batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)`` (clipped at ``stop_sample``);
-        this call yields only the batches with ``i % num_workers == worker``. Each batch is a dict:
+        Batch ``i`` covers positions ``[start + i*B, start + (i+1)*B)`` (clipped at ``stop_sample``)
+        and is rank ``i % world_size``'s; this call yields the rank's batches ``i`` with
+        ``(i // world_size) % num_workers == worker``. Every rank must be given the same
+        ``start_sample`` (the global ``TrainState.data_position``). Each batch is a dict:
         ``image`` float [b,3,S,S] in [0,1]; ``text`` float [b,D] or None; ``captions`` list[str];
         ``meta`` list[dict]; ``key`` list[str]; ``epoch`` list[int]; ``index`` (the absolute position
         of the batch's first slot); ``size`` (positions covered, = B except at ``stop_sample``);
@@ -392,10 +368,12 @@ class RankStream:
         """
         if batch_size < 1 or not 0 <= worker < num_workers:
             raise ValueError("need batch_size >= 1 and 0 <= worker < num_workers")
-        start, bs, nw = int(start_sample), int(batch_size), int(num_workers)
+        start, bs = int(start_sample), int(batch_size)
+        # Rank r's loader worker w: every (world x workers)-th batch of the global stream.
+        nw, part = self.world_size * int(num_workers), self.rank + self.world_size * worker
 
         def want(p: int) -> bool:
-            return ((p - start) // bs) % nw == worker
+            return ((p - start) // bs) % nw == part
 
         cur, items, skipped = None, [], SkipCounter()
         # This reader's tally of the epoch it is in: a whole epoch (begun at its first position)
@@ -540,7 +518,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """A RankStream as a torch IterableDataset yielding whole micro-batches.
 
     Use with ``DataLoader(ds, batch_size=None, num_workers=n)`` (or :func:`make_loader`): worker w
-    yields batches i with i % n == w and the loader's round-robin puts them back in stream order.
+    yields the rank's batches number w, w + n, ... and the loader's round-robin puts them back in
+    stream order.
     Skips happen in the worker processes: aggregate each batch's ``skipped`` in the consumer.
     """
 
@@ -594,8 +573,8 @@ def iter_batches(urls, *, image_size: int, batch_size: int, text_encoder=None, s
                  cache_bytes: int = 0) -> Iterator[dict]:
     """Micro-batches (the dict of :meth:`RankStream.iter_samples`) in one process.
 
-    ``epochs=None`` never ends; ``epochs=k`` stops after k epochs of this rank (the last batch may
-    be short). ``shuffle=False, epochs=1`` reads every sample once, in shard order (eval).
+    ``epochs=None`` never ends; ``epochs=k`` stops after k epochs of the global stream (this
+    rank's micro-batches of them; the last batch may be short). ``shuffle=False, epochs=1`` reads every sample once, in shard order (eval).
     ``keep_in_memory``, ``cache_bytes``: see :class:`RankStream`.
     """
     shard_list = expand_urls(urls)

@@ -1,11 +1,13 @@
 """Ray data actors: read, decode and embed this rank's share of the shards, ahead of the trainer.
 
-Each training rank owns ``data.readers`` ShardReader actors. The rank's sample stream (see
-``sdn_dist.data.pipeline.RankStream``: a deterministic, exactly-once-per-epoch split of the shards
-over ranks) is cut into micro-batches; reader ``j`` of ``R`` produces micro-batches ``i`` with
-``i % R == j``. The rank asks reader ``i % R`` for micro-batch ``i`` and keeps ``data.prefetch``
-requests in flight, so decoding overlaps training, batches arrive in stream order, and readers can
-be scaled apart from the trainers. A restart begins at the checkpoint's sample offset.
+Each training rank owns ``data.readers`` ShardReader actors. The run's one global sample stream
+(see ``sdn_dist.data.pipeline.RankStream``: deterministic, each sample once per epoch, the same
+order at every world size) is cut into micro-batches, and rank ``r`` of ``W`` takes every ``W``-th
+one (global micro-batch ``r + W*i`` is its ``i``-th); reader ``j`` of ``R`` produces the rank's
+micro-batches ``i`` with ``i % R == j``. The rank asks reader ``i % R`` for micro-batch ``i`` and
+keeps ``data.prefetch`` requests in flight, so decoding overlaps training, batches arrive in stream
+order, and readers can be scaled apart from the trainers. A restart, on any number of ranks,
+begins at the checkpoint's global sample position.
 """
 
 from __future__ import annotations
@@ -183,13 +185,16 @@ class ShardReader:
 class DataFeed:
     """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
 
-    ``start_sample`` is the rank's stream position (``TrainState.data_position``). A reader's
+    ``start_sample`` is the global stream position (``TrainState.data_position``, the same on
+    every rank); each ``next()`` advances it by ``slots``: this rank's micro-batch and the other
+    ranks' beside it. A reader's
     UserError (bad data under data.strict, an epoch with no usable sample) is raised here as
     itself, one line (``training/failures.py`` then stops the run instead of retrying it)."""
 
     def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
         n = spec.data.readers
-        self.micro_batch = micro_batch   # stream slots per next(), good or bad (TrainState.data_position)
+        self.micro_batch = micro_batch   # this rank's stream slots per next(), good or bad
+        self.slots = micro_batch * world_size   # global slots per next() (TrainState.data_position)
         self.readers = [ShardReader.options(scheduling_strategy=_on_this_node()).remote(
             spec, rank, world_size, micro_batch, j, n, start_sample) for j in range(n)]
         self.n = n

@@ -203,7 +203,7 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, text_dim: int
                autocast: str):
     """One optimizer step over ``grad_accum`` micro-batches in ``state.stage`` -> (loss,
     {point: loss}, good samples); advances ``state.step`` by one and ``state.data_position`` by the
-    samples drawn from the stream (good or bad: every micro-batch is ``feed.micro_batch`` slots).
+    global stream slots the ranks drew (good or bad: ``feed.slots`` per micro-batch, all ranks').
 
     Loss and per-point losses are the mean over the micro-batches, left on the device (read back
     only at log steps: a float() per step would be 23 host syncs per step on a GPU); ``None`` when
@@ -213,7 +213,7 @@ def train_step(engine, teacher, feed: DataFeed, state: TrainState, text_dim: int
     loss_sum, parts_sum, n = None, {}, 0
     for _ in range(accum):
         b = feed.next()
-        state.data_position += feed.micro_batch
+        state.data_position += feed.slots
         if not len(b):
             # Every sample of this micro-batch was bad: still take part in the gradient
             # all-reduce (with zero gradients) so that the ranks stay in step.

@@ -107,8 +107,8 @@ class TrainState:
     step: int
     stage: int
     schedule: StageSchedule
-    data_position: int               # samples each rank has drawn from its stream (good or bad)
-    world_size: int                  # the world size data_position was counted in
+    data_position: int               # samples all ranks have drawn from the global stream (good or bad)
+    world_size: int                  # the world size the run is at
 
     @classmethod
     def start(cls, stage1: StageConfig, stage2: StageConfig, world_size: int) -> "TrainState":
@@ -121,19 +121,23 @@ class TrainState:
         """JSON (the Checkpointer also writes it to the COMPLETE marker, so listing checkpoints
         needs no torch.load)."""
         return {"step": self.step, "stage": self.stage, "schedule": self.schedule.state_dict(),
-                "data_position": self.data_position, "world_size": self.world_size}
+                "data_position": self.data_position, "data_order": "global", "world_size": self.world_size}
 
     def load_state_dict(self, saved: dict) -> None:
         """Continue from a checkpoint's ``state_dict()`` under this run's config (its step counts)
-        and world size: a resume on fewer or more workers re-plans the data order from the same
-        number of samples drawn in all."""
+        at this state's world size. The data position is global (``data_order: global``), so a
+        resume on fewer or more workers continues the same sample order. A checkpoint without
+        ``data_order`` counted per rank in its own plan: its position becomes the samples drawn in
+        all (exact from one worker; from more, that epoch's order changes at the resume, samples
+        around the cut may repeat or be skipped)."""
         if "schedule" not in saved:
             raise UserError("the checkpoint was written by an older sdn-dist (no train state in it): "
                             "start a new run directory (`out`) or use the release that wrote it")
         self.step, self.stage = int(saved["step"]), int(saved["stage"])
         self.schedule.load_state_dict(saved["schedule"], self.step)
-        drawn = int(saved["data_position"]) * int(saved["world_size"])
-        self.data_position = drawn // self.world_size
+        self.data_position = int(saved["data_position"])
+        if saved.get("data_order") != "global":
+            self.data_position *= int(saved["world_size"])
 
 
 class _RNG:
