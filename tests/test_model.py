@@ -577,10 +577,33 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
         tt.train_teacher(bad, "fake://shards", str(tmp_path / "bad.pt"), progress=False)
 
 
+def test_teacher_lr_is_a_warmup_over_5_percent_then_a_cosine_to_zero():
+    """apps.teacher.warmup_cosine (torch's LinearLR then CosineAnnealingLR) gives, step by step,
+    the documented rate: (s + 1) / w of it for s < w = max(1, steps // 20), then
+    (1 + cos(pi (s - w) / (steps - w))) / 2. Caught: a warm-up over 10 % of the steps, or a
+    decay to eta_min > 0, or LinearLR starting at 0."""
+    import math
+    from sdn_dist.apps.teacher import warmup_cosine
+
+    def documented(s: int, steps: int) -> float:
+        w = max(1, steps // 20)
+        return (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
+
+    for steps in (1, 2, 21, 40, 1500):
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = warmup_cosine(opt, steps)
+        got = []
+        for _ in range(steps):
+            got.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert got == pytest.approx([1e-3 * documented(s, steps) for s in range(steps)], rel=1e-9, abs=1e-15), steps
+
+
 def test_teacher_processes_take_the_steps_of_one_process(tmp_path, process_group):
-    """teacher.train.processes=2: this process and a spawned peer (gloo) each train on half of
-    every batch and sum their share-weighted gradients, so every Adam step is the one-process
-    step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
+    """teacher.train.processes=2: two spawned ranks (DDP over gloo) each train on half of every
+    batch, their losses scaled so that DDP's average is the whole batch's gradient, so every Adam
+    step is the one-process step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
     ~lr = 1e-3) almost no weight differs from the one-process teacher's by 1e-5, where a peer
     training on its half alone moves most of them elsewhere. The file is written once, by rank 0,
     with the same steps and accuracy keys. Bad input is the same error as in one process (the
