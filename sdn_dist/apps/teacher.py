@@ -405,7 +405,7 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     level = logging.getLogger("sdn_dist").getEffectiveLevel() if logging.getLogger("sdn_dist").handlers else None
     ranks = [ctx.Process(target=_rank_main, name=f"sdn-teacher-rank{r}", daemon=True,
                          args=(cfg, shards, out if r == 0 else "", progress and r == 0, r, world, port, threads,
-                               level, pipes[r][1]))
+                               level if r == 0 else None, pipes[r][1]))
              for r in range(world)]
     for p in ranks:
         p.start()
@@ -456,7 +456,7 @@ def _rank_main(cfg: Config, shards: str, out: str, progress: bool, rank: int, wo
     """A spawned rank: its own default process group (gloo), its share of every batch; rank 0
     writes the file. Reports ("result", dict) from rank 0, ("user", the UserError) or ("failed",
     why) to the caller."""
-    if log_level is not None:   # the caller's sdn_dist log (progress lines off a terminal), here too
+    if log_level is not None:   # rank 0: the caller's sdn_dist log (progress lines off a terminal)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("sdn_dist").addHandler(handler)
