@@ -75,7 +75,7 @@ def caption_teacher_file(out: str, shards: str) -> str:
     """The teacher the synth recipe trains, but from the captions alone: objective caption and no
     level heads (they need labels); its colour read-outs need none and stay."""
     from sdn_dist.config import load_config
-    from sdn_dist.commands.teacher_train import train_teacher
+    from sdn_dist.apps.teacher import train_teacher
     path = os.path.join(out, "teacher-caption.pt")
     if not os.path.exists(path):
         cfg = load_config("demo", recipe="synth", overrides=["teacher.train.objective=caption",
@@ -135,9 +135,9 @@ def prepare_data(out: str, from_demo: str | None) -> tuple[str, str]:
                 raise SystemExit(f"--from-demo {from_demo}: {p} is missing (run `sdn-dist demo --out {from_demo}` first)")
         return shards, teacher
     from sdn_dist.config import load_config
-    from sdn_dist.data.synth import write_synth
-    from sdn_dist.commands.demo import SHARDS, _shard_encoder
-    from sdn_dist.commands.teacher_train import train_teacher
+    from sdn_dist.apps.synth.dataset import write_synth
+    from sdn_dist.apps.synth.demo import SHARDS, _shard_encoder
+    from sdn_dist.apps.teacher import train_teacher
     shards, teacher = os.path.join(out, "shards"), os.path.join(out, "teacher.pt")
     cfg = load_config("demo", recipe="synth")
     if not os.path.exists(os.path.join(shards, "synth.json")):
@@ -165,7 +165,7 @@ def main() -> None:
         s1, s2 = s1 // 4, s2 // 4
     shards, teacher = prepare_data(out, args.from_demo)
     test = f"{shards}/test-*.tar"
-    exe = [sys.executable, "-m", "sdn_dist.commands.cli"]
+    exe = [sys.executable, "-m", "sdn_dist.cli"]
 
     # One evaluator for every variant (trained once on the real training images).
     evaluator = os.path.join(out, "evaluator.pt")

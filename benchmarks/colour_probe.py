@@ -31,7 +31,7 @@ import torch
 
 from sdn_dist.config import load_config
 from sdn_dist.data.pipeline import iter_batches
-from sdn_dist.data.synth import VOCAB
+from sdn_dist.apps.synth.dataset import VOCAB
 from sdn_dist.model.teacher import build_teacher
 
 N, FIT = 1500, 1200
@@ -93,7 +93,7 @@ def share(teacher_url: str, shards: str, preset: str = "demo") -> dict[str, floa
 
 
 def caption_share(seed: int = 0, n: int = 1024) -> dict[str, float]:
-    from sdn_dist.data.synth import ATTRIBUTES, synth_sample
+    from sdn_dist.apps.synth.dataset import ATTRIBUTES, synth_sample
     from sdn_dist.data.text import build_text_encoder
     samples = [synth_sample("train", i, seed=seed) for i in range(n)]
     e = build_text_encoder(load_config("demo").text).encode([s["captions"][0] for s in samples]).astype(np.float64)

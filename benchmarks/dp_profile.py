@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--py-spy", default="", help="directory for py-spy speedscope profiles of the workers")
     a = ap.parse_args(argv)
 
-    from sdn_dist.commands import bench
+    from sdn_dist.apps.bench import bench
     from sdn_dist.config import load_config
     from sdn_dist.training.driver import init_ray
 

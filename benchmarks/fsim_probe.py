@@ -40,7 +40,7 @@ import torch
 from torchvision.transforms.functional import to_tensor
 
 from sdn_dist.data.pipeline import expand_urls, iter_batches
-from sdn_dist.data.synth import _draw
+from sdn_dist.apps.synth.dataset import _draw
 from sdn_dist.data.text import encoder_from_record
 from sdn_dist.pipeline import render
 from sdn_dist.training.export import load_student

@@ -45,4 +45,4 @@ timeout 280 "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR/gpu-bench.json" --budg
 # The data-parallel peers (issue 15): the same step as plain torch DDP and as the trainer's
 # DeepSpeed engine, one process per visible GPU (nccl), random in-memory batches of the preset.
 # One GPU still measures DDP's and the engine's per-step cost against gpu_bench.py's plain step.
-timeout 150 "$PY" -m sdn_dist.commands.bench_peer --out "$OUT_DIR/ddp-peer.json" --preset paper --steps 10 2>&1 | tee "$OUT_DIR/ddp-peer.log" || echo "gpu.sh: the DDP peer did not finish (see ddp-peer.log)" >&2
+timeout 150 "$PY" -m sdn_dist.apps.bench.peer --out "$OUT_DIR/ddp-peer.json" --preset paper --steps 10 2>&1 | tee "$OUT_DIR/ddp-peer.log" || echo "gpu.sh: the DDP peer did not finish (see ddp-peer.log)" >&2

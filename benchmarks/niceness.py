@@ -9,7 +9,7 @@ readers between 15 (where Ray puts worker processes) and 0 (the driver's) every 
 seconds. Each logging window of metrics.jsonl is credited to the niceness it ran under (windows
 that straddle a flip are dropped), so both settings see the same data, stage mix and machine
 load. Needs the right to lower niceness (root or CAP_SYS_NICE). DIR: shards as `sdn-dist bench`
-makes them (``python -m sdn_dist.commands.bench --tiny --workdir W`` leaves debug-size ones in W/shards;
+makes them (``python -m sdn_dist.apps.bench.bench --tiny --workdir W`` leaves debug-size ones in W/shards;
 use ``--workdir`` with ``--quick`` for demo-size ones).
 """
 
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="sdn-nice-"))
     steps = 100000
-    cmd = [sys.executable, "-m", "sdn_dist.commands.cli", "train", "--preset", "demo", "--quiet",
+    cmd = [sys.executable, "-m", "sdn_dist.cli", "train", "--preset", "demo", "--quiet",
            "--set", f"out={out}", "--set", f"data.train={a.shards}/train-*.tar", "--set", f"data.test={a.shards}/test-*.tar",
            "--set", f"workers={a.workers}", "--set", "text.encoder=hash", "--set", "text.dim=384",
            "--set", "teacher.weights=random", "--set", f"stage1.steps={steps}", "--set", "stage2.steps=1",

@@ -26,7 +26,7 @@ import torch
 from sdn_dist.config import load_config
 from sdn_dist.data.pipeline import RankStream
 from sdn_dist.data.shards import expand_urls, shard_counts
-from sdn_dist.data.synth import make_synth
+from sdn_dist.apps.synth.dataset import make_synth
 from sdn_dist.data.text import build_text_encoder
 
 

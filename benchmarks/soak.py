@@ -36,10 +36,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     shards = out / "shards"
     if not (shards / "synth.json").exists():
-        from sdn_dist.data.synth import make_synth
+        from sdn_dist.apps.synth.dataset import make_synth
         make_synth(out=str(shards), train=512, test=16, size=32, per_shard=128, seed=0, progress=False)
     run = out / "run"
-    cmd = [sys.executable, "-m", "sdn_dist.commands.cli", "train", "--preset", "debug", "--quiet",
+    cmd = [sys.executable, "-m", "sdn_dist.cli", "train", "--preset", "debug", "--quiet",
            "--set", f"out={run}", "--set", f"data.train={shards}/train-*.tar",
            "--set", f"data.test={shards}/test-*.tar", "--set", f"workers={args.workers}",
            "--set", "stage1.steps=100000000", "--set", "stage2.steps=0",

@@ -101,7 +101,7 @@ def main() -> None:
     try:
         import s3fs
 
-        from sdn_dist.data.synth import make_synth
+        from sdn_dist.apps.synth.dataset import make_synth
         fs = s3fs.S3FileSystem()
         fs.mkdir("bench")
         tmp = tempfile.mkdtemp(prefix="sdn-startup-bench-")

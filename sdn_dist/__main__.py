@@ -1,4 +1,4 @@
 """``python -m sdn_dist ...`` is ``sdn-dist ...``."""
-from sdn_dist.commands.cli import main
+from sdn_dist.cli import main
 
 raise SystemExit(main())

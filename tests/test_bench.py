@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from sdn_dist.commands import bench
+from sdn_dist.apps.bench import bench
 from sdn_dist.config import load_config
 
 

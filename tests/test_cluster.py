@@ -99,7 +99,7 @@ def _jsonl(s3, path):
 
 @pytest.mark.timeout(2400)   # ~5 min on 2 idle cores; a shared, loaded machine needs far more
 def test_two_nodes_s3_shards_s3_run_resume_generate_eval(two_nodes, s3, tmp_path):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     address, env, nodes = two_nodes
     assert set(nodes) == {"node_a", "node_b"} and len(set(nodes.values())) == 2
     local = tmp_path / "shards"

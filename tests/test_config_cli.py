@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from sdn_dist.commands.cli import main
+from sdn_dist.cli import main
 from sdn_dist.config import PRESETS, ConfigError, describe, load_config
 
 SDN = [sys.executable, "-m", "sdn_dist"]
@@ -199,7 +199,7 @@ def test_a_closed_stdout_ends_the_command_quietly():
 def test_log_level_flags(flags, shown):
     """-v shows the sdn_dist log's debug lines, -q only warnings; INFO by default.
     Fails on: the flags not reaching the sdn_dist logger."""
-    code = ("import logging, sys; from sdn_dist.commands import cli; "
+    code = ("import logging, sys; from sdn_dist import cli; "
             "a = cli.build_parser().parse_args(sys.argv[1:] + ['config', 'show']); cli._setup_logging(a.log_level); "
             "log = logging.getLogger('sdn_dist.x'); log.debug('debug'); log.info('info'); log.warning('warning')")
     r = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=120)

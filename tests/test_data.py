@@ -25,7 +25,7 @@ from sdn_dist.data import (RankStream, SkipCounter, build_text_encoder, count_sa
                            encoder_from_record, expand_urls, inspect_shards, iter_batches,
                            iter_shard, make_loader, plan_epoch, shard_counts)
 from sdn_dist.data.convert import convert_cub, convert_flowers, convert_folder
-from sdn_dist.data.synth import HELDOUT_PAIRS, make_synth, synth_sample
+from sdn_dist.apps.synth.dataset import HELDOUT_PAIRS, make_synth, synth_sample
 from sdn_dist.data.text import HashTextEncoder
 from sdn_dist.errors import ConfigError, DataError, UserError
 

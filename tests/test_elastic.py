@@ -42,7 +42,7 @@ def _wait(proc, what, predicate, timeout=600, poll=0.2):
 
 
 def test_losing_a_node_continues_on_fewer_workers(tmp_path):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     shards = tmp_path / "shards"
     make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
     out, port = tmp_path / "run", free_port()

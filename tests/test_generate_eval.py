@@ -125,7 +125,7 @@ def test_eval_counts_skipped_samples_by_reason(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("ge-shards")
     make_synth(out=str(d), train=160, test=N_TEST, size=32, per_shard=80, seed=3, progress=False)
     return d

@@ -16,12 +16,12 @@ import tarfile
 
 import pytest
 
-from sdn_dist.commands.cli import main
+from sdn_dist.cli import main
 from sdn_dist.config import load_config
 from sdn_dist.data.index import INDEX_NAME, count_shards
 from sdn_dist.data.readers import DataSpec
 from sdn_dist.data.shards import expand_urls
-from sdn_dist.data.synth import make_synth
+from sdn_dist.apps.synth.dataset import make_synth
 
 PER_SHARD, N_TRAIN = 8, 28      # shards of 8, 8, 8 and 4 samples
 

@@ -88,7 +88,7 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_debug_run(ray_head, tmp_path):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     address, env = ray_head
     shards = tmp_path / "shards"
     make_synth(out=str(shards), train=32, test=8, size=32, per_shard=16, seed=0, progress=False)

@@ -430,7 +430,7 @@ def prometheus(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("prom-shards")
     make_synth(out=str(d), train=32, test=8, size=32, per_shard=16, seed=0)
     return d

@@ -14,7 +14,7 @@ import torchvision
 from sdn_dist.config import PRESETS, ModelConfig, StageConfig, load_config
 from sdn_dist.errors import ConfigError, WeightsError
 from sdn_dist.model.losses import stage1_loss, stage2_loss, stages
-from sdn_dist.commands.model_table import format_table, model_table
+from sdn_dist.apps.model_table import format_table, model_table
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import TEACHER_FORMAT, Teacher, build_teacher, load_teacher_weights
 from sdn_dist.model.plan import POINTS, point_shapes
@@ -380,7 +380,7 @@ def _fake_batches(n=60, size=32):
 
 
 def test_train_teacher_with_fake_data(tmp_path, monkeypatch):
-    import sdn_dist.commands.teacher_train as tt
+    import sdn_dist.apps.teacher as tt
     monkeypatch.setattr(tt, "iter_batches", _fake_batches())
     monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
     cfg = _cfg("debug", "teacher.train.steps=30", "teacher.train.lr=3e-3", "teacher.train.batch_size=16")
@@ -406,7 +406,7 @@ def test_teacher_train_labels_choose_the_heads(tmp_path, monkeypatch):
     """teacher.train.labels: only the named labels get a head (and are what the teacher is trained
     and scored on); a name the shards do not carry is refused naming the key, the name and the
     labels they do carry, and writes no file."""
-    import sdn_dist.commands.teacher_train as tt
+    import sdn_dist.apps.teacher as tt
     monkeypatch.setattr(tt, "iter_batches", _fake_batches())
     monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
     cfg = _cfg("debug", "teacher.train.steps=5", "teacher.train.batch_size=16", "teacher.train.labels=[side]")
@@ -439,7 +439,7 @@ def test_teacher_colour_heads_keep_the_colour_in_the_trunk(tmp_path, monkeypatch
     """teacher.train.colour_heads: the trained trunk carries the image's colours at its middle
     levels, read linearly, far better than a teacher trained on the labels alone (here the label
     is only the side, so nothing else asks the trunk to keep the colour)."""
-    import sdn_dist.commands.teacher_train as tt
+    import sdn_dist.apps.teacher as tt
     gen, colours = _random_colour_batches()
     monkeypatch.setattr(tt, "iter_batches", gen)
     monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
@@ -474,7 +474,7 @@ def test_a_trained_student_draws_the_background_its_caption_names():
     caption could do no better than the most frequent background."""
     import numpy as np
 
-    from sdn_dist.data.synth import BACKGROUNDS, synth_sample
+    from sdn_dist.apps.synth.dataset import BACKGROUNDS, synth_sample
     from sdn_dist.data.text import build_text_encoder
     from sdn_dist.model.plan import POINTS
     from sdn_dist.training.loop import distill_step
@@ -552,7 +552,7 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
     above chance on held-out images, on average over the 21 points, as the teacher file records;
     and learning it changes the trunk (the aid's gradient reaches it). A name the shards do not
     carry is refused with the key and the labels they do."""
-    import sdn_dist.commands.teacher_train as tt
+    import sdn_dist.apps.teacher as tt
     monkeypatch.setattr(tt, "iter_batches", _hue_batches(n=400))
     monkeypatch.setattr(tt, "expand_urls", lambda urls, split=None: urls)   # fake data: nothing to list
 
@@ -577,18 +577,41 @@ def test_teacher_level_heads_keep_the_label_at_every_level(tmp_path, monkeypatch
         tt.train_teacher(bad, "fake://shards", str(tmp_path / "bad.pt"), progress=False)
 
 
+def test_teacher_lr_is_a_warmup_over_5_percent_then_a_cosine_to_zero():
+    """apps.teacher.warmup_cosine (torch's LinearLR then CosineAnnealingLR) gives, step by step,
+    the documented rate: (s + 1) / w of it for s < w = max(1, steps // 20), then
+    (1 + cos(pi (s - w) / (steps - w))) / 2. Caught: a warm-up over 10 % of the steps, or a
+    decay to eta_min > 0, or LinearLR starting at 0."""
+    import math
+    from sdn_dist.apps.teacher import warmup_cosine
+
+    def documented(s: int, steps: int) -> float:
+        w = max(1, steps // 20)
+        return (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
+
+    for steps in (1, 2, 21, 40, 1500):
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = warmup_cosine(opt, steps)
+        got = []
+        for _ in range(steps):
+            got.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert got == pytest.approx([1e-3 * documented(s, steps) for s in range(steps)], rel=1e-9, abs=1e-15), steps
+
+
 def test_teacher_processes_take_the_steps_of_one_process(tmp_path, process_group):
-    """teacher.train.processes=2: this process and a spawned peer (gloo) each train on half of
-    every batch and sum their share-weighted gradients, so every Adam step is the one-process
-    step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
+    """teacher.train.processes=2: two spawned ranks (DDP over gloo) each train on half of every
+    batch, their losses scaled so that DDP's average is the whole batch's gradient, so every Adam
+    step is the one-process step up to float rounding: after 4 steps at the full learning rate (each moves a weight by
     ~lr = 1e-3) almost no weight differs from the one-process teacher's by 1e-5, where a peer
     training on its half alone moves most of them elsewhere. The file is written once, by rank 0,
     with the same steps and accuracy keys. Bad input is the same error as in one process (the
     peer's own report of it is not a RuntimeError over it). A caller that already holds
     torch.distributed's default process group (a DeepSpeed engine in the same process) keeps it."""
     import torch.distributed as dist
-    import sdn_dist.commands.teacher_train as tt
-    from sdn_dist.data.synth import make_synth
+    import sdn_dist.apps.teacher as tt
+    from sdn_dist.apps.synth.dataset import make_synth
 
     make_synth(str(tmp_path / "shards"), train=96, test=8, size=32, per_shard=48, seed=0, progress=False)
     shards = str(tmp_path / "shards" / "train-*.tar")

@@ -23,7 +23,7 @@ from owndata import img2dataset_folder, labelled_folder
 from sdn_dist.config import PRESETS, load_config
 from sdn_dist.errors import ConfigError, DataError
 
-SDN = [sys.executable, "-m", "sdn_dist.commands.cli"]
+SDN = [sys.executable, "-m", "sdn_dist.cli"]
 
 
 def cli(*args, timeout=300, **kw):
@@ -154,7 +154,7 @@ def test_teacher_learns_from_labels_or_from_captions_alone(tmp_path, capsys):
     """objective auto: every label of labelled shards; the captions of caption-only shards
     (img2dataset's layout), whose loss must fall. labels on caption-only shards is refused.
     (Catches auto -> labels only, a caption loss that does not train, a labels list narrowed.)"""
-    from sdn_dist.commands.teacher_train import train_teacher
+    from sdn_dist.apps.teacher import train_teacher
     from sdn_dist.data.convert import convert_folder
     from sdn_dist.model.teacher import load_teacher_weights
     cfg = load_config("debug", overrides=["teacher.train.steps=30"])
@@ -210,7 +210,7 @@ def test_a_directory_as_training_data_never_yields_a_test_shard(tmp_path, caplog
 
 def test_training_data_and_teacher_from_a_directory_see_no_test_sample(tmp_path):
     """Through the run's own data plan (DataSpec) and the teacher: a directory with both splits."""
-    from sdn_dist.commands.teacher_train import _scan
+    from sdn_dist.apps.teacher import _scan
     from sdn_dist.data.convert import convert_folder
     from sdn_dist.data.readers import DataSpec
     from sdn_dist.data.shards import expand_urls

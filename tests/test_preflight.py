@@ -71,7 +71,7 @@ def train(out, shards, *overrides, data=None, timeout=300):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("pre-shards")
     make_synth(out=str(d), train=48, test=8, size=32, per_shard=16, seed=3, progress=False)
     return d
@@ -193,7 +193,7 @@ def test_precomputed_encoder_on_shards_without_embeddings_exit_2_naming_shard_an
 
 def test_precomputed_embeddings_of_another_dim_exit_2(tmp_path):
     from sdn_dist.config import TextConfig
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     from sdn_dist.data.text import build_text_encoder
     d = tmp_path / "emb"
     make_synth(out=str(d), train=16, test=0, size=32, per_shard=16, seed=1, progress=False,

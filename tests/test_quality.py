@@ -43,7 +43,7 @@ def _train(out, shards):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("q-shards")
     make_synth(out=str(d), train=40, test=8, size=32, per_shard=40, seed=2, progress=False)
     return d

@@ -40,7 +40,7 @@ def one_line_error(r, *fragments):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("rel-shards")
     make_synth(out=str(d), train=48, test=8, size=32, per_shard=16, seed=3, progress=False)
     return d

@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from sdn_dist.commands.cli import main
+from sdn_dist.cli import main
 
 from conftest import aws_env, free_port, start_moto, stop
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("synth")
     make_synth(out=str(d), train=24, test=8, size=32, per_shard=8, seed=3, progress=False)
     return d

@@ -15,6 +15,7 @@ PACKAGE = Path(sdn_dist.__file__).parent
 
 # module path (relative to the package) -> functions that may take the tree; "*" = every one
 ROOTS = {
+    "cli.py": "*",
     "config.py": "*",
     "training/driver.py": "*",
     "training/preflight.py": "*",
@@ -22,7 +23,7 @@ ROOTS = {
                          "_world_size", "with_resolved_autocast"},
     "training/export.py": {"export_student"},
 }
-APPLICATIONS = ("commands/", "apps/")
+APPLICATIONS = ("apps/",)
 
 
 def takes_the_tree(arg: ast.arg) -> bool:

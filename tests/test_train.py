@@ -18,7 +18,7 @@ SDN = [sys.executable, "-m", "sdn_dist"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from sdn_dist.data.synth import make_synth as write_synth
+    from sdn_dist.apps.synth.dataset import make_synth as write_synth
     d = tmp_path_factory.mktemp("shards")
     # 3 training shards of uneven size (40, 40, 25): an odd count over 2 workers.
     write_synth(out=str(d), train=105, test=16, size=32, per_shard=40, seed=1)
@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """16 samples: each rank sees the same 8 every epoch, so a falling loss is learning, not batch luck."""
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     d = tmp_path_factory.mktemp("tiny")
     make_synth(out=str(d), train=16, test=8, size=32, per_shard=16, seed=2)
     return d

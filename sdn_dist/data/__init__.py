@@ -1,7 +1,7 @@
 """Caption shards: making them, reading them, encoding their captions.
 
 Modules: ``shards`` (URLs, fsspec opening, counting, inspect), ``pipeline`` (epoch planning, the
-resumable rank stream, batches), ``text`` (caption encoders), ``synth`` (the synthetic benchmark),
+resumable rank stream, batches), ``text`` (caption encoders),
 ``convert`` (folder / StackGAN converters), ``writer`` (webdataset ShardWriter wrapper).
 """
 

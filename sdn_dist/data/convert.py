@@ -130,7 +130,7 @@ def convert_folder(images: str | os.PathLike, captions: str | os.PathLike, out: 
     missing or unreadable image, or a path that leads out of ``images`` (absolute, ``..``, a symlink
     pointing out) raises DataError naming file and line. ``test_fraction`` of the
     samples (seeded) go to the test split. ``embed``: optional TextEncoder whose caption embeddings
-    are stored as ``KEY.emb.npy`` (see :func:`~sdn_dist.data.synth.make_synth`).
+    are stored as ``KEY.emb.npy`` (see :func:`~sdn_dist.apps.synth.dataset.make_synth`).
     Returns ``{"train": [urls], "test": [urls], "counts"}``.
     """
     if not 0.0 <= test_fraction < 1.0:

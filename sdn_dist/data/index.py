@@ -44,7 +44,7 @@ from typing import Sequence
 from braceexpand import braceexpand
 
 from sdn_dist import fsio
-from sdn_dist.data.shards import _TAR_EXTS, _filesystem, expand_urls, is_local, scan_shard, split_protocol
+from sdn_dist.data.shards import TAR_EXTS, filesystem, expand_urls, is_local, scan_shard, split_protocol
 from sdn_dist.errors import DataError, UserError
 from sdn_dist.fsio import check_bucket
 
@@ -123,7 +123,7 @@ def stat_dir(dir_url: str, names: Sequence[str]) -> dict[str, Stat] | None:
         return out
     if proto in ("http", "https"):
         return None
-    fs = _filesystem(proto)
+    fs = filesystem(proto)
     if not _listed_lately(dir_url):
         # A fresh listing: a cached one (s3fs keeps them for the life of the filesystem object)
         # may predate a shard's rewrite, and then a stale index entry would look current.
@@ -170,7 +170,7 @@ def list_ahead(spec: str | Sequence[str]) -> None:
         if proto is None or proto in ("http", "https"):
             continue
         head, _, name = part.rstrip("/").rpartition("/")
-        if part.endswith("/") or not (name.endswith(_TAR_EXTS) or _has_glob(name)):
+        if part.endswith("/") or not (name.endswith(TAR_EXTS) or _has_glob(name)):
             head = part.rstrip("/")    # the URL names a directory
         if not _has_glob(head.split("://", 1)[-1]) and head not in dirs:
             dirs.append(head)
@@ -182,7 +182,7 @@ def list_ahead(spec: str | Sequence[str]) -> None:
         except UserError:
             return
         proto, path = split_protocol(d)
-        fs = _filesystem(proto)
+        fs = filesystem(proto)
         fs.invalidate_cache(path)
         try:
             fs.ls(path, detail=True)
@@ -196,7 +196,7 @@ def _stat_each(urls: Sequence[str], threads: int) -> dict[str, Stat]:
     def one(u):
         proto, path = split_protocol(u)
         try:
-            info = _filesystem(proto).info(path)
+            info = filesystem(proto).info(path)
         except Exception:  # noqa: BLE001 - missing or unreachable: counted from the tar, which says why
             return u, None
         size = info.get("size")
@@ -219,7 +219,7 @@ def _read_bytes(url: str) -> bytes | None:
         if proto is None:
             with open(path, "rb") as f:
                 return f.read()
-        return _filesystem(proto).cat_file(path)
+        return filesystem(proto).cat_file(path)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -293,7 +293,7 @@ def _read_stats(dir_url: str, names: Sequence[str], listing: dict[str, Stat]) ->
     if proto is None:
         blobs = {n: _read_bytes(p) for n, p in paths.items()}
     else:   # one concurrent batch (fsspec's async cat), not a request at a time
-        got = _filesystem(proto).cat(list(paths.values()), on_error="return")
+        got = filesystem(proto).cat(list(paths.values()), on_error="return")
         blobs = {n: got.get(p) for n, p in paths.items()}
     out = {}
     for n, b in blobs.items():

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # a caption and a little metadata; gigabytes mean a broken or hostile shard).
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 _GLOB_CHARS = "*?["
-_TAR_EXTS = (".tar", ".tar.gz", ".tgz")
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +87,9 @@ def configure_network(data_cfg) -> None:
                        retries=int(data_cfg.retries))
 
 
-def _filesystem(proto: str):
+def filesystem(proto: str):
+    """The fsspec filesystem for a protocol (``split_protocol``'s); http(s) with the network
+    timeouts of ``configure_network``."""
     if proto in ("http", "https"):
         import aiohttp  # lazy: ~0.1 s more for every importer of sdn_dist.data; only http(s) needs it
         # sock_connect bounds the TCP (and TLS) handshake; sock_read every wait for bytes, the
@@ -101,7 +103,7 @@ def _filesystem(proto: str):
 def network_problem(url: str, e: BaseException) -> str | None:
     """Which of the two timeouts (or what connection failure) is behind ``e``, in words naming
     ``url``; None when ``e`` is not a network failure (a 404, a corrupt tar ...)."""
-    import aiohttp  # lazy, as in _filesystem
+    import aiohttp  # lazy, as in filesystem
     seen, cur = set(), e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
@@ -213,14 +215,14 @@ def _expand_one(url: str, split: str | None = None) -> list[str]:
             return _split_of_directory(url, found, split)
         return [path]
     try:
-        fs = _filesystem(proto)
+        fs = filesystem(proto)
         if "*" in path or (proto not in ("http", "https") and any(c in path for c in _GLOB_CHARS)):
             found = sorted(_with_proto(proto, p) for p in fs.glob(path))
             if not found:
                 raise DataError(f"no shards match {url}")
             return found
         # A name ending in .tar is a shard: no listing request per brace-expanded shard on s3.
-        if url.endswith("/") or (proto not in ("http", "https") and not path.endswith(_TAR_EXTS)
+        if url.endswith("/") or (proto not in ("http", "https") and not path.endswith(TAR_EXTS)
                                  and fs.isdir(path)):
             found = sorted(_with_proto(proto, p) for p in fs.ls(path, detail=False)
                            if str(p).rstrip("/").endswith(".tar"))
@@ -249,7 +251,7 @@ def open_shard(url: str):
     try:
         if proto is None:
             return open(path, "rb"), True
-        fs = _filesystem(proto)
+        fs = filesystem(proto)
         if proto in ("http", "https"):
             # A stream needs no size: given one, fsspec skips asking the server for it (a HEAD,
             # then a GET when that fails), which would double every timeout and turn a stalled

@@ -22,6 +22,7 @@ Older runs (before the safetensors folder) have ``export/student.pt`` instead (t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import json
 import sys
@@ -57,6 +58,16 @@ def text_statistics(state_dict: dict) -> dict | None:
         return None
     return {"mean": [float(v) for v in state_dict["text_shift"].flatten()],
             "std": float(1.0 / float(state_dict["text_scale"]))}
+
+
+def param_digest(state_dict: dict) -> str:
+    """sha256 over a CPU state dict's keys (sorted) and tensor bytes: the trainer's final event
+    (``param_sha256``) and the bench's peers compare weights by it."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].numpy().tobytes())
+    return h.hexdigest()
 
 
 def export_student(cfg: Config, state_dict: dict, text_spec: dict, step: int) -> str:

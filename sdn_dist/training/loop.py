@@ -8,7 +8,6 @@ The teacher is built here, outside the engine and every optimizer, and never sav
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.training.checkpoint import Checkpointer
 from sdn_dist.training.collector import StepRecord, event, message
-from sdn_dist.training.export import export_student
+from sdn_dist.training.export import export_student, param_digest
 from sdn_dist.training.grids import SampleGrid
 from sdn_dist.training.preemption import WorkerPreemption
 from sdn_dist.training.precision import resolve_autocast
@@ -166,7 +165,7 @@ def distill_step(teacher, student, real: torch.Tensor, text: torch.Tensor, stage
     The teacher's pass over the real image is a constant target (no graph); in a stage that goes
     through the teacher (stage 2) the generated image goes through the frozen teacher and the
     gradient flows through it to the student. Shared with the benchmark's plain PyTorch loop
-    (``sdn_dist.commands.bench``): same work. ``autocast`` (resolved: "bf16" or "off"): "bf16"
+    (``sdn_dist.apps.bench.bench``): same work. ``autocast`` (resolved: "bf16" or "off"): "bf16"
     runs the forward passes in bf16, the losses (and all weights) stay fp32.
     """
     if autocast == "auto":   # would silently run fp32: resolve it once, up front
@@ -189,14 +188,6 @@ def student_state_dict(engine) -> dict:
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
     return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-
-
-def _digest(state_dict: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].numpy().tobytes())
-    return h.hexdigest()
 
 
 def train_step(engine, teacher, feed: DataFeed, state: TrainState, text_dim: int, grad_accum: int,
@@ -422,7 +413,7 @@ def finish(cfg: Config, engine, averaged, state: TrainState, spec: DataSpec, col
     sd = student_state_dict(engine) if averaged is None else {
         k: v.detach().float().cpu().clone() for k, v in averaged.module.state_dict().items()}
     collector.report.remote([event("final", rank=rank, step=state.step, stage=state.stage, pid=os.getpid(),
-                                   world_size=state.world_size, param_sha256=_digest(sd), skipped=feed.skipped)])
+                                   world_size=state.world_size, param_sha256=param_digest(sd), skipped=feed.skipped)])
     if rank == 0:
         export_student(cfg, sd, spec.text, state.step)
     feed.close()

@@ -65,7 +65,7 @@ def cmd_train(args) -> int:
 
 def cmd_model(args) -> int:
     cfg = _config(args)
-    from sdn_dist.commands.model_table import format_table, model_table
+    from sdn_dist.apps.model_table import format_table, model_table
     table = model_table(cfg)
     print(json.dumps(table, indent=2) if args.json else format_table(table))
     return 0
@@ -73,7 +73,7 @@ def cmd_model(args) -> int:
 
 def cmd_teacher_train(args) -> int:
     cfg = _config(args)
-    from sdn_dist.commands.teacher_train import train_teacher
+    from sdn_dist.apps.teacher import train_teacher
     res = train_teacher(cfg, shards=args.shards, out=args.out, progress=True)
     print(json.dumps(res, indent=2))
     return 0
@@ -89,7 +89,7 @@ def _embedder(name: str | None):
 
 
 def cmd_shards_synth(args) -> int:
-    from sdn_dist.data.synth import write_synth
+    from sdn_dist.apps.synth.dataset import write_synth
     res = write_synth(out=args.out, train=args.train, test=args.test, size=args.size,
                       per_shard=args.per_shard, seed=args.seed, embed=_embedder(args.embed))
     print(json.dumps(res, indent=2) if isinstance(res, (dict, list)) else f"wrote shards to {args.out}")
@@ -174,13 +174,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sdn_dist.commands.demo import run_demo
+    from sdn_dist.apps.synth.demo import run_demo
     run_demo(out=args.out, overrides=args.overrides, preset=args.preset)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from sdn_dist.commands.bench import run_bench
+    from sdn_dist.apps.bench.bench import run_bench
     run_bench(out=args.out, quick=args.quick, autocast=args.autocast)
     return 0
 

@@ -63,9 +63,9 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import os
 import sys
+import time
 import zlib
 from typing import Any
 
@@ -75,6 +75,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
 from sdn_dist.config import Config
@@ -209,12 +211,14 @@ def _head_input(pool5: torch.Tensor, mode: str) -> torch.Tensor:
     return pool5.flatten(1) if mode == "spatial" else pool5.mean(dim=(2, 3))
 
 
-def _lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first 5 % of the steps, then a cosine decay to 0."""
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> LRScheduler:
+    """The learning rate over ``steps`` optimizer steps: a linear warm-up over the first 5 % of
+    them (step s < w: (s + 1) / w of the rate, w = max(1, steps // 20)), then a cosine decay to 0
+    (step s >= w: (1 + cos(pi (s - w) / (steps - w))) / 2)."""
     warm = max(1, steps // 20)
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+    return SequentialLR(opt, [LinearLR(opt, start_factor=1 / warm, total_iters=max(1, warm - 1)),
+                              CosineAnnealingLR(opt, T_max=max(1, steps - warm), eta_min=0.0)],
+                        milestones=[warm])
 
 
 @torch.no_grad()
@@ -379,114 +383,131 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
     """Train the teacher trunk + attribute heads with Adam (cfg.teacher.train), write ``out``.
 
     Returns {"path", "accuracy": {label name: held-out accuracy}, "heldout_samples",
-    "train_samples_scanned", "steps", "final_loss"}. With ``teacher.train.processes`` > 1 this
-    process is rank 0 of a data-parallel group on this machine (see :class:`Peers`).
+    "train_samples_scanned", "steps", "final_loss"}. With ``teacher.train.processes`` = N > 1 the
+    training runs in N spawned processes on this machine, data-parallel (torch's
+    DistributedDataParallel over gloo on 127.0.0.1), each with its own default process group: the
+    calling process keeps whatever it holds (a DeepSpeed engine's group, a test's). Every rank reads
+    the same batches (same seed) and trains on its contiguous share of each one; the loss of each
+    share is scaled by share x N, so DDP's average of the ranks' gradients is the gradient of the
+    whole batch's mean loss and every rank takes the one-process Adam step (up to float rounding:
+    the sum runs in another order). On CPUs small convolutions scale poorly over threads: 400 of
+    the demo's teacher steps took 57 and 69 s in one 2-thread process, 47 and 44 s in two 1-thread
+    ones (docs/performance.md). Rank 0 writes ``out``; bad input raises the same UserError as in
+    one process.
     """
     world = cfg.teacher.train.processes
     if world == 1:
-        return _train(cfg, shards, out, progress, Peers())
+        return _train(cfg, shards, out, progress)
     threads = max(1, torch.get_num_threads() // world)
     port = free_port()
     ctx = mp.get_context("spawn")
-    pipes = [ctx.Pipe(duplex=False) for _ in range(1, world)]   # (receive, send): a peer's error
-    peers = [ctx.Process(target=_peer_main, args=(cfg, shards, r, world, port, threads, pipes[r - 1][1]),
-                         name=f"sdn-teacher-rank{r}", daemon=True) for r in range(1, world)]
-    for p in peers:
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]   # (receive, send): what a rank ended with
+    level = logging.getLogger("sdn_dist").getEffectiveLevel() if logging.getLogger("sdn_dist").handlers else None
+    ranks = [ctx.Process(target=_rank_main, name=f"sdn-teacher-rank{r}", daemon=True,
+                         args=(cfg, shards, out if r == 0 else "", progress and r == 0, r, world, port, threads,
+                               level if r == 0 else None, pipes[r][1]))
+             for r in range(world)]
+    for p in ranks:
         p.start()
-    threads_before, done, group = torch.get_num_threads(), False, None
     try:
-        group = Peers(0, world, port, threads)
-        result = _train(cfg, shards, out, progress, group)
-        done = True
-        return result
-    except UserError:
-        raise     # bad input: every rank found the same, and it names the key or file
-    except Exception as e:
-        why = _peer_failure(peers, [receive for receive, _ in pipes])
-        if why:   # says more than this rank's "connection reset by peer"
-            raise RuntimeError(f"teacher training with teacher.train.processes={world}: {why}; "
-                               f"nothing was written to {out}") from e
-        raise
+        reports = _wait(ranks, [receive for receive, _ in pipes])
     finally:
-        if group is not None:
-            group.close()
-        torch.set_num_threads(threads_before)
-        for p in peers:
-            p.join(timeout=30 if done else 1)
+        for p in ranks:
             if p.is_alive():
                 p.terminate()
+            p.join(timeout=5)
+    kind, value = reports[0] or ("failed", None)
+    if kind == "result":
+        return value
+    if kind == "user":      # bad input: every rank found the same, and it names the key or file
+        raise value
+    why = next((f"its rank {r} of {world} failed: {v}" for r, (k, v) in enumerate(filter(None, reports))
+                if k == "failed" and v), None)
+    why = why or next((f"its rank {p.name} (pid {p.pid}) "
+                       + (f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with status {p.exitcode}")
+                       for p in ranks if p.exitcode), "a rank ended without a result")
+    raise RuntimeError(f"teacher training with teacher.train.processes={world}: {why}; nothing was written to {out}")
 
 
-def _peer_failure(peers: list, received: list) -> str | None:
-    """What a failed peer reported, or how it ended (killed, out of memory), or None."""
-    for p, receive in zip(peers, received):
-        p.join(timeout=5)
-        if receive.poll():
-            return receive.recv()
-        if p.exitcode:
-            how = f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with status {p.exitcode}"
-            return f"its peer {p.name} (pid {p.pid}) {how}"
-    return None
+def _wait(ranks: list, received: list) -> list[tuple[str, Any] | None]:
+    """Each rank's report ((kind, value) or None), once every rank has ended; when one fails, the
+    others get 30 s to end on their own (a peer gone ends their collectives), then are stopped."""
+    reports: list[tuple[str, Any] | None] = [None] * len(ranks)
+    failed_at = None
+    while True:
+        for r, receive in enumerate(received):
+            if reports[r] is None and receive.poll():
+                reports[r] = receive.recv()
+        if all(not p.is_alive() for p in ranks):
+            break
+        if failed_at is None and any(p.exitcode for p in ranks):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 30:
+            break
+        time.sleep(0.1)
+    for r, receive in enumerate(received):
+        if reports[r] is None and receive.poll():
+            reports[r] = receive.recv()
+    return reports
 
 
-def _peer_main(cfg: Config, shards: str, rank: int, world: int, port: int, threads: int, send) -> None:
-    """A spawned rank > 0: trains its share of every batch; rank 0 writes the file."""
+def _rank_main(cfg: Config, shards: str, out: str, progress: bool, rank: int, world: int, port: int,
+               threads: int, log_level: int | None, send) -> None:
+    """A spawned rank: its own default process group (gloo), its share of every batch; rank 0
+    writes the file. Reports ("result", dict) from rank 0, ("user", the UserError) or ("failed",
+    why) to the caller."""
+    if log_level is not None:   # rank 0: the caller's sdn_dist log (progress lines off a terminal)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("sdn_dist").addHandler(handler)
+        logging.getLogger("sdn_dist").propagate = False
+        logging.getLogger("sdn_dist").setLevel(log_level)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
     try:
-        _train(cfg, shards, "", False, Peers(rank, world, port, threads))
+        result = _train(cfg, shards, out, progress)
+        send.send(("result", result))
     except UserError as e:
-        send.send(f"its peer rank {rank} of {world} failed: {e}")
-        sys.exit(2)   # bad input: rank 0 found the same and says so; no second traceback
+        send.send(("user", e))
+        sys.exit(2)   # bad input: rank 0 says so in the caller; no traceback
     except BaseException as e:
-        send.send(f"its peer rank {rank} of {world} failed: {type(e).__name__}: {e}")
+        send.send(("failed", f"{type(e).__name__}: {e}"))
         raise     # multiprocessing prints the traceback to stderr
+    finally:
+        dist.destroy_process_group()
 
 
-class Peers:
-    """``teacher.train.processes`` data-parallel ranks on this machine (gloo over 127.0.0.1).
+class TrainingLoss(nn.Module):
+    """The trainable parts (trunk, objective heads, training aids) as one module whose forward is
+    a rank's training loss, so that one DistributedDataParallel wraps them all."""
 
-    Every rank reads the same batches (same seed) and trains on its contiguous share of each one;
-    their gradients are summed, each weighted by its share of the batch, so every rank takes the
-    same Adam step from the gradient of the whole batch's mean loss. On CPUs small convolutions
-    scale poorly over threads: 400 of the demo's teacher steps took 57 and 69 s in one 2-thread
-    process, 47 and 44 s in two 1-thread ones (docs/performance.md). The sum is rounded in another
-    order than one process's, so the weights equal those of ``processes=1`` only to float rounding.
-    """
+    def __init__(self, teacher: Teacher, heads: nn.Module, readouts: ColourReadouts | None,
+                 levels: LevelHeads | None, tcfg):
+        super().__init__()
+        self.teacher, self.heads, self.readouts, self.levels, self.tcfg = teacher, heads, readouts, levels, tcfg
 
-    def __init__(self, rank: int = 0, world: int = 1, port: int = 0, threads: int = 0):
-        self.rank, self.world, self.group = rank, world, None
-        if world > 1:
-            torch.set_num_threads(threads)
-            # A group of its own, not torch.distributed's default one: the calling process may
-            # hold that already (a DeepSpeed engine, a test), and must keep it as it was.
-            timeout = datetime.timedelta(minutes=5)
-            self._store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout)
-            self.group = dist.ProcessGroupGloo(self._store, rank, world, timeout)
-
-    def share(self, keep: list[int]) -> list[int]:
-        """This rank's contiguous part of a batch's indices."""
-        n = len(keep)
-        return keep[n * self.rank // self.world: n * (self.rank + 1) // self.world]
-
-    def reduce(self, params: list[nn.Parameter], loss: float, n: int) -> tuple[float, int]:
-        """Sum every rank's (share-weighted) gradients, losses and sample counts. Collective: every
-        rank calls it every step, with no gradients (zeros) when its share had nothing to learn."""
-        if self.world == 1:
-            return loss, n
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-                         + [torch.tensor([loss, float(n)])])
-        self.group.allreduce([flat]).wait()
-        offset = 0
-        for p in params:
-            g = flat[offset:offset + p.numel()].view_as(p)
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
-            offset += p.numel()
-        return float(flat[-2]), int(flat[-1])
-
-    def close(self) -> None:
-        self.group = self._store = None   # their connections close with them
+    def forward(self, x: torch.Tensor, metas: list[dict], text: torch.Tensor | None,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss x scale to back-propagate, the loss or None when this share has nothing to learn).
+        With nothing to learn the first is a zero that reaches every parameter: each rank must run
+        the backward in which DDP averages the gradients, whatever its share held."""
+        loss = _loss(self.teacher, self.heads, self.readouts, self.levels, self.tcfg, x, metas, text)
+        if loss is None:
+            return torch.stack([p.sum() for p in self.parameters()]).sum() * 0.0, None
+        return loss * scale, loss
 
 
-def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> dict:
+def _share(keep: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous part of a batch's indices."""
+    n = len(keep)
+    return keep[n * rank // world: n * (rank + 1) // world]
+
+
+def _train(cfg: Config, shards: str, out: str, progress: bool) -> dict:
+    """One rank's training (the only one, or one of a process group's when torch.distributed is
+    initialized here: see :func:`train_teacher`)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     tcfg = cfg.teacher.train
     model_cfg = cfg.model.model_copy(update={"pool": "avg", "distill_fc7": False})
     size = model_cfg.image_size
@@ -496,7 +517,7 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
     all_classes, held_img, held_meta, held_caps, n_scanned = _scan(urls, size, tcfg.batch_size, cfg.seed)
     objective, classes = choose_objective(tcfg, all_classes, shards)
     encoder = build_text_encoder(cfg.text) if objective == "caption" else None
-    if peers.rank == 0:
+    if rank == 0:
         what = (f"labels {', '.join(f'{n} ({len(c)} classes)' for n, c in classes.items())}"
                 if objective == "labels" else f"captions (the image predicts its caption's {cfg.text.encoder} "
                                               f"embedding, {encoder.dim}-d)")
@@ -524,7 +545,10 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
                             all_classes, level_weights)
         params += list(levels.parameters())
     opt = torch.optim.Adam(params, lr=tcfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tcfg.steps))
+    sched = warmup_cosine(opt, tcfg.steps)
+    model = TrainingLoss(teacher, heads, readouts, levels, tcfg)
+    if world > 1:   # some heads have no label in a batch's share: their parameters go unused
+        model = DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
     calib: list[torch.Tensor] = []   # training images for the rescale (uint8)
     n_calib = max(16, RESCALE_IMAGES * 64 * 64 // (size * size))   # 512 at 64 px, 41 at 224 px
     teacher.train()
@@ -538,23 +562,28 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
                           keep_in_memory=cfg.data.keep_in_memory, cache_bytes=cfg.data.cache_bytes)
     bar = tqdm(total=tcfg.steps, desc="teacher", disable=not (progress and sys.stderr.isatty()), unit="step")
     # Off a terminal (a log file, ray job submit): plain lines, the first step's and ~20 more.
-    plain_every = max(1, tcfg.steps // 20) if progress and not sys.stderr.isatty() and peers.rank == 0 else 0
+    plain_every = max(1, tcfg.steps // 20) if progress and not sys.stderr.isatty() and rank == 0 else 0
     step, loss_ema = 0, None
     for batch in stream:
         keep = [i for i, k in enumerate(batch["key"]) if not _heldout(k)]
         if not keep:
             continue
-        if tcfg.rescale and peers.rank == 0 and len(calib) < n_calib:   # only rank 0 rescales
+        if tcfg.rescale and rank == 0 and len(calib) < n_calib:   # only rank 0 rescales
             calib.extend((batch["image"][keep[:n_calib - len(calib)]] * 255).round().to(torch.uint8))
-        mine = peers.share(keep)
+        mine = _share(keep, rank, world)
         share = len(mine) / len(keep)    # 1.0 in one process: the same loss, bit for bit
         opt.zero_grad(set_to_none=True)
-        loss = _loss(teacher, heads, readouts, levels, tcfg, batch["image"][mine], [batch["meta"][i] for i in mine],
-                     batch["text"][mine] if batch["text"] is not None else None)
-        if loss is not None:
-            (loss * share).backward()
-        value, n = peers.reduce(params, 0.0 if loss is None else loss.item() * share,
-                                len(mine) if loss is not None else 0)
+        scaled, loss = model(batch["image"][mine], [batch["meta"][i] for i in mine],
+                             batch["text"][mine] if batch["text"] is not None else None, share * world)
+        if world == 1 and loss is None:
+            continue
+        scaled.backward()    # world > 1: DDP averages the ranks' gradients in here
+        # The whole batch's mean loss and whether any rank had something to learn (all ranks agree).
+        totals = torch.tensor([0.0 if loss is None else loss.item() * share, float(len(mine) if loss is not None else 0)],
+                              dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals)
+        value, n = float(totals[0]), int(totals[1])
         if not n:
             continue
         opt.step()
@@ -568,11 +597,10 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         if step >= tcfg.steps:
             break
     bar.close()
-    peers.close()
     if step == 0:
         raise DataError(f"shards {shards}: no {'labelled ' if objective == 'labels' else ''}training samples "
                         f"outside the held-out split")
-    if peers.rank:
+    if rank:
         return {}
 
     teacher.eval()
@@ -622,7 +650,7 @@ def _train(cfg: Config, shards: str, out: str, progress: bool, peers: Peers) -> 
         "steps": step,
         "lr": tcfg.lr,
         "batch_size": tcfg.batch_size,
-        "processes": peers.world,
+        "processes": world,
         "seed": cfg.seed,
         "shards": shards if isinstance(shards, (str, list)) else str(shards),
     }

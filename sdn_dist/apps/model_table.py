@@ -1,6 +1,6 @@
 """The teacher/student layer table behind ``sdn-dist model --preset P [--json]``.
 
-    from sdn_dist.commands.model_table import model_table, format_table
+    from sdn_dist.apps.model_table import model_table, format_table
     print(format_table(model_table(load_config("paper"))))
 
 Both networks are built on the ``meta`` device and run on a meta input: shapes and parameter

@@ -33,11 +33,12 @@ from sdn_dist.model.losses import stages
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
 from sdn_dist.net import free_port
-from sdn_dist.training.loop import _digest, build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher
-from sdn_dist.training.loop import with_resolved_autocast
+from sdn_dist.training.export import param_digest
+from sdn_dist.training.loop import (build_engine, distill_step, prepare_batch, prepare_student, prepare_teacher,
+                                    with_resolved_autocast)
 
 
-def _models(cfg, text_dim: int, seed: int = 0):
+def build_models(cfg, text_dim: int, seed: int = 0):
     """(teacher, student) as the trainer's step runs them; here, not in bench.py, which imports
     this module (the peers and bench's plain loops share it)."""
     torch.manual_seed(seed)
@@ -61,7 +62,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
                             rank=rank, world_size=world)
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     text_dim = batches[0][1].shape[1]
-    teacher, student = _models(cfg, text_dim, cfg.seed)
+    teacher, student = build_models(cfg, text_dim, cfg.seed)
     teacher = teacher.to(device)
     if kind in ("ddp", "independent"):
         student = student.to(device)
@@ -106,7 +107,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
     weights = {k: v.detach().float().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "step_seconds": step_seconds, "chunk_samples_per_sec": chunks, "losses": losses,
-        "param_sha256": _digest(weights)}))
+        "param_sha256": param_digest(weights)}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -140,7 +141,7 @@ def run_peer(kind: str, cfg, batches, stage: int, steps: int, world: int = 2, wa
 def main(argv: list[str] | None = None) -> int:
     """The peers on their own (benchmarks/gpu.sh runs them on the GPUs after gpu_bench.py):
     random in-memory batches at the preset's size, one JSON line per kind and stage."""
-    ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench_peer", description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m sdn_dist.apps.bench.peer", description=main.__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, metavar="FILE.json")
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--kinds", default="ddp,deepspeed")

@@ -31,9 +31,9 @@ import time
 import ray
 
 from sdn_dist import fsio
-from sdn_dist.commands.teacher_train import train_teacher
+from sdn_dist.apps.teacher import train_teacher
 from sdn_dist.config import load_config
-from sdn_dist.data.synth import write_synth
+from sdn_dist.apps.synth.dataset import write_synth
 from sdn_dist.data.text import build_text_encoder
 from sdn_dist.errors import UserError
 from sdn_dist.evaluation.report import evaluate, format_report, report_paths

@@ -2,7 +2,7 @@
 
     sdn-dist bench --quick --out bench-quick.json       # < 10 minutes on 2 cores
     sdn-dist bench --out bench.json                     # longer windows, ~20 minutes
-    python -m sdn_dist.commands.bench --tiny --out tiny.json     # the debug preset, ~1-2 minutes (tests)
+    python -m sdn_dist.apps.bench.bench --tiny --out tiny.json     # the debug preset, ~1-2 minutes (tests)
 
 Every figure comes from running the real thing on this machine; docs/performance.md explains each
 one and records a run. In short:
@@ -31,7 +31,7 @@ one and records a run. In short:
 * ``memory_ddp_ratio`` (per stage and ``combined``): the same trainer / the in-memory DDP peer
   below (the ceiling of any data-parallel script here: it decodes nothing).
 * ``ddp_ratio`` (reference, = ``memory_ddp_ratio``, kept for earlier JSONs): samples/s of the 2
-  workers x 1 thread trainer / a plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``bench_peer``: 2
+  workers x 1 thread trainer / a plain ``torch.nn.parallel.DistributedDataParallel`` loop of the same step (``peer``: 2
   processes x 1 thread started with torch.multiprocessing on 127.0.0.1, gloo on CPUs and nccl on
   GPUs, the same per-rank micro-batch, the batches in memory), measured right before and right
   after the trainer. The trainer's DeepSpeed engine runs in the same harness too
@@ -74,11 +74,11 @@ from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_me
                                                   estimate_zero2_model_states_mem_needs_all_cold)
 from torch.utils.flop_counter import FlopCounterMode
 
-from sdn_dist.commands.bench_peer import _models, run_peer
+from sdn_dist.apps.bench.peer import build_models, run_peer
 from sdn_dist.config import Config, load_config
 from sdn_dist.data.pipeline import iter_batches
 from sdn_dist.data.readers import DataFeed, DataSpec
-from sdn_dist.data.synth import make_synth
+from sdn_dist.apps.synth.dataset import make_synth
 from sdn_dist.data.text import build_text_encoder
 from sdn_dist.model.losses import stages
 from sdn_dist.model.student import Student
@@ -101,7 +101,7 @@ GOALS = {  # name: (comparison, threshold)
 # Reported beside the goals, not goals (issue 35): what 2 processes reach on 2 shared cores
 # depends on the machine more than on the trainer (parallel_ceiling says how much).
 REFERENCE = ("ddp_ratio", "parallel_efficiency")
-LOADER_PEER = Path(__file__).resolve().parents[2] / "benchmarks" / "ddp_loader_peer.py"
+LOADER_PEER = Path(__file__).resolve().parents[3] / "benchmarks" / "ddp_loader_peer.py"
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def matmul_flops(n_threads: int, n: int = 4096, reps: int = 3) -> dict:
 def step_flops(cfg, stage: int, batch: int, text_dim: int) -> int:
     """FLOPs of one training step (forward + backward; Adam's elementwise work is not counted)."""
     with threads(1):   # counting needs no speed, and 2 threads stall on a busy 2-core machine
-        teacher, student = _models(cfg, text_dim)
+        teacher, student = build_models(cfg, text_dim)
         real = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size)
         text = torch.randn(batch, text_dim)
         with FlopCounterMode(display=False) as counter:
@@ -239,7 +239,7 @@ def plain_loop(cfg, batches, stage: int, steps: int, n_threads: int, warmup: int
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
     text_dim = batches[0][1].shape[1]
     with threads(n_threads):
-        teacher, student = _models(cfg, text_dim, cfg.seed)
+        teacher, student = build_models(cfg, text_dim, cfg.seed)
         opt_cls = torch.optim.AdamW if stage_cfg.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(student.parameters(), lr=stage_cfg.lr, betas=stage_cfg.betas,
                       weight_decay=stage_cfg.weight_decay)
@@ -394,7 +394,7 @@ def activation_bytes(model_cfg, teacher_cfg, stage_cfgs, text_dim: int, batch: i
     """Bytes autograd saves for backward (distinct storages, parameters excluded) plus the teacher's
     real-image targets, for one micro-batch of ``batch``, per stage, measured on CPU in fp32."""
     cfg = Config(model=model_cfg, teacher=teacher_cfg, stage1=stage_cfgs[0], stage2=stage_cfgs[1])
-    teacher, student = _models(cfg, text_dim)
+    teacher, student = build_models(cfg, text_dim)
     params = {p.untyped_storage().data_ptr() for m in (teacher, student) for p in m.parameters()}
     out = {}
     for stage in (1, 2):
@@ -538,7 +538,7 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    command = (("python -m sdn_dist.commands.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else ""))
+    command = (("python -m sdn_dist.apps.bench.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else ""))
                + (f" --autocast {autocast}" if autocast else "") + f" --out {out}")
     res: dict = {"mode": plan.mode, "command": command,
                  "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
@@ -761,7 +761,7 @@ def summary(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sdn_dist.commands.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m sdn_dist.apps.bench.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, metavar="FILE.json")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true")

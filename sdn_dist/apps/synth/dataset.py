@@ -1,7 +1,7 @@
 """The built-in synthetic text-to-image benchmark: coloured shapes with attributes and captions.
 
     sdn-dist shards synth --out shards/synth --train 4000 --test 800 --size 64 --seed 0
-    from sdn_dist.data.synth import make_synth, synth_sample, VOCAB, HELDOUT_PAIRS
+    from sdn_dist.apps.synth.dataset import make_synth, synth_sample, VOCAB, HELDOUT_PAIRS
 
 Every image shows one object; its attributes are drawn from a small vocabulary (learnable on a
 CPU in minutes) and every one of them is recorded in ``KEY.json`` (``meta["attributes"]``):

@@ -1,0 +1,1 @@
+"""``sdn-dist bench`` (``bench``) and its plain-PyTorch / DDP / DeepSpeed peers (``peer``)."""
