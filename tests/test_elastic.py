@@ -120,7 +120,7 @@ def test_a_resize_continues_the_global_sample_order(tmp_path):
     0..111 each once, whatever the world size; and each step's loss (the ranks' mean) is the
     uninterrupted run's within float tolerance. Fails on: the loop advancing the position by its
     own micro-batch only, a restore that rescales it, a per-rank data order."""
-    from sdn_dist.data.synth import make_synth
+    from sdn_dist.apps.synth.dataset import make_synth
     shards = tmp_path / "shards"
     make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
     ref, cut = tmp_path / "ref", tmp_path / "cut"
