@@ -137,11 +137,11 @@ def main(argv=None) -> int:
 
     work = Path(a.workdir)
     shards = work / "shards"
-    plan = bench.Plan("profile", steps=a.steps, log_every=a.log_every)
-    cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
+    windows = bench.Windows("profile", steps=a.steps, log_every=a.log_every)
+    cfg = load_config(windows.preset, overrides=list(windows.overrides) + [
         f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"] + a.set)
     if not shards.exists():
-        bench.make_shards(shards, cfg, plan.n_train)
+        bench.make_shards(shards, cfg, windows.n_train)
     init_ray(cfg)
     sampler = Sampler()
     sampler.start()
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                     return
                 time.sleep(0.5)
         threading.Thread(target=spy, daemon=True).start()
-    run = bench.train_run(cfg, work, 2, 1, plan)
+    run = bench.train_run(cfg, work, 2, 1, windows)
     sampler.stop.set()
     sampler.join()
     for p in spies:

@@ -421,10 +421,12 @@ def train_teacher(cfg: Config, shards: str, out: str, progress: bool = True) -> 
         return value
     if kind == "user":      # bad input: every rank found the same, and it names the key or file
         raise value
-    why = next((f"its rank {r} of {world} failed: {v}" for r, (k, v) in enumerate(filter(None, reports))
-                if k == "failed" and v), None)
-    why = why or next((f"its rank {p.name} (pid {p.pid}) "
-                       + (f"was killed by signal {-p.exitcode}" if p.exitcode < 0 else f"exited with status {p.exitcode}")
+    # A rank killed by a signal comes first: the others' errors ("connection reset by peer") follow from it.
+    why = next((f"its rank {p.name} (pid {p.pid}) was killed by signal {-p.exitcode}"
+                for p in ranks if p.exitcode is not None and p.exitcode < 0), None)
+    why = why or next((f"its rank {r} of {world} failed: {v}" for r, (k, v) in enumerate(filter(None, reports))
+                       if k == "failed" and v), None)
+    why = why or next((f"its rank {p.name} (pid {p.pid}) exited with status {p.exitcode}"
                        for p in ranks if p.exitcode), "a rank ended without a result")
     raise RuntimeError(f"teacher training with teacher.train.processes={world}: {why}; nothing was written to {out}")
 

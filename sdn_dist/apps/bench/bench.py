@@ -105,8 +105,9 @@ LOADER_PEER = Path(__file__).resolve().parents[3] / "benchmarks" / "ddp_loader_p
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How long to measure. quick: < 10 min on 2 cores; full: longer windows; tiny: tests."""
+class Windows:
+    """The measuring windows: how long each side runs. quick: < 10 min on 2 cores; full: longer
+    windows; tiny: tests."""
 
     mode: str
     preset: str = "demo"
@@ -125,11 +126,11 @@ class Plan:
     budget_1x2_seconds: float = 100.0
 
 
-PLANS = {
-    "quick": Plan("quick"),
-    "full": Plan("full", n_train=4000, steps=150, log_every=10, plain_steps=60, matmul_reps=8,
+WINDOWS = {
+    "quick": Windows("quick"),
+    "full": Windows("full", n_train=4000, steps=150, log_every=10, plain_steps=60, matmul_reps=8,
                  pipeline_batches=200, budget_1x2_seconds=600.0),
-    "tiny": Plan("tiny", preset="debug", overrides=(), n_train=64, steps=6, log_every=2, plain_steps=4,
+    "tiny": Windows("tiny", preset="debug", overrides=(), n_train=64, steps=6, log_every=2, plain_steps=4,
                  plain_warmup=1, matmul_n=512, matmul_reps=2, pipeline_batches=8, act_image_size=32,
                  budget_1x2_seconds=1e9),
 }
@@ -358,17 +359,17 @@ def combine(s1: float, s2: float) -> float:
     return 2.0 / (1.0 / s1 + 1.0 / s2)
 
 
-def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, plan: Plan, steps: int | None = None,
+def train_run(base_cfg, workdir: Path, workers: int, n_threads: int, windows: Windows, steps: int | None = None,
               batches=None) -> dict:
     """One `sdn-dist train` (run_training: Ray Train + DeepSpeed + readers) -> steady-state figures;
     with ``batches``, also the stage-2 loss of the exported student over them against its init."""
     out = workdir / f"run-{workers}x{n_threads}"
     shutil.rmtree(out, ignore_errors=True)      # a fresh run: a reused workdir must not resume
-    steps = steps or plan.steps
+    steps = steps or windows.steps
     cfg = base_cfg.model_copy(deep=True)
     cfg.out, cfg.workers, cfg.threads_per_worker = str(out), workers, n_threads
     cfg.stage1.steps = cfg.stage2.steps = steps
-    cfg.metrics.log_every, cfg.metrics.port = plan.log_every, 0
+    cfg.metrics.log_every, cfg.metrics.port = windows.log_every, 0
     cfg.checkpoint.every = 10 * steps           # checkpoints only at the switch and the end
     cfg.samples.every = 0
     cfg = type(cfg).model_validate(cfg.model_dump())   # re-check (batch divisible by workers ...)
@@ -534,29 +535,29 @@ def _goals(res: dict) -> dict:
 def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | None = None,
               autocast: str | None = None) -> dict:
     """Run the benchmark, print a summary and write the JSON to ``out``; returns the dict."""
-    plan = PLANS["tiny" if tiny else "quick" if quick else "full"]
+    windows = WINDOWS["tiny" if tiny else "quick" if quick else "full"]
     t_start = time.time()
     started_ray = not ray.is_initialized()
     all_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     command = (("python -m sdn_dist.apps.bench.bench --tiny" if tiny else "sdn-dist bench" + (" --quick" if quick else ""))
                + (f" --autocast {autocast}" if autocast else "") + f" --out {out}")
-    res: dict = {"mode": plan.mode, "command": command,
-                 "machine": machine_info(), "versions": versions(), "plan": asdict(plan)}
+    res: dict = {"mode": windows.mode, "command": command,
+                 "machine": machine_info(), "versions": versions(), "windows": asdict(windows)}
     raw: dict = {}
     with contextlib.ExitStack() as stack:
         work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sdn-bench-")))
         if started_ray:
             stack.callback(ray.shutdown)   # before the directory goes; also when a measurement fails
         shards = work / "shards"
-        cfg = load_config(plan.preset, overrides=list(plan.overrides) + [
+        cfg = load_config(windows.preset, overrides=list(windows.overrides) + [
             f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar", "teacher.weights=random"]
             + ([f"autocast={autocast}"] if autocast else []))
         cfg, res["autocast"] = with_resolved_autocast(cfg, torch.device("cpu"))   # every side at the same
         _log(f"autocast: {res['autocast']['asked']} -> {res['autocast']['used']} ({res['autocast']['why']})")
-        res["config"] = {"preset": plan.preset, "overrides": list(plan.overrides), "batch_size": cfg.data.batch_size,
+        res["config"] = {"preset": windows.preset, "overrides": list(windows.overrides), "batch_size": cfg.data.batch_size,
                          "image_size": cfg.model.image_size, "width": cfg.model.width, "text": cfg.text.model_dump()}
-        _log(f"{plan.mode}: shards ({plan.n_train} samples) in {work}")
-        make_shards(shards, cfg, plan.n_train)
+        _log(f"{windows.mode}: shards ({windows.n_train} samples) in {work}")
+        make_shards(shards, cfg, windows.n_train)
         text_dim = cfg.text.dim
 
         _log("FLOPs per training step (torch.utils.flop_counter)")
@@ -564,21 +565,21 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         raw["flops_per_step"] = {f"stage{s}": f for s, f in flops.items()}
         raw["flops_per_sample"] = {f"stage{s}": f / cfg.data.batch_size for s, f in flops.items()}
 
-        _log(f"paper preset memory (activations measured at {plan.act_image_size} px, batch 1)")
-        res["memory_paper"] = paper_memory(plan.act_image_size)
+        _log(f"paper preset memory (activations measured at {windows.act_image_size} px, batch 1)")
+        res["memory_paper"] = paper_memory(windows.act_image_size)
 
         init_ray(cfg.model_copy(update={"workers": 1, "threads_per_worker": 1}))
         _log("shard pipeline: one rank's readers, drained as fast as possible")
-        raw["pipeline"] = pipeline_rate(cfg, plan.pipeline_batches)
+        raw["pipeline"] = pipeline_rate(cfg, windows.pipeline_batches)
 
         # overhead: plain loop, trainer, plain loop again (back to back; the machine is shared)
         batches = load_batches(cfg, 8, cfg.data.batch_size)
         _log("plain PyTorch loop, 1 thread (before)")
-        plain_a = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        plain_a = {s: plain_loop(cfg, batches, s, windows.plain_steps, 1, windows.plain_warmup, windows.log_every) for s in (1, 2)}
         _log("sdn-dist train: 1 worker x 1 thread")
-        run11 = train_run(cfg, work, 1, 1, plan, batches=batches)
+        run11 = train_run(cfg, work, 1, 1, windows, batches=batches)
         _log("plain PyTorch loop, 1 thread (after)")
-        plain_b = {s: plain_loop(cfg, batches, s, plan.plain_steps, 1, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        plain_b = {s: plain_loop(cfg, batches, s, windows.plain_steps, 1, windows.plain_warmup, windows.log_every) for s in (1, 2)}
         plain = {}
         for s in (1, 2):
             # the median chunk of both sides, as the trainer's median window
@@ -592,8 +593,8 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         _log(f"plain PyTorch loop, 1 thread, autocast={other}")
         raw["autocast_bf16"] = {}
         for s in (1, 2):
-            r = plain_loop(cfg.model_copy(update={"autocast": other}), batches, s, plan.plain_steps, 1,
-                           plan.plain_warmup, plan.log_every)
+            r = plain_loop(cfg.model_copy(update={"autocast": other}), batches, s, windows.plain_steps, 1,
+                           windows.plain_warmup, windows.log_every)
             bf16, fp32 = ((plain_b[s], r) if other == "off" else (r, plain_b[s]))
             raw["autocast_bf16"][f"stage{s}"] = {"samples_per_sec": bf16["samples_per_sec"],
                                                  "fp32_samples_per_sec": fp32["samples_per_sec"],
@@ -606,27 +607,27 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         raw["overhead_ratio_per_stage"] = overhead
 
         # scaling and FLOP utilisation: matmul ceiling, 2x1 (the demo layout), 1x2, matmul again
-        _log(f"dense fp32 matmul {plan.matmul_n}^3, {all_threads} threads (before)")
-        mm_a = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
+        _log(f"dense fp32 matmul {windows.matmul_n}^3, {all_threads} threads (before)")
+        mm_a = matmul_flops(all_threads, windows.matmul_n, windows.matmul_reps)
         # the data-parallel peer: plain torch DDP, 2 processes x 1 thread, right before and after
         # the 2-worker trainer (the median chunk of both sides, as the plain loop's)
         _log("plain torch DDP, 2 processes x 1 thread (before)")
-        ddp_a = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        ddp_a = {s: run_peer("ddp", cfg, batches, s, windows.plain_steps, 2, windows.plain_warmup, windows.log_every) for s in (1, 2)}
         _log("DDP script with a webdataset loader (benchmarks/ddp_loader_peer.py), torchrun 2 x 1 (before)")
-        loader_a = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
+        loader_a = loader_peer(cfg, work, windows.plain_steps, windows.plain_warmup, windows.log_every)
         _log("sdn-dist train: 2 workers x 1 thread")
-        run21 = train_run(cfg, work, 2, 1, plan, batches=batches)
+        run21 = train_run(cfg, work, 2, 1, windows, batches=batches)
         _log("DDP script with a webdataset loader, torchrun 2 x 1 (after)")
-        loader_b = loader_peer(cfg, work, plan.plain_steps, plan.plain_warmup, plan.log_every)
+        loader_b = loader_peer(cfg, work, windows.plain_steps, windows.plain_warmup, windows.log_every)
         _log("plain torch DDP, 2 processes x 1 thread (after)")
-        ddp_b = {s: run_peer("ddp", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every) for s in (1, 2)}
+        ddp_b = {s: run_peer("ddp", cfg, batches, s, windows.plain_steps, 2, windows.plain_warmup, windows.log_every) for s in (1, 2)}
         _log("2 independent processes x 1 thread: the DDP loop without the all-reduce (the machine's ceiling)")
-        indep = {s: run_peer("independent", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every)
+        indep = {s: run_peer("independent", cfg, batches, s, windows.plain_steps, 2, windows.plain_warmup, windows.log_every)
                  for s in (1, 2)}
         raw["independent_2proc"] = {**{f"stage{s}": r for s, r in indep.items()},
                                     "samples_per_sec": combine(indep[1]["samples_per_sec"], indep[2]["samples_per_sec"])}
         _log("the trainer's DeepSpeed engine in the same 2 plain processes (no Ray, no readers)")
-        ds_peer = {s: run_peer("deepspeed", cfg, batches, s, plan.plain_steps, 2, plan.plain_warmup, plan.log_every)
+        ds_peer = {s: run_peer("deepspeed", cfg, batches, s, windows.plain_steps, 2, windows.plain_warmup, windows.log_every)
                    for s in (1, 2)}
         ddp: dict = {}
         for s in (1, 2):
@@ -667,15 +668,15 @@ def run_bench(out: str, quick: bool = False, tiny: bool = False, workdir: str | 
         # parallel_efficiency cannot exceed it
         res["parallel_ceiling"] = raw["independent_2proc"]["samples_per_sec"] / (2 * plain["samples_per_sec"])
         probe = [plain_loop(cfg, batches, s, 2, 2, warmup=1)["step_seconds_median"] for s in (1, 2)]
-        fit = int(plan.budget_1x2_seconds / sum(probe)) // plan.log_every * plan.log_every
-        steps12 = max(3 * plan.log_every, min(plan.steps, fit))
+        fit = int(windows.budget_1x2_seconds / sum(probe)) // windows.log_every * windows.log_every
+        steps12 = max(3 * windows.log_every, min(windows.steps, fit))
         raw["probe_2threads_step_seconds"] = {"stage1": probe[0], "stage2": probe[1], "steps_1x2": steps12}
         _log(f"sdn-dist train: 1 worker x 2 threads ({steps12} steps per stage)")
-        run12 = train_run(cfg, work, 1, 2, plan, steps=steps12, batches=batches)
-        _log(f"dense fp32 matmul {plan.matmul_n}^3, {all_threads} threads (after)")
-        mm_b = matmul_flops(all_threads, plan.matmul_n, plan.matmul_reps)
-        _log(f"dense fp32 matmul {plan.matmul_n}^3, 1 thread")
-        mm_1 = matmul_flops(1, plan.matmul_n, max(1, plan.matmul_reps - 1))
+        run12 = train_run(cfg, work, 1, 2, windows, steps=steps12, batches=batches)
+        _log(f"dense fp32 matmul {windows.matmul_n}^3, {all_threads} threads (after)")
+        mm_b = matmul_flops(all_threads, windows.matmul_n, windows.matmul_reps)
+        _log(f"dense fp32 matmul {windows.matmul_n}^3, 1 thread")
+        mm_1 = matmul_flops(1, windows.matmul_n, max(1, windows.matmul_reps - 1))
         peak = statistics.median(mm_a["all"] + mm_b["all"])
         raw["matmul"] = {"all_threads_before": mm_a, "all_threads_after": mm_b, "one_thread": mm_1,
                          "flops_per_sec": peak}
