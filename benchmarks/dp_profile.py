@@ -9,7 +9,8 @@ every process descended from this one (Ray's gcs_server, raylet, agents, the tra
 reader actors, this driver), each attributed to its role by its process title (Ray names workers
 ``ray::ClassName``). Only the steady part counts: from the end of each rank-0 stage's first
 logging window to the end of the stage (the switch, with its checkpoint and engine rebuild, is
-left out). The JSON gives each role's share of the steady wall time x cores and the samples/s;
+left out). The JSON gives each role's share of the steady wall time x cores, its CPU microseconds
+per sample trained (less distorted by other jobs' load), the samples/s and data_wait_fraction;
 docs/performance.md ("Where the 2-worker step goes") has the reading.
 With --py-spy, ``py-spy record`` samples each training worker (native frames included) for the
 stage-1 steady part and writes a speedscope JSON per worker.
@@ -181,12 +182,19 @@ def main(argv=None) -> int:
                                        "share_of_cores": {k: v / (wall * (os.cpu_count() or 1)) for k, v in
                                                           sorted(cpu.items(), key=lambda kv: -kv[1])}}
         out["samples_per_sec"][f"stage{stage}"] = run[f"stage{stage}"]["samples_per_sec"]
+        # CPU per sample trained in the steady part: less distorted by other jobs' load than a share
+        samples = (r0[-1]["step"] - r0[0]["step"]) * cfg.data.batch_size
+        out["cpu"][f"stage{stage}"].update(samples=samples, us_per_sample={
+            k: 1e6 * v / samples for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])} if samples else {},
+            data_wait_fraction=run[f"stage{stage}"]["data_wait_fraction"])
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     for stage in (1, 2):
         c = out["cpu"][f"stage{stage}"]
-        print(f"stage {stage}: {out['samples_per_sec'][f'stage{stage}']:.1f} samples/s, {c['wall_seconds']:.1f} s steady")
+        print(f"stage {stage}: {out['samples_per_sec'][f'stage{stage}']:.1f} samples/s, {c['wall_seconds']:.1f} s steady, "
+              f"{c['samples']} samples, data_wait_fraction {c['data_wait_fraction']:.3f}")
         for k, v in c["cpu_seconds"].items():
-            print(f"  {k:40s} {v:7.2f} cpu-s  {100 * v / c['wall_seconds']:5.1f} % of one core")
+            print(f"  {k:40s} {v:7.2f} cpu-s  {100 * v / c['wall_seconds']:5.1f} % of one core"
+                  f"  {c['us_per_sample'].get(k, 0.0):7.1f} us/sample")
     import ray
     ray.shutdown()
     return 0

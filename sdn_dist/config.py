@@ -41,6 +41,7 @@ class DataConfig(Section):
     batch_size: int = Field(16, ge=1, description="Global batch (samples per optimizer step over all workers); must divide by workers x deepspeed.grad_accum.")
     readers: int = Field(1, ge=1, description="Ray reader actors per training worker (decode runs there, overlapping training).")
     prefetch: int = Field(4, ge=1, description="Decoded micro-batches each worker keeps in flight.")
+    reader_chunk: int = Field(8, ge=1, description="Micro-batches a reader returns per call: Ray's per-call cost (task, pickling, object-store put) was most of a reader's CPU, paid once per chunk. A worker holds or awaits up to max(prefetch, readers x this) + this - 1 micro-batches. 8 measured against 1 and 4 on the demo preset's 64-px micro-batches of 8 on 2 cores (docs/performance.md).")
     shuffle: bool = Field(True, description="Shuffle shard order (per epoch, seeded) and samples within a shard buffer.")
     shuffle_buffer: int = Field(64, ge=1, description="Samples kept in the within-shard shuffle buffer.")
     keep_in_memory: bool = Field(False, description="Keep every sample read (its tar members) in memory, so later epochs do not read the shards again (the same samples in the same order). For data sets that fit (the demo's 4,000 images at 64 px: ~40 MB per reader) and are read many times; see docs/performance.md.")

@@ -297,6 +297,50 @@ def test_the_sample_order_is_global_at_any_world_size_and_across_a_resize(tmp_pa
     assert got == ref and state.data_position == steps * 12
 
 
+def _feed_draws(urls, counts, world: int, readers: int, chunk: int, start: int, n: int) -> list:
+    """What each of ``world`` ranks' feeds (``ChunkedFeed``: DataFeed without Ray, its readers
+    plain streams doing what ShardReader.next does) returns in ``n`` next() calls from global
+    position ``start``: per call, the batch's index, keys, captions, image bytes and the feed's
+    skip total after it."""
+    from sdn_dist.data.readers import ChunkedFeed, take_batches
+    out = []
+    for r in range(world):
+        streams = [RankStream(urls, counts, r, world, seed=5, shuffle=True, image_size=8, shuffle_buffer=4)
+                   for _ in range(readers)]
+        its = [s.iter_samples(start, j, readers, 3, uint8=True) for j, s in enumerate(streams)]
+        feed = ChunkedFeed(readers, chunk, prefetch=2, call=lambda j: take_batches(its[j], streams[j], chunk),
+                           get=lambda got: got)
+        for _ in range(n):
+            b = feed.next()
+            out.append((r, b.index, b.captions, b.image.tobytes(), dict(feed.skipped)))
+    return out
+
+
+def test_reader_chunks_change_no_batch_nor_skip_count(tmp_path):
+    """Issue 35: readers returning data.reader_chunk micro-batches per call give a rank the very
+    batches, in the same order, with the same running skip counts, as one per call: 2 ranks x 2
+    readers, chunk 1 / 3 / 4, from a start that is no multiple of a chunk's micro-batches, over
+    bad samples and into a third epoch. Fails on: ChunkedFeed.next taking micro-batch i from
+    reader (i // chunk) % R (a chunk as consecutive rank micro-batches) instead of i % R; each
+    Batch of a chunk carrying the skip counts as they stood at the chunk's end (in take_batches)."""
+    good = _png()
+    members = []
+    for k in range(23):
+        bad = k % 5 == 2                                           # every fifth: a truncated image
+        members += [(f"s{k:04d}.png", good[: len(good) // 2] if bad else _png((k * 9 % 255, 5, 5))),
+                    (f"s{k:04d}.txt", f"caption {k}\nother {k}".encode())]
+    urls = []
+    for s, (a, b) in enumerate(((0, 14), (14, 22), (22, 46))):
+        _write_tar(tmp_path / f"train-{s:06d}.tar", members[a:b])
+        urls.append(str(tmp_path / f"train-{s:06d}.tar"))
+    counts = shard_counts(urls)
+    ref = _feed_draws(urls, counts, 2, 2, 1, 7, 14)              # 2 x 14 x 3 slots from 7: into epoch 3
+    assert [x[1] for x in ref[:14]] == [7 + 6 * i for i in range(14)]   # rank 0: global micro-batches 0, 2, ...
+    assert ref[13][4]["bad_image"] > 0
+    for chunk in (3, 4):
+        assert _feed_draws(urls, counts, 2, 2, chunk, 7, 14) == ref, chunk
+
+
 def test_keep_in_memory_reads_each_shard_once_and_changes_no_batch(tmp_path):
     """keep_in_memory (teacher training): after the first epoch the stream needs neither the
     shards nor the PNG decoder, and every batch is the one the plain stream gives."""

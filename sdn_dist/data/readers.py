@@ -4,9 +4,10 @@ Each training rank owns ``data.readers`` ShardReader actors. The run's one globa
 (see ``sdn_dist.data.pipeline.RankStream``: deterministic, each sample once per epoch, the same
 order at every world size) is cut into micro-batches, and rank ``r`` of ``W`` takes every ``W``-th
 one (global micro-batch ``r + W*i`` is its ``i``-th); reader ``j`` of ``R`` produces the rank's
-micro-batches ``i`` with ``i % R == j``. The rank asks reader ``i % R`` for micro-batch ``i`` and
-keeps ``data.prefetch`` requests in flight, so decoding overlaps training, batches arrive in stream
-order, and readers can be scaled apart from the trainers. A restart, on any number of ranks,
+micro-batches ``i`` with ``i % R == j``. Each call to a reader returns its next
+``data.reader_chunk`` micro-batches (Ray's per-call cost is most of a reader's CPU); the rank keeps
+at least ``data.prefetch`` micro-batches asked for ahead, so decoding overlaps training, batches
+arrive in stream order, and readers can be scaled apart from the trainers. A restart, on any number of ranks,
 begins at the checkpoint's global sample position.
 """
 
@@ -155,6 +156,24 @@ class Batch:
         return len(self.captions)
 
 
+def take_batches(it, stream: RankStream, k: int, node_id: str = "") -> list[Batch]:
+    """The next ``k`` micro-batches of a reader's stream iterator ``it`` (the reader's own
+    consecutive ones: the rank's micro-batches ``j, j+R, j+2R, ...``), each a :class:`Batch` with
+    the reader's skip counts as they stood after it (so that a consumer sees the same counts at
+    every chunk size)."""
+    out = []
+    for _ in range(k):
+        t = time.time()
+        b = next(it)
+        out.append(Batch(image=b["image"].numpy(), text=None if b["text"] is None else np.asarray(b["text"]),
+                         captions=b["captions"], index=b["index"], skipped=stream.skips.as_dict(),
+                         decode_seconds=time.time() - t, rss_peak_bytes=0, node_id=node_id))
+    rss = peak_rss_bytes()        # one /proc read per call: the peak only grows
+    for b in out:
+        b.rss_peak_bytes = rss
+    return out
+
+
 @ray.remote(num_cpus=0)
 class ShardReader:
     def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int,
@@ -172,36 +191,35 @@ class ShardReader:
                                  **sample_caps(spec.data))
         self.it = self.stream.iter_samples(start_sample=start_sample, worker=reader, num_workers=n_readers,
                                            batch_size=micro_batch, uint8=True)
+        self.node_id = ray.get_runtime_context().get_node_id()
 
-    def next(self) -> Batch:
-        t = time.time()
-        b = next(self.it)
-        return Batch(image=b["image"].numpy(), text=None if b["text"] is None else np.asarray(b["text"]),
-                     captions=b["captions"], index=b["index"], skipped=self.stream.skips.as_dict(),
-                     decode_seconds=time.time() - t, rss_peak_bytes=peak_rss_bytes(),
-                     node_id=ray.get_runtime_context().get_node_id())
+    def next(self, k: int = 1) -> list[Batch]:
+        """The reader's next ``k`` micro-batches, in one call: the call, pickling and object-store
+        put are most of a reader's CPU (docs/performance.md), paid once per ``k``."""
+        return take_batches(self.it, self.stream, k, self.node_id)
 
 
-class DataFeed:
-    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
+class ChunkedFeed:
+    """A rank's micro-batches in stream order from readers that each return their next ``chunk``
+    micro-batches per call, with the skip counts, peak RSS and nodes they report: everything
+    :class:`DataFeed` does but the Ray calls (tests drive it with plain streams).
 
-    ``start_sample`` is the global stream position (``TrainState.data_position``, the same on
-    every rank); each ``next()`` advances it by ``slots``: this rank's micro-batch and the other
-    ranks' beside it. A reader's
-    UserError (bad data under data.strict, an epoch with no usable sample) is raised here as
-    itself, one line (``training/failures.py`` then stops the run instead of retrying it)."""
+    Rank micro-batch ``i`` is reader ``i % R``'s; call ``c`` of reader ``j`` holds the rank's
+    micro-batches ``(c*chunk + t)*R + j`` for ``t < chunk``. Calls are issued in the order they
+    are needed (reader 0, 1, ..., R-1, then each reader's next call) whenever fewer than
+    ``ahead = max(prefetch, chunk*R)`` micro-batches are asked for and not yet returned (at least
+    one call per reader, so none is asked only once it is needed): at most ``ahead + chunk - 1``
+    micro-batches are held or in flight. ``call(j)`` starts reader ``j``'s next call, ``get(handle)``
+    waits for its list of batches."""
 
-    def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
-        n = spec.data.readers
-        self.micro_batch = micro_batch   # this rank's stream slots per next(), good or bad
-        self.slots = micro_batch * world_size   # global slots per next() (TrainState.data_position)
-        self.readers = [ShardReader.options(scheduling_strategy=_on_this_node()).remote(
-            spec, rank, world_size, micro_batch, j, n, start_sample) for j in range(n)]
-        self.n = n
-        self.i = 0
-        self.pending: collections.deque = collections.deque()
-        self.prefetch = max(spec.data.prefetch, n)
-        self.wait_seconds = 0.0
+    def __init__(self, n_readers: int, chunk: int, prefetch: int, call, get):
+        self.n, self.chunk, self.call, self.get = n_readers, chunk, call, get
+        self.ahead = max(prefetch, chunk * n_readers)
+        self.calls = 0                    # calls issued (reader calls % n)
+        self.requested = 0                # micro-batches asked for
+        self.served = 0                   # micro-batches returned by next()
+        self.pending = [collections.deque() for _ in range(n_readers)]   # per reader: calls in flight
+        self.held = [collections.deque() for _ in range(n_readers)]      # per reader: batches got
         self.skipped: dict[str, int] = {}
         self.rss_peak_bytes = 0           # the largest peak RSS any of this rank's readers reported
         self._per_reader_skips: dict[int, dict] = {}
@@ -209,21 +227,18 @@ class DataFeed:
         self._fill()
 
     def _fill(self) -> None:
-        while len(self.pending) < self.prefetch:
-            j = self.i % self.n
-            self.pending.append((j, self.readers[j].next.remote()))
-            self.i += 1
+        while self.requested - self.served < self.ahead:
+            j = self.calls % self.n
+            self.pending[j].append(self.call(j))
+            self.calls += 1
+            self.requested += self.chunk
 
     def next(self) -> Batch:
-        j, ref = self.pending.popleft()
-        t = time.time()
-        try:
-            b = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
-            if not isinstance(e.cause, UserError):
-                raise
-            raise type(e.cause)(str(e.cause)) from None
-        self.wait_seconds += time.time() - t
+        j = self.served % self.n
+        if not self.held[j]:
+            self.held[j].extend(self.get(self.pending[j].popleft()))
+        b = self.held[j].popleft()
+        self.served += 1
         self._fill()
         self._per_reader_skips[j] = b.skipped
         self.rss_peak_bytes = max(self.rss_peak_bytes, b.rss_peak_bytes)
@@ -234,6 +249,37 @@ class DataFeed:
             total.update(s)
         self.skipped = dict(total)
         return b
+
+
+class DataFeed(ChunkedFeed):
+    """Trainer-side view of a rank's reader actors: ``next()`` returns the next micro-batch.
+
+    ``start_sample`` is the global stream position (``TrainState.data_position``, the same on
+    every rank); each ``next()`` advances it by ``slots``: this rank's micro-batch and the other
+    ranks' beside it. Each reader call returns ``data.reader_chunk`` of the reader's micro-batches,
+    kept in stream order by :class:`ChunkedFeed`. A reader's
+    UserError (bad data under data.strict, an epoch with no usable sample) is raised here as
+    itself, one line (``training/failures.py`` then stops the run instead of retrying it)."""
+
+    def __init__(self, spec: DataSpec, rank: int, world_size: int, micro_batch: int, start_sample: int):
+        n, chunk = spec.data.readers, spec.data.reader_chunk
+        self.micro_batch = micro_batch   # this rank's stream slots per next(), good or bad
+        self.slots = micro_batch * world_size   # global slots per next() (TrainState.data_position)
+        self.readers = [ShardReader.options(scheduling_strategy=_on_this_node()).remote(
+            spec, rank, world_size, micro_batch, j, n, start_sample) for j in range(n)]
+        self.wait_seconds = 0.0
+        super().__init__(n, chunk, spec.data.prefetch, lambda j: self.readers[j].next.remote(chunk), self._wait)
+
+    def _wait(self, ref) -> list[Batch]:
+        t = time.time()
+        try:
+            bs = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if not isinstance(e.cause, UserError):
+                raise
+            raise type(e.cause)(str(e.cause)) from None
+        self.wait_seconds += time.time() - t
+        return bs
 
     def close(self) -> None:
         for r in self.readers:
