@@ -309,7 +309,7 @@ def train_worker(config: dict) -> None:
     micro = cfg.micro_batch_at(world)                         # the global batch split over this world
     per_step = micro * cfg.deepspeed.grad_accum               # samples this rank draws per step
     feed = DataFeed(spec, rank, world, micro, state.data_position)
-    preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds)
+    preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds, rank)
     # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
     grid = (SampleGrid(cfg.out, cfg.data, cfg.samples, cfg.model.image_size, cfg.seed, spec.text, device,
                        collector.report.remote, rank)
@@ -332,6 +332,11 @@ def train_worker(config: dict) -> None:
         saved = due(state.step, cfg.checkpoint.every, schedule)
         if saved:
             save(ckpt, engine, averaged, state)
+        # A worker announced its SIGTERM: its node may be SIGKILLed before the next agreement step.
+        # At ZeRO 0 the lowest rank left checkpoints this step by itself (preemption.py); not collective.
+        if not engine.zero_optimization() and preempt.writes_alone(world):
+            stop_alone(ckpt, engine, averaged, state, collector, rank, preempt, feed)
+            return
         # Collective (every rank stops at the same step), so not every step: see preempt_check_every.
         if due(state.step, cfg.checkpoint.preempt_check_every, schedule) and preempt.requested():
             stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
@@ -364,7 +369,30 @@ def save(ckpt: Checkpointer, engine, averaged, state: TrainState) -> None:
     student, optimizer and lr scheduler; the train state, the RNGs, the EMA when ``ema.decay`` is
     on); the Checkpointer reports the checkpoint once it is complete (with a remote ``out``, after
     its background upload)."""
-    ckpt.save(engine, state.step, {"train": state, "rng": RNG, "ema": averaged})
+    ckpt.save(engine, state.step, _states(state, averaged))
+
+
+def _states(state: TrainState, averaged) -> dict:
+    """Every stateful thing of the run besides the engine, by the name a checkpoint keeps it under."""
+    return {"train": state, "rng": RNG, "ema": averaged}
+
+
+def stop_alone(ckpt: Checkpointer, engine, averaged, state: TrainState, collector, rank: int,
+               preempt: WorkerPreemption, feed: DataFeed) -> None:
+    """A training worker announced its SIGTERM and this rank is the lowest one left (ZeRO 0):
+    checkpoint this step by itself (``Checkpointer.save_alone``: no collective, the preempted rank
+    may be gone), tell the driver, return. The driver then exits 75, which ends the other ranks."""
+    ckpt.save_alone(engine, state.step, _states(state, averaged))
+    _report_preempted(collector, state, rank)
+    feed.close()
+    preempt.close()
+
+
+def _report_preempted(collector, state: TrainState, rank: int) -> None:
+    collector.report.remote([event("preempted", step=state.step, stage=state.stage, rank=rank,
+                                   tag=f"step-{state.step:08d}"),
+                             message(f"preempted: checkpoint step-{state.step:08d} saved; "
+                                     "rerun the same command to resume")])
 
 
 def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: int, saved: bool,
@@ -375,10 +403,7 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
         save(ckpt, engine, averaged, state)
     ckpt.finish()
     if rank == 0:
-        collector.report.remote([event("preempted", step=state.step, stage=state.stage, rank=0,
-                                       tag=f"step-{state.step:08d}"),
-                                 message(f"preempted: checkpoint step-{state.step:08d} saved; "
-                                         "rerun the same command to resume")])
+        _report_preempted(collector, state, rank)
     feed.close()
     dist.barrier()
     preempt.close()
