@@ -200,9 +200,7 @@ class Checkpointer:
         if self.local_root:
             shutil.rmtree(os.path.join(base, tag), ignore_errors=True)   # a collective save cut short
             os.rename(os.path.join(base, private), os.path.join(base, tag))
-        else:
-            if self.fs.exists(f"{self.path}/{tag}"):
-                self.fs.rm(f"{self.path}/{tag}", recursive=True)
+        else:   # objects: each appears whole once uploaded; COMPLETE comes after them all
             self.fs.put(os.path.join(base, private), f"{self.path}/{tag}", recursive=True)
             shutil.rmtree(os.path.join(base, private), ignore_errors=True)
         marker = dict(client_state, step=step, time=time.time(), alone=self.rank)
