@@ -142,6 +142,7 @@ class FakeEngine:
         sched = conf.get("scheduler")
         self.lr_scheduler = WarmupCosineLR(self.optimizer, **sched["params"]) if sched else None
         self.accum, self.micro = conf["gradient_accumulation_steps"], 0
+        self.global_steps = 0
 
     def __call__(self, text):
         return self.module(text)
@@ -156,6 +157,7 @@ class FakeEngine:
         self.micro += 1
         if self.micro % self.accum == 0:
             self.optimizer.step()
+            self.global_steps += 1
             self.optimizer.zero_grad()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
@@ -216,6 +218,9 @@ class FakeFeed:
         text = torch.stack([torch.randn(self.cfg.text.dim, generator=g) for g in gens]) if keep else torch.zeros(0, self.cfg.text.dim)
         return _Batch(image, text)
 
+    def close(self):
+        pass
+
 
 class _Batch:
     def __init__(self, image, text):
@@ -233,6 +238,15 @@ def _run_cfg(tmp_path, stage, *sets):
                 f"stage{stage}.steps=5", f"stage{other}.steps=0", f"stage{stage}.lr=0.01",
                 f"stage{stage}.lr_schedule=warmup_cosine", f"stage{stage}.warmup_steps=2",
                 f"out={tmp_path / 'run'}", *sets)
+
+
+def _fresh_run(cfg, stage_cfg):
+    """Step 0 of a one-worker run in ``stage_cfg``: (train state, FakeEngine, EMA)."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.state import TrainState
+    state = TrainState.start(cfg.stage1, cfg.stage2, 1)
+    engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
+    return state, engine, loop.average(engine.module, cfg.ema.decay)
 
 
 def _steps(k, engine, teacher, feed, state, averaged, cfg, lrs):
@@ -254,16 +268,12 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     restored."""
     from sdn_dist.training import loop
     from sdn_dist.training.checkpoint import Checkpointer
-    from sdn_dist.training.state import TrainState
     cfg = _run_cfg(tmp_path, stage)
     micro = cfg.micro_batch_at(1)
     _, teacher = _models(cfg)
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
 
-    def fresh():
-        state = TrainState.start(cfg.stage1, cfg.stage2, 1)
-        engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
-        return state, engine, loop.average(engine.module, cfg.ema.decay)
+    fresh = lambda: _fresh_run(cfg, stage_cfg)   # noqa: E731
 
     state, engine, averaged = fresh()
     assert state.stage == stage
@@ -318,15 +328,11 @@ def test_a_survivors_checkpoint_written_alone_resumes_exactly(tmp_path, monkeypa
     test_a_resumed_stage_continues_exactly_where_it_stopped."""
     from sdn_dist.training import loop
     from sdn_dist.training.checkpoint import Checkpointer
-    from sdn_dist.training.state import TrainState
     cfg = _run_cfg(tmp_path, 1)
     micro = cfg.micro_batch_at(1)
     _, teacher = _models(cfg)
 
-    def fresh():
-        state = TrainState.start(cfg.stage1, cfg.stage2, 1)
-        engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
-        return state, engine, loop.average(engine.module, cfg.ema.decay)
+    fresh = lambda: _fresh_run(cfg, cfg.stage1)   # noqa: E731
 
     state, engine, averaged = fresh()
     feed, want_lrs = FakeFeed(cfg, micro), []
@@ -374,6 +380,95 @@ def test_a_survivors_checkpoint_written_alone_resumes_exactly(tmp_path, monkeypa
     for i, m in moments.items():
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(m[k], want[3]["state"][i][k], rtol=0, atol=0, msg=f"{i}.{k}")
+
+
+class _Preempt:
+    """WorkerPreemption as the loop's stop paths use it: whether this rank writes alone."""
+
+    def __init__(self, alone):
+        self.alone, self.closed = alone, 0
+
+    def writes_alone(self, world_size, wait_seconds=0.0):
+        return self.alone
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_peer_lost_mid_step_leaves_the_step_before_it(tmp_path, monkeypatch):
+    """The preempted peer is SIGKILLed before the survivor reached a step boundary after its
+    announcement (a step longer than the 2 s between SIGTERM and SIGKILL): step 3's gradient
+    all-reduce raises on the survivor after the step drew its samples and random numbers.
+    ``loop.after_peer_loss`` checkpoints step 2 (the weights are still step 2's: DeepSpeed
+    all-reduces before the optimizer update), with step 2's data position and RNGs from
+    ``loop.boundary``; the resumed run equals the uninterrupted one. Had the failing step's
+    optimizer update run, nothing is written and the error goes on (Ray Train's restart); so too
+    with no preemption announced. Fails on: the data position or the RNGs not put back to the
+    boundary's, the optimizer-step guard dropped."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    cfg = _run_cfg(tmp_path, 1)
+    micro = cfg.micro_batch_at(1)
+    _, teacher = _models(cfg)
+    collector = type("Collector", (), {"report": _Remote([])})()
+
+    fresh = lambda: _fresh_run(cfg, cfg.stage1)   # noqa: E731
+
+    state, engine, averaged = fresh()
+    feed, want_lrs = FakeFeed(cfg, micro), []
+    _steps(5, engine, teacher, feed, state, averaged, cfg, want_lrs)
+    want = (engine.module.state_dict(), averaged.module.state_dict(), feed.drawn)
+
+    def fail_in_step_3(after_update):
+        """2 steps, then step 3 raising as gloo does when the peer is gone: in its last
+        micro-batch's backward (the all-reduce), or after its optimizer update."""
+        state, engine, averaged = fresh()
+        feed, lrs = FakeFeed(cfg, micro), []
+        _steps(2, engine, teacher, feed, state, averaged, cfg, lrs)
+        drawn = list(feed.drawn)
+        torch.manual_seed(12345)
+        before = loop.boundary(state, engine)
+        next_draw = torch.rand(8)
+        torch.set_rng_state(before[2]["torch"])
+        real_backward, real_step = engine.backward, engine.step
+
+        def backward(loss):
+            if not after_update and (engine.micro + 1) % engine.accum == 0:
+                torch.rand(3)              # the step's forward drew random numbers
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+            real_backward(loss)
+
+        def step():
+            real_step()
+            if after_update and engine.micro % engine.accum == 0:
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+
+        engine.backward, engine.step = backward, step
+        with pytest.raises(RuntimeError, match="gloo"):
+            _steps(1, engine, teacher, feed, state, averaged, cfg, lrs)
+        return state, engine, averaged, feed, before, lrs, drawn, next_draw
+
+    ck = Checkpointer(cfg.out, keep=2, rank=1, world_size=2)
+    state, engine, averaged, feed, before, _, _, _ = fail_in_step_3(after_update=False)
+    assert not loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(False), feed)
+    state, engine, averaged, feed, before, _, _, _ = fail_in_step_3(after_update=True)
+    assert not loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(True), feed)
+    assert ck.complete() == []
+
+    state, engine, averaged, feed, before, lrs, drawn, next_draw = fail_in_step_3(after_update=False)
+    assert loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(True), feed)
+    assert [i["step"] for i in ck.complete()] == [2]
+    monkeypatch.setattr(loop, "build_engine", FakeEngine)
+    spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
+    state, engine, averaged = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert torch.equal(torch.rand(8), next_draw)
+    assert (state.step, state.data_position) == (2, 2 * 2 * micro)
+    feed = FakeFeed(cfg, micro, start=state.data_position)
+    _steps(3, engine, teacher, feed, state, averaged, cfg, lrs)
+    assert lrs == want_lrs and drawn + feed.drawn == want[2]
+    for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
 def test_at_zero_1_no_rank_checkpoints_alone(tmp_path):

@@ -97,19 +97,19 @@ class WorkerPreemption:
             self.active = False
             _thread.interrupt_main(signal.SIGTERM)
 
-    def _driver_preempted(self) -> bool:
-        """Non-blocking: a preemption was announced (by the driver or any worker)."""
+    def _driver_preempted(self, wait_seconds: float = 0.0) -> bool:
+        """A preemption was announced (by the driver or any worker); waits up to ``wait_seconds``."""
         if self._announced is None:
-            ready, _ = ray.wait([self._driver], timeout=0)
+            ready, _ = ray.wait([self._driver], timeout=wait_seconds)
             if ready:
                 self._announced = ray.get(self._driver)
         return self._announced is not None
 
-    def writes_alone(self, world_size: int) -> bool:
-        """Non-blocking, at a step boundary: True on the one rank that is to checkpoint this step by
-        itself: training workers announced a preemption (the driver's goes through ``requested``)
-        and this is the lowest rank not among them."""
-        if not self._driver_preempted() or not self._announced:
+    def writes_alone(self, world_size: int, wait_seconds: float = 0.0) -> bool:
+        """At a step boundary (non-blocking by default): True on the one rank that is to checkpoint
+        this step by itself: training workers announced a preemption (the driver's goes through
+        ``requested``) and this is the lowest rank not among them."""
+        if not self._driver_preempted(wait_seconds) or not self._announced:
             return False
         left = [r for r in range(world_size) if r not in self._announced]
         return bool(left) and left[0] == self.rank
