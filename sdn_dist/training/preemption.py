@@ -29,7 +29,9 @@ where every rank holds the whole student, optimizer and lr scheduler, the lowest
 checkpoints that step by itself, with no collective (``Checkpointer.save_alone``), reports
 ``preempted`` and returns: the driver exits 75 and its exit ends the other ranks. At ZeRO >= 1 no
 rank holds the whole optimizer state: the agreement above is the only way, and a rank lost before it
-leaves the run to resume from the last regular checkpoint.
+leaves the run to resume from the last regular checkpoint. A peer that dies before the survivor
+reached a step boundary after the announcement makes the survivor's collective raise instead: it
+then writes the last completed step alone (``loop.after_peer_loss``).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class WorkerPreemption:
             self.active = False
             _thread.interrupt_main(signal.SIGTERM)
 
-    def _driver_preempted(self, wait_seconds: float = 0.0) -> bool:
+    def _announced_yet(self, wait_seconds: float = 0.0) -> bool:
         """A preemption was announced (by the driver or any worker); waits up to ``wait_seconds``."""
         if self._announced is None:
             ready, _ = ray.wait([self._driver], timeout=wait_seconds)
@@ -109,14 +111,14 @@ class WorkerPreemption:
         """At a step boundary (non-blocking by default): True on the one rank that is to checkpoint
         this step by itself: training workers announced a preemption (the driver's goes through
         ``requested``) and this is the lowest rank not among them."""
-        if not self._driver_preempted(wait_seconds) or not self._announced:
+        if not self._announced_yet(wait_seconds) or not self._announced:
             return False
         left = [r for r in range(world_size) if r not in self._announced]
         return bool(left) and left[0] == self.rank
 
     def requested(self) -> bool:
         """True on every rank when any rank (or the driver) was told to stop."""
-        self._flag[0] = float(self.local.is_set() or self._driver_preempted())
+        self._flag[0] = float(self.local.is_set() or self._announced_yet())
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         return bool(self._flag[0] > 0)
 
