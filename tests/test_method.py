@@ -382,6 +382,35 @@ def test_a_survivors_checkpoint_written_alone_resumes_exactly(tmp_path, monkeypa
             torch.testing.assert_close(m[k], want[3]["state"][i][k], rtol=0, atol=0, msg=f"{i}.{k}")
 
 
+def test_a_survivors_checkpoint_to_a_remote_out_holds_its_files(tmp_path):
+    """A remote ``out`` (fsspec's memory:// standing in for s3://): ``save_alone`` writes in local
+    staging, uploads each file under ``step-N/``, then ``COMPLETE``; ``Checkpointer.load`` (the
+    resume path: download, verify_safe, load) gives the survivor's weights, Adam moments and EMA.
+    Fails on: the files not uploaded (a COMPLETE over nothing), uploaded under another name."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    cfg = _run_cfg(tmp_path, 1)
+    _, teacher = _models(cfg)
+    state, engine, averaged = _fresh_run(cfg, cfg.stage1)
+    _steps(2, engine, teacher, FakeFeed(cfg, cfg.micro_batch_at(1)), state, averaged, cfg, [])
+    out = f"memory://alone-{tmp_path.name}/run"
+    engine.save_non_zero_checkpoint = False
+    tag = Checkpointer(out, keep=2, rank=1, world_size=2).save_alone(engine, 2, loop._states(state, averaged))
+    ck = Checkpointer(out, keep=2)
+    assert [i["tag"] for i in ck.complete()] == [tag] == ["step-00000002"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in ck.fs.ls(f"{ck.path}/{tag}", detail=False)) == [
+        "COMPLETE", "mp_rank_00_model_states.pt"]
+    _, b, b_avg = _fresh_run(cfg, cfg.stage1)
+    saved = ck.load(b, tag, {"ema": b_avg})
+    assert saved["train"]["step"] == 2
+    for got, ref in ((b.module.state_dict(), engine.module.state_dict()),
+                     (b_avg.module.state_dict(), averaged.module.state_dict())):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    for i, m in engine.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(b.optimizer.state_dict()["state"][i]["exp_avg_sq"], m["exp_avg_sq"], rtol=0, atol=0)
+
+
 class _Preempt:
     """WorkerPreemption as the loop's stop paths use it: whether this rank writes alone."""
 

@@ -201,7 +201,8 @@ class Checkpointer:
             shutil.rmtree(os.path.join(base, tag), ignore_errors=True)   # a collective save cut short
             os.rename(os.path.join(base, private), os.path.join(base, tag))
         else:   # objects: each appears whole once uploaded; COMPLETE comes after them all
-            self.fs.put(os.path.join(base, private), f"{self.path}/{tag}", recursive=True)
+            for src, rel in _files(os.path.join(base, private)):
+                self.fs.put_file(src, f"{self.path}/{tag}/{rel}")
             shutil.rmtree(os.path.join(base, private), ignore_errors=True)
         marker = dict(client_state, step=step, time=time.time(), alone=self.rank)
         fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
@@ -289,6 +290,14 @@ def _saved_states(client: dict) -> dict:
     return dict(sdn)
 
 
+def _files(local: str):
+    """(path, path relative to ``local`` with "/") of every file under the directory ``local``."""
+    for dirpath, _, names in os.walk(local):
+        for name in sorted(names):
+            src = os.path.join(dirpath, name)
+            yield src, os.path.relpath(src, local).replace(os.sep, "/")
+
+
 def _point_latest_at(load_dir: str, tag: str) -> None:
     """DeepSpeed's ZeRO-3 weights-only load (a stage switch) rebuilds the weights with
     ``get_fp32_state_dict_from_zero_checkpoint(load_dir)``, which ignores ``tag`` and reads it from
@@ -348,11 +357,9 @@ class _Upload:
         ck, fs = self.ck, self.ck.fs
         t = time.time()
         try:
-            for dirpath, _, names in os.walk(self.local):
-                for name in sorted(names):
-                    src = os.path.join(dirpath, name)
-                    dst = f"{self.remote}/{os.path.relpath(src, self.local)}"
-                    self._retry(f"upload of {name}", lambda src=src, dst=dst: fs.put_file(src, dst))
+            for src, rel in _files(self.local):
+                dst = f"{self.remote}/{rel}"
+                self._retry(f"upload of {rel}", lambda src=src, dst=dst: fs.put_file(src, dst))
             self._retry("done marker", lambda: fs.pipe_file(f"{self.remote}/.rank-{ck.rank:05d}.done", b"ok"))
             upload = time.time() - t
             ck._report([{"event": "checkpoint_upload", "step": self.step, "stage": self.client_state.get("stage"), "rank": ck.rank, "upload_seconds": upload,
