@@ -149,7 +149,7 @@ class CheckpointConfig(Section):
     upload_retry_seconds: float = Field(1.0, gt=0, le=600, description="Wait before the first upload retry; doubles each retry (capped at 60 s).")
     upload_timeout_seconds: float = Field(1800.0, gt=0, description="Rank 0 gives up a checkpoint whose other ranks have not all finished uploading within this long.")
     preempt_grace_seconds: float = Field(25.0, gt=0, le=3600, description="After SIGTERM (to the driver or any training worker: Kubernetes eviction, spot reclaim), save a checkpoint at the next step boundary and exit with status 75 (EX_TEMPFAIL) within this many seconds; keep it below the pod's terminationGracePeriodSeconds (30 s by default). Rerunning the same command resumes from that checkpoint.")
-    preempt_check_every: int = Field(10, ge=1, description="Steps between the ranks' agreement on whether a SIGTERM came (a collective: every rank must stop at the same step); also at each stage end. The stop comes within this many steps of the signal, so preempt_grace_seconds must cover them plus one checkpoint save. 1 = every step (one more all-reduce per step: 2-3 % of a 2-worker CPU step, docs/performance.md).")
+    preempt_check_every: int = Field(10, ge=1, description="Steps between the ranks' agreement on whether a SIGTERM came (a collective: every rank must stop at the same step); also at each stage end. The stop comes within this many steps of the signal, so preempt_grace_seconds must cover them plus one checkpoint save (a training worker's SIGTERM at ZeRO 0 stops at the next step instead: a surviving rank checkpoints it alone, docs/reliability.md). 1 = every step (one more all-reduce per step: 2-3 % of a 2-worker CPU step, docs/performance.md).")
 
 
 class MetricsConfig(Section):

@@ -75,6 +75,38 @@ def test_zero_checkpoint_round_trip_through_the_allow_list(tmp_path, stage):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_checkpoint_written_alone_is_what_deepspeed_loads(tmp_path, stage):
+    """``Checkpointer.save_alone`` on a real engine, as a rank that is not DeepSpeed's writer (a
+    survivor other than rank 0): at ZeRO 0 ``load`` (verify_safe, then DeepSpeed's own
+    load_checkpoint) restores weights, optimizer and RNG, and the next step equals the original's;
+    at ZeRO 1 it refuses and writes nothing. Fails on: DeepSpeed's file not written by this rank,
+    the ZeRO check dropped."""
+    cfg = config(tmp_path, f"deepspeed.zero_stage={stage}")
+    a = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
+    one_step(a)
+    a.save_non_zero_checkpoint = False        # as on DeepSpeed rank 1
+    ck = Checkpointer(cfg.out, keep=2, rank=1, world_size=2)
+    if stage:
+        with pytest.raises(ValueError, match="ZeRO 0"):
+            ck.save_alone(a, 1, {"train": {"stage": 1}, "rng": RNG})
+        assert not os.path.isdir(ck.local_root) or not os.listdir(ck.local_root)
+        return
+    rng = torch.get_rng_state()
+    tag = ck.save_alone(a, 1, {"train": {"stage": 1}, "rng": RNG})
+    assert a.save_non_zero_checkpoint is False   # put back
+    assert [i["tag"] for i in ck.complete()] == [tag] == ["step-00000001"]
+    b = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
+    torch.rand(5)
+    saved = Checkpointer(cfg.out, keep=2).load(b, tag, {"rng": RNG}, module_only=False)
+    assert saved["train"] == {"stage": 1} and torch.equal(torch.get_rng_state(), rng)
+    one_step(a, seed=1)
+    one_step(b, seed=1)
+    sa, sb = student_state_dict(a), student_state_dict(b)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
 def test_zero3_weights_only_load_for_the_stage_switch(tmp_path):
     """The stage switch loads a stage-1 checkpoint's weights under a fresh optimizer; DeepSpeed's
     ZeRO-3 path for that reads the tag from a `latest` file the checkpoints do not have."""

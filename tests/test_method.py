@@ -142,6 +142,7 @@ class FakeEngine:
         sched = conf.get("scheduler")
         self.lr_scheduler = WarmupCosineLR(self.optimizer, **sched["params"]) if sched else None
         self.accum, self.micro = conf["gradient_accumulation_steps"], 0
+        self.global_steps = 0
 
     def __call__(self, text):
         return self.module(text)
@@ -156,6 +157,7 @@ class FakeEngine:
         self.micro += 1
         if self.micro % self.accum == 0:
             self.optimizer.step()
+            self.global_steps += 1
             self.optimizer.zero_grad()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
@@ -163,15 +165,27 @@ class FakeEngine:
     def get_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    zero_stage = 0
+    save_non_zero_checkpoint = True     # DeepSpeed's: this rank writes the model-states file (dp rank 0)
+
     def zero_optimization_partition_weights(self):
         return False
+
+    def zero_optimization(self):
+        return self.zero_stage > 0
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         import os
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
-                    **client_state}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+        self._save_checkpoint(save_dir, tag, client_state)
+
+    def _save_checkpoint(self, save_dir, tag, client_state):
+        """DeepSpeed's: the model-states file, on the rank that writes it, no collective."""
+        import os
+        if self.save_non_zero_checkpoint:
+            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler else None,
+                        **client_state}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
 
     def load_checkpoint(self, load_dir, tag, load_module_only, load_optimizer_states, load_lr_scheduler_states):
         import os
@@ -205,6 +219,9 @@ class FakeFeed:
         text = torch.stack([torch.randn(self.cfg.text.dim, generator=g) for g in gens]) if keep else torch.zeros(0, self.cfg.text.dim)
         return _Batch(image, text)
 
+    def close(self):
+        pass
+
 
 class _Batch:
     def __init__(self, image, text):
@@ -222,6 +239,15 @@ def _run_cfg(tmp_path, stage, *sets):
                 f"stage{stage}.steps=5", f"stage{other}.steps=0", f"stage{stage}.lr=0.01",
                 f"stage{stage}.lr_schedule=warmup_cosine", f"stage{stage}.warmup_steps=2",
                 f"out={tmp_path / 'run'}", *sets)
+
+
+def _fresh_run(cfg, stage_cfg):
+    """Step 0 of a one-worker run in ``stage_cfg``: (train state, FakeEngine, EMA)."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.state import TrainState
+    state = TrainState.start(cfg.stage1, cfg.stage2, 1)
+    engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
+    return state, engine, loop.average(engine.module, cfg.ema.decay)
 
 
 def _steps(k, engine, teacher, feed, state, averaged, cfg, lrs):
@@ -243,16 +269,12 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     restored."""
     from sdn_dist.training import loop
     from sdn_dist.training.checkpoint import Checkpointer
-    from sdn_dist.training.state import TrainState
     cfg = _run_cfg(tmp_path, stage)
     micro = cfg.micro_batch_at(1)
     _, teacher = _models(cfg)
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
 
-    def fresh():
-        state = TrainState.start(cfg.stage1, cfg.stage2, 1)
-        engine = FakeEngine(cfg, stage_cfg, cfg.text.dim)
-        return state, engine, loop.average(engine.module, cfg.ema.decay)
+    fresh = lambda: _fresh_run(cfg, stage_cfg)   # noqa: E731
 
     state, engine, averaged = fresh()
     assert state.stage == stage
@@ -287,6 +309,228 @@ def test_a_resumed_stage_continues_exactly_where_it_stopped(tmp_path, monkeypatc
     for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+class _Remote:
+    def __init__(self, sent):
+        self.remote = sent.append
+
+
+def test_a_survivors_checkpoint_written_alone_resumes_exactly(tmp_path, monkeypatch):
+    """A preempted worker announced itself; the survivor (DeepSpeed rank 1 here: not the rank
+    whose save_checkpoint writes the model file) runs ``loop.stop_alone`` after 2 of 5 steps, over
+    what is left of a collective save of that step cut short, beside a ``step-N.rank-R`` left by
+    another writer killed before its rename. ``loop.resume`` (the normal path) takes it into a
+    fresh engine; the other 3 steps then give the uninterrupted run's lrs, weights, Adam moments,
+    EMA and samples, bit for bit, and the driver was told ``preempted`` at step 2.
+    Fails on: ``save_alone`` not making this rank DeepSpeed's writer (``engine.save_non_zero_checkpoint
+    = True``: no model file), the private directory not renamed to the tag, the half-written leftover
+    not cleared first, ``stop_alone`` not reporting the preemption, and whatever fails
+    test_a_resumed_stage_continues_exactly_where_it_stopped."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    cfg = _run_cfg(tmp_path, 1)
+    micro = cfg.micro_batch_at(1)
+    _, teacher = _models(cfg)
+
+    fresh = lambda: _fresh_run(cfg, cfg.stage1)   # noqa: E731
+
+    state, engine, averaged = fresh()
+    feed, want_lrs = FakeFeed(cfg, micro), []
+    _steps(5, engine, teacher, feed, state, averaged, cfg, want_lrs)
+    want = (engine.module.state_dict(), averaged.module.state_dict(), feed.drawn, engine.optimizer.state_dict())
+
+    state, engine, averaged = fresh()
+    feed, lrs = FakeFeed(cfg, micro), []
+    _steps(2, engine, teacher, feed, state, averaged, cfg, lrs)
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-00000002").mkdir(parents=True)          # rank 0's collective save of this step, cut short
+    (root / "step-00000002" / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    (root / "step-00000009.rank-00002").mkdir()           # another rank's write alone, killed before its rename
+    engine.save_non_zero_checkpoint = False                # DeepSpeed rank 1
+    torch.manual_seed(12345)
+    sent, closed = [], []
+    feed.close = preempt_close = lambda: closed.append(1)
+    preempt = type("Preempt", (), {"close": staticmethod(preempt_close)})()
+    loop.stop_alone(Checkpointer(cfg.out, keep=2, rank=1, world_size=2, report=sent.append), engine, averaged, state,
+                    type("Collector", (), {"report": _Remote(sent)})(), 1, preempt, feed)
+    rng_after_save = torch.rand(8)
+    drawn = feed.drawn
+    events = [r for batch in sent for r in batch]
+    assert [(e["event"], e["step"], e["rank"]) for e in events if e["event"] in ("preempted", "checkpoint")] == [
+        ("checkpoint", 2, 1), ("preempted", 2, 1)]
+    assert json.loads((root / "step-00000002" / "COMPLETE").read_text())["alone"] == 1
+    assert closed == [1, 1]
+    del state, engine, averaged, feed
+
+    monkeypatch.setattr(loop, "build_engine", FakeEngine)
+    spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
+    state, engine, averaged = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert torch.equal(torch.rand(8), rng_after_save)
+    assert (state.step, state.stage, state.data_position) == (2, 1, 2 * 2 * micro)
+    feed = FakeFeed(cfg, micro, start=state.data_position)
+    _steps(3, engine, teacher, feed, state, averaged, cfg, lrs)
+    assert lrs == want_lrs
+    assert drawn + feed.drawn == want[2]
+    for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    moments = engine.optimizer.state_dict()["state"]
+    assert moments.keys() == want[3]["state"].keys()
+    for i, m in moments.items():
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(m[k], want[3]["state"][i][k], rtol=0, atol=0, msg=f"{i}.{k}")
+
+
+def test_a_survivors_checkpoint_to_a_remote_out_holds_its_files(tmp_path):
+    """A remote ``out`` (fsspec's memory:// standing in for s3://): ``save_alone`` writes in local
+    staging, uploads each file under ``step-N/``, then ``COMPLETE``; ``Checkpointer.load`` (the
+    resume path: download, verify_safe, load) gives the survivor's weights, Adam moments and EMA.
+    Fails on: the files not uploaded (a COMPLETE over nothing), uploaded under another name."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    cfg = _run_cfg(tmp_path, 1)
+    _, teacher = _models(cfg)
+    state, engine, averaged = _fresh_run(cfg, cfg.stage1)
+    _steps(2, engine, teacher, FakeFeed(cfg, cfg.micro_batch_at(1)), state, averaged, cfg, [])
+    out = f"memory://alone-{tmp_path.name}/run"
+    engine.save_non_zero_checkpoint = False
+    tag = Checkpointer(out, keep=2, rank=1, world_size=2).save_alone(engine, 2, loop._states(state, averaged))
+    ck = Checkpointer(out, keep=2)
+    assert [i["tag"] for i in ck.complete()] == [tag] == ["step-00000002"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in ck.fs.ls(f"{ck.path}/{tag}", detail=False)) == [
+        "COMPLETE", "mp_rank_00_model_states.pt"]
+    _, b, b_avg = _fresh_run(cfg, cfg.stage1)
+    saved = ck.load(b, tag, {"ema": b_avg})
+    assert saved["train"]["step"] == 2
+    for got, ref in ((b.module.state_dict(), engine.module.state_dict()),
+                     (b_avg.module.state_dict(), averaged.module.state_dict())):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    for i, m in engine.optimizer.state_dict()["state"].items():
+        torch.testing.assert_close(b.optimizer.state_dict()["state"][i]["exp_avg_sq"], m["exp_avg_sq"], rtol=0, atol=0)
+
+
+class _Preempt:
+    """WorkerPreemption as the loop's stop paths use it: whether this rank writes alone."""
+
+    def __init__(self, alone):
+        self.alone, self.closed = alone, 0
+
+    def writes_alone(self, world_size, wait_seconds=0.0):
+        return self.alone
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_peer_lost_mid_step_leaves_the_step_before_it(tmp_path, monkeypatch):
+    """The preempted peer is SIGKILLed before the survivor reached a step boundary after its
+    announcement (a step longer than the 2 s between SIGTERM and SIGKILL): step 3's gradient
+    all-reduce raises on the survivor after the step drew its samples and random numbers.
+    ``loop.after_peer_loss`` checkpoints step 2 (the weights are still step 2's: DeepSpeed
+    all-reduces before the optimizer update), with step 2's data position and RNGs from
+    ``loop.boundary``; the resumed run equals the uninterrupted one. Had the failing step's
+    optimizer update run, nothing is written and the error goes on (Ray Train's restart); so too
+    with no preemption announced. Fails on: the data position or the RNGs not put back to the
+    boundary's, the optimizer-step guard dropped."""
+    from sdn_dist.training import loop
+    from sdn_dist.training.checkpoint import Checkpointer
+    cfg = _run_cfg(tmp_path, 1)
+    micro = cfg.micro_batch_at(1)
+    _, teacher = _models(cfg)
+    collector = type("Collector", (), {"report": _Remote([])})()
+
+    fresh = lambda: _fresh_run(cfg, cfg.stage1)   # noqa: E731
+
+    state, engine, averaged = fresh()
+    feed, want_lrs = FakeFeed(cfg, micro), []
+    _steps(5, engine, teacher, feed, state, averaged, cfg, want_lrs)
+    want = (engine.module.state_dict(), averaged.module.state_dict(), feed.drawn)
+
+    def fail_in_step_3(after_update):
+        """2 steps, then step 3 raising as gloo does when the peer is gone: in its last
+        micro-batch's backward (the all-reduce), or after its optimizer update."""
+        state, engine, averaged = fresh()
+        feed, lrs = FakeFeed(cfg, micro), []
+        _steps(2, engine, teacher, feed, state, averaged, cfg, lrs)
+        drawn = list(feed.drawn)
+        torch.manual_seed(12345)
+        before = loop.boundary(state, engine)
+        next_draw = torch.rand(8)
+        torch.set_rng_state(before[2]["torch"])
+        real_backward, real_step = engine.backward, engine.step
+
+        def backward(loss):
+            if not after_update and (engine.micro + 1) % engine.accum == 0:
+                torch.rand(3)              # the step's forward drew random numbers
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+            real_backward(loss)
+
+        def step():
+            real_step()
+            if after_update and engine.micro % engine.accum == 0:
+                raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+
+        engine.backward, engine.step = backward, step
+        with pytest.raises(RuntimeError, match="gloo"):
+            _steps(1, engine, teacher, feed, state, averaged, cfg, lrs)
+        return state, engine, averaged, feed, before, lrs, drawn, next_draw
+
+    ck = Checkpointer(cfg.out, keep=2, rank=1, world_size=2)
+    state, engine, averaged, feed, before, _, _, _ = fail_in_step_3(after_update=False)
+    assert not loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(False), feed)
+    state, engine, averaged, feed, before, _, _, _ = fail_in_step_3(after_update=True)
+    assert not loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(True), feed)
+    assert ck.complete() == []
+
+    state, engine, averaged, feed, before, lrs, drawn, next_draw = fail_in_step_3(after_update=False)
+    assert loop.after_peer_loss(ck, engine, averaged, state, before, collector, 1, 2, _Preempt(True), feed)
+    assert [i["step"] for i in ck.complete()] == [2]
+    monkeypatch.setattr(loop, "build_engine", FakeEngine)
+    spec = type("Spec", (), {"text_dim": cfg.text.dim, "text_stats": None})()
+    state, engine, averaged = loop.resume(cfg, Checkpointer(cfg.out, keep=2), 0, 1, spec, torch.device("cpu"))
+    assert torch.equal(torch.rand(8), next_draw)
+    assert (state.step, state.data_position) == (2, 2 * 2 * micro)
+    feed = FakeFeed(cfg, micro, start=state.data_position)
+    _steps(3, engine, teacher, feed, state, averaged, cfg, lrs)
+    assert lrs == want_lrs and drawn + feed.drawn == want[2]
+    for got, ref in ((engine.module.state_dict(), want[0]), (averaged.module.state_dict(), want[1])):
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+
+
+def test_at_zero_1_no_rank_checkpoints_alone(tmp_path):
+    """At ZeRO >= 1 a rank holds only a partition of the optimizer state: ``save_alone`` refuses
+    and writes nothing (a rerun resumes from the last regular checkpoint), and the loop never asks
+    it to. The rank that writes alone is the lowest one not announced as preempted; the driver's
+    SIGTERM (no rank announced) is left to the ranks' agreement.
+    Fails on: dropping save_alone's ZeRO check, or the writer chosen among the announced ranks."""
+    from sdn_dist.training.checkpoint import Checkpointer
+    from sdn_dist.training.preemption import WorkerPreemption
+    from sdn_dist.training.state import TrainState
+    cfg = _run_cfg(tmp_path, 1, "deepspeed.zero_stage=1")
+    engine = FakeEngine(cfg, cfg.stage1, cfg.text.dim)
+    engine.zero_stage = 1
+    with pytest.raises(ValueError, match="ZeRO 0"):
+        Checkpointer(cfg.out, keep=2, rank=1, world_size=2).save_alone(
+            engine, 3, {"train": TrainState.start(cfg.stage1, cfg.stage2, 2)})
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+    collector = type("Collector", (), {"until_preempted": type("M", (), {"remote": staticmethod(lambda: None)})()})()
+
+    def writers(announced, world=4):
+        out = []
+        for r in range(world):
+            p = WorkerPreemption(collector, 25.0, r)
+            p._announced = announced          # what until_preempted returned
+            out.append(p.writes_alone(world))
+            p.close()
+        return [r for r, w in enumerate(out) if w]
+
+    assert writers([0]) == [1] and writers([1, 2]) == [0] and writers([0, 1, 3]) == [2]
+    assert writers([]) == [] and writers([0, 1, 2, 3]) == []
 
 
 def test_the_switch_moves_to_stage_2_with_the_same_weights_and_a_fresh_optimizer(tmp_path, monkeypatch):

@@ -7,7 +7,8 @@ Layout under ``<out>/checkpoints/``::
     step-00000120/client.json  (inside COMPLETE) step, stage, switch step, data position
 
 A directory without ``COMPLETE`` is a checkpoint that was interrupted mid-write: it is never resumed
-from and is removed at the next start. Only after a new checkpoint is complete are the oldest beyond
+from and is removed at the next start (as is a ``step-N.rank-R`` directory: one rank's checkpoint
+written alone, ``save_alone``, that never got renamed to ``step-N``). Only after a new checkpoint is complete are the oldest beyond
 ``keep`` deleted, so a failing save (disk full, unwritable ``out``) leaves earlier ones intact.
 
 Remote ``out`` (s3:// ...): DeepSpeed writes to a local staging directory (seconds), then each rank
@@ -44,6 +45,7 @@ from sdn_dist.config import CheckpointConfig
 from sdn_dist.errors import UserError
 
 _TAG = re.compile(r"^step-(\d{8})$")
+_ALONE = re.compile(r"^step-(\d{8})\.rank-(\d{5})$")   # save_alone's private directory before its rename
 
 
 def _barrier() -> None:
@@ -110,6 +112,11 @@ class Checkpointer:
             if not self.fs.exists(f"{self.path}/{tag}/COMPLETE"):
                 self.fs.rm(f"{self.path}/{tag}", recursive=True)
                 removed.append(tag)
+        if self.local_root and os.path.isdir(self.local_root):   # save_alone's, killed before its rename
+            for name in sorted(os.listdir(self.local_root)):
+                if _ALONE.match(name):
+                    shutil.rmtree(os.path.join(self.local_root, name), ignore_errors=True)
+                    removed.append(name)
         return removed
 
     # ------------------------------------------------------------ save / load
@@ -163,6 +170,47 @@ class Checkpointer:
         self.last_save_seconds = time.time() - t0
         return tag
 
+    def save_alone(self, engine, step: int, states: Mapping[str, object]) -> str:
+        """``save`` by this rank alone, with no collective (a preemption's survivor: the other ranks
+        may be dead already). ZeRO 0 only: there every rank holds the whole student, optimizer and
+        lr scheduler, the same on every rank after each step, and DeepSpeed's one model-states file
+        (the one ``save`` has rank 0 write) is all that ``load`` reads. The files go to a private
+        ``step-N.rank-R`` directory first, renamed to ``step-N`` once written; ``COMPLETE`` comes
+        last: a rank killed on the way leaves nothing that resume takes. A checkpoint of that step
+        that is complete already is kept as it is. Returns the tag."""
+        if engine.zero_optimization():
+            raise ValueError("a checkpoint by one rank needs ZeRO 0: at ZeRO >= 1 each rank holds a "
+                             "partition of the optimizer state")
+        t0 = time.time()
+        tag = f"step-{step:08d}"
+        if self.fs.exists(f"{self.path}/{tag}/COMPLETE"):
+            return tag
+        saved = {name: (s if isinstance(s, dict) else s.state_dict()) for name, s in states.items() if s is not None}
+        client_state = saved.get("train", {})
+        base = self.local_root or self._staging
+        private = f"{tag}.rank-{self.rank:05d}"
+        shutil.rmtree(os.path.join(base, private), ignore_errors=True)
+        os.makedirs(os.path.join(base, private))
+        writer = engine.save_non_zero_checkpoint     # DeepSpeed writes the file on dp rank 0 only
+        engine.save_non_zero_checkpoint = True
+        try:
+            engine._save_checkpoint(base, private, client_state={"sdn": saved})   # no barrier in it
+        finally:
+            engine.save_non_zero_checkpoint = writer
+        if self.local_root:
+            shutil.rmtree(os.path.join(base, tag), ignore_errors=True)   # a collective save cut short
+            os.rename(os.path.join(base, private), os.path.join(base, tag))
+        else:   # objects: each appears whole once uploaded; COMPLETE comes after them all
+            for src, rel in _files(os.path.join(base, private)):
+                self.fs.put_file(src, f"{self.path}/{tag}/{rel}")
+            shutil.rmtree(os.path.join(base, private), ignore_errors=True)
+        marker = dict(client_state, step=step, time=time.time(), alone=self.rank)
+        fsio.atomic_write(f"{self.root}/{tag}/COMPLETE", json.dumps(marker))
+        self._prune()
+        self.last_save_seconds = time.time() - t0
+        self._done_record(tag, step, client_state, t0, self.last_save_seconds, 0.0, alone=True)
+        return tag
+
     def wait(self) -> bool:
         """Collective (every rank calls it at the same point): wait for the upload in flight, if
         any. True when it completed, False when it was given up; rank 0's verdict holds for all."""
@@ -190,12 +238,14 @@ class Checkpointer:
         if self._staging:
             shutil.rmtree(self._staging, ignore_errors=True)
 
-    def _done_record(self, tag: str, step: int, client_state: dict, t0: float, blocked: float, upload: float) -> None:
+    def _done_record(self, tag: str, step: int, client_state: dict, t0: float, blocked: float, upload: float,
+                     alone: bool = False) -> None:
         total = time.time() - t0
-        self._say(f"checkpoint step {step} saved in {total:.2f}s (training held {blocked:.2f}s)")
-        self._report([{"event": "checkpoint", "step": step, "stage": client_state.get("stage"), "rank": 0,
+        by = f" by rank {self.rank} alone" if alone else ""
+        self._say(f"checkpoint step {step} saved{by} in {total:.2f}s (training held {blocked:.2f}s)")
+        self._report([{"event": "checkpoint", "step": step, "stage": client_state.get("stage"), "rank": self.rank,
                        "checkpoint_seconds": total, "blocked_seconds": blocked, "upload_seconds": upload,
-                       "time": time.time()}])
+                       "alone": alone, "time": time.time()}])
 
     def _prune(self) -> None:
         done = self.complete()
@@ -238,6 +288,14 @@ def _saved_states(client: dict) -> dict:
     if "sdn_tensors" in client:
         return {"train": sdn, **client["sdn_tensors"]}
     return dict(sdn)
+
+
+def _files(local: str):
+    """(path, path relative to ``local`` with "/") of every file under the directory ``local``."""
+    for dirpath, _, names in os.walk(local):
+        for name in sorted(names):
+            src = os.path.join(dirpath, name)
+            yield src, os.path.relpath(src, local).replace(os.sep, "/")
 
 
 def _point_latest_at(load_dir: str, tag: str) -> None:
@@ -299,11 +357,9 @@ class _Upload:
         ck, fs = self.ck, self.ck.fs
         t = time.time()
         try:
-            for dirpath, _, names in os.walk(self.local):
-                for name in sorted(names):
-                    src = os.path.join(dirpath, name)
-                    dst = f"{self.remote}/{os.path.relpath(src, self.local)}"
-                    self._retry(f"upload of {name}", lambda src=src, dst=dst: fs.put_file(src, dst))
+            for src, rel in _files(self.local):
+                dst = f"{self.remote}/{rel}"
+                self._retry(f"upload of {rel}", lambda src=src, dst=dst: fs.put_file(src, dst))
             self._retry("done marker", lambda: fs.pipe_file(f"{self.remote}/.rank-{ck.rank:05d}.done", b"ok"))
             upload = time.time() - t
             ck._report([{"event": "checkpoint_upload", "step": self.step, "stage": self.client_state.get("stage"), "rank": ck.rank, "upload_seconds": upload,

@@ -66,6 +66,7 @@ class RecordCollector:
     def __init__(self):
         self.records: list[dict] = []
         self._preempted = asyncio.Event()
+        self._ranks: set[int] = set()
 
     async def report(self, records: list[dict]) -> None:
         self.records.extend(records)
@@ -74,13 +75,17 @@ class RecordCollector:
         out, self.records = self.records, []
         return out
 
-    async def preempt(self) -> None:
-        """The driver got SIGTERM: every rank's pending ``until_preempted`` returns."""
+    async def preempt(self, rank: int | None = None) -> None:
+        """The driver (``rank`` None) or training worker ``rank`` got SIGTERM: every rank's pending
+        ``until_preempted`` returns."""
+        if rank is not None:
+            self._ranks.add(rank)
         self._preempted.set()
 
-    async def until_preempted(self) -> bool:
+    async def until_preempted(self) -> list[int]:
+        """Once a preemption is announced: the ranks announced by then ([]: the driver's)."""
         await self._preempted.wait()
-        return True
+        return sorted(self._ranks)
 
 
 def start_collector():

@@ -34,7 +34,7 @@ from sdn_dist.training.export import export_student, param_digest
 from sdn_dist.training.grids import SampleGrid
 from sdn_dist.training.preemption import WorkerPreemption
 from sdn_dist.training.precision import resolve_autocast
-from sdn_dist.training.state import RNG, TrainState
+from sdn_dist.training.state import RNG, TrainState, capture_rng, restore_rng
 
 
 def deepspeed_config(cfg: Config, stage: StageConfig) -> dict:
@@ -300,7 +300,7 @@ def train_worker(config: dict) -> None:
     micro = cfg.micro_batch_at(world)                         # the global batch split over this world
     per_step = micro * cfg.deepspeed.grad_accum               # samples this rank draws per step
     feed = DataFeed(spec, rank, world, micro, state.data_position)
-    preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds)
+    preempt = WorkerPreemption(collector, cfg.checkpoint.preempt_grace_seconds, rank)
     # ZeRO-3: every rank takes part in the grid's forward (see SampleGrid).
     grid = (SampleGrid(cfg.out, cfg.data, cfg.samples, cfg.model.image_size, cfg.seed, spec.text, device,
                        collector.report.remote, rank)
@@ -309,23 +309,34 @@ def train_worker(config: dict) -> None:
     schedule = state.schedule
 
     while state.step < schedule.end:
-        engine.train()
-        log.add(*train_step(engine, teacher, feed, state, spec.text_dim, cfg.deepspeed.grad_accum, cfg.autocast))
-        if averaged is not None:
-            averaged.update_parameters(engine.module)
-        if due(state.step, cfg.metrics.log_every, schedule):
-            mean_loss = log.write(state, engine, per_step)
-            if schedule.observe(state.step, mean_loss) and rank == 0:
-                collector.report.remote([message(f"stage 1 plateaued: switching to stage 2 at step {state.step}",
-                                                 switch_step=state.step)])
-        if grid is not None and due(state.step, cfg.samples.every, schedule):
-            grid.write(engine.module if averaged is None else averaged.module, state.step, state.stage)
-        saved = due(state.step, cfg.checkpoint.every, schedule)
-        if saved:
-            save(ckpt, engine, averaged, state)
-        # Collective (every rank stops at the same step), so not every step: see preempt_check_every.
-        if due(state.step, cfg.checkpoint.preempt_check_every, schedule) and preempt.requested():
-            stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
+        before = boundary(state, engine)
+        try:
+            engine.train()
+            log.add(*train_step(engine, teacher, feed, state, spec.text_dim, cfg.deepspeed.grad_accum, cfg.autocast))
+            if averaged is not None:
+                averaged.update_parameters(engine.module)
+            if due(state.step, cfg.metrics.log_every, schedule):
+                mean_loss = log.write(state, engine, per_step)
+                if schedule.observe(state.step, mean_loss) and rank == 0:
+                    collector.report.remote([message(f"stage 1 plateaued: switching to stage 2 at step {state.step}",
+                                                     switch_step=state.step)])
+            if grid is not None and due(state.step, cfg.samples.every, schedule):
+                grid.write(engine.module if averaged is None else averaged.module, state.step, state.stage)
+            saved = due(state.step, cfg.checkpoint.every, schedule)
+            if saved:
+                save(ckpt, engine, averaged, state)
+            # A worker announced its SIGTERM: its node may be SIGKILLed before the next agreement step.
+            # At ZeRO 0 the lowest rank left checkpoints this step by itself (preemption.py); not collective.
+            if not engine.zero_optimization() and preempt.writes_alone(world):
+                stop_alone(ckpt, engine, averaged, state, collector, rank, preempt, feed)
+                return
+            # Collective (every rank stops at the same step), so not every step: see preempt_check_every.
+            if due(state.step, cfg.checkpoint.preempt_check_every, schedule) and preempt.requested():
+                stop_preempted(ckpt, engine, averaged, state, collector, rank, saved, preempt, feed)
+                return
+        except RuntimeError:   # a collective failed (gloo: a peer's connection closed)
+            if not after_peer_loss(ckpt, engine, averaged, state, before, collector, rank, world, preempt, feed):
+                raise
             return
         if schedule.switches_after(state.step, state.stage):
             weights = student_state_dict(engine)     # full fp32 on every rank (ZeRO-3 gathers)
@@ -355,7 +366,57 @@ def save(ckpt: Checkpointer, engine, averaged, state: TrainState) -> None:
     student, optimizer and lr scheduler; the train state, the RNGs, the EMA when ``ema.decay`` is
     on); the Checkpointer reports the checkpoint once it is complete (with a remote ``out``, after
     its background upload)."""
-    ckpt.save(engine, state.step, {"train": state, "rng": RNG, "ema": averaged})
+    ckpt.save(engine, state.step, _states(state, averaged))
+
+
+def _states(state: TrainState, averaged) -> dict:
+    """Every stateful thing of the run besides the engine, by the name a checkpoint keeps it under."""
+    return {"train": state, "rng": RNG, "ema": averaged}
+
+
+def stop_alone(ckpt: Checkpointer, engine, averaged, state: TrainState, collector, rank: int,
+               preempt: WorkerPreemption, feed: DataFeed) -> None:
+    """A training worker announced its SIGTERM and this rank is the lowest one left (ZeRO 0):
+    checkpoint this step by itself (``Checkpointer.save_alone``: no collective, the preempted rank
+    may be gone), tell the driver, return. The driver then exits 75, which ends the other ranks."""
+    ckpt.save_alone(engine, state.step, _states(state, averaged))
+    _report_preempted(collector, state, rank)
+    feed.close()
+    preempt.close()
+
+
+def boundary(state: TrainState, engine) -> tuple:
+    """What the coming step changes before its optimizer update, as it is before it: the step, the
+    data position, the RNGs and DeepSpeed's optimizer-step count (``after_peer_loss``)."""
+    return state.step, state.data_position, capture_rng(), engine.global_steps
+
+
+def after_peer_loss(ckpt: Checkpointer, engine, averaged, state: TrainState, before: tuple, collector,
+                    rank: int, world: int, preempt: WorkerPreemption, feed: DataFeed) -> bool:
+    """A collective raised: a peer is gone. If it had announced its preemption (SIGKILLed before
+    this rank reached a step boundary after the announcement: a long step) and this rank is the
+    one to write alone (ZeRO 0), checkpoint the last step that completed: the current one if the
+    loop got past ``train_step``, else the one before it, as long as this step's optimizer update
+    had not run (DeepSpeed all-reduces the gradients before it): its data position and RNGs from
+    ``before``. Races Ray Train, which kills the survivors about 2 s after a peer's death
+    (docs/reliability.md). False: the caller re-raises (Ray Train restarts from the last checkpoint)."""
+    if engine.zero_optimization() or not preempt.writes_alone(world, wait_seconds=1.0):
+        return False
+    step, position, rng, global_steps = before
+    if state.step == step:                     # the step did not finish
+        if engine.global_steps != global_steps:
+            return False                       # its optimizer update ran: no step's state
+        state.data_position = position
+        restore_rng(rng)
+    stop_alone(ckpt, engine, averaged, state, collector, rank, preempt, feed)
+    return True
+
+
+def _report_preempted(collector, state: TrainState, rank: int) -> None:
+    collector.report.remote([event("preempted", step=state.step, stage=state.stage, rank=rank,
+                                   tag=f"step-{state.step:08d}"),
+                             message(f"preempted: checkpoint step-{state.step:08d} saved; "
+                                     "rerun the same command to resume")])
 
 
 def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: int, saved: bool,
@@ -366,10 +427,7 @@ def stop_preempted(ckpt, engine, averaged, state: TrainState, collector, rank: i
         save(ckpt, engine, averaged, state)
     ckpt.finish()
     if rank == 0:
-        collector.report.remote([event("preempted", step=state.step, stage=state.stage, rank=0,
-                                       tag=f"step-{state.step:08d}"),
-                                 message(f"preempted: checkpoint step-{state.step:08d} saved; "
-                                         "rerun the same command to resume")])
+        _report_preempted(collector, state, rank)
     feed.close()
     dist.barrier()
     preempt.close()

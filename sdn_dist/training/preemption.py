@@ -20,6 +20,18 @@ The ranks agree on the stop step by a one-element all-reduce (MAX) of their loca
 step boundary (``requested``): the same step on every rank, so the checkpoint is a collective like
 any other. After it every rank returns normally (no Ray Train retry) and rank 0 reports a
 ``preempted`` event; the driver maps it to ``EXIT_PREEMPTED``.
+
+A SIGTERMed worker's node is often SIGKILLed seconds later (spot reclaim: 2 s), before the next
+agreement step: the agreed checkpoint would need the dead rank. So the SIGTERMed worker also
+announces itself at once through the collector (a thread: no Ray call in the signal path), and every
+rank looks at the announcement without blocking at each step boundary (``writes_alone``). At ZeRO 0,
+where every rank holds the whole student, optimizer and lr scheduler, the lowest rank not announced
+checkpoints that step by itself, with no collective (``Checkpointer.save_alone``), reports
+``preempted`` and returns: the driver exits 75 and its exit ends the other ranks. At ZeRO >= 1 no
+rank holds the whole optimizer state: the agreement above is the only way, and a rank lost before it
+leaves the run to resume from the last regular checkpoint. A peer that dies before the survivor
+reached a step boundary after the announcement makes the survivor's collective raise instead: it
+then writes the last completed step alone (``loop.after_peer_loss``).
 """
 
 from __future__ import annotations
@@ -45,8 +57,11 @@ class WorkerPreemption:
     """One per rank per attempt. ``requested()`` is collective: every rank calls it at the same steps
     (every ``checkpoint.preempt_check_every`` steps and at each stage end)."""
 
-    def __init__(self, collector, grace_seconds: float):
+    def __init__(self, collector, grace_seconds: float, rank: int = 0):
         self.grace = grace_seconds
+        self.rank = rank
+        self._collector = collector
+        self._announced: list[int] | None = None   # what until_preempted returned, once it has
         self.local = threading.Event()     # this process got SIGTERM
         self.active = True
         self._owner = threading.current_thread()   # the training loop's thread
@@ -68,24 +83,42 @@ class WorkerPreemption:
             if not self.local.is_set():
                 self.since = time.time()
                 self.local.set()
+                threading.Thread(target=self._announce, name="sdn-preempt-announce", daemon=True).start()
                 timer = threading.Timer(self.grace, self._expire)
                 timer.daemon = True
                 timer.start()
             return None
         return self._ray_exit(message, exit_code)
 
+    def _announce(self) -> None:
+        """Tell every rank now (``writes_alone``), not at the next agreement step."""
+        self._collector.preempt.remote(self.rank)
+
     def _expire(self) -> None:
         if self.active:                       # the grace is over without a checkpoint: exit as Ray would
             self.active = False
             _thread.interrupt_main(signal.SIGTERM)
 
-    def _driver_preempted(self) -> bool:
-        ready, _ = ray.wait([self._driver], timeout=0)
-        return bool(ready)
+    def _announced_yet(self, wait_seconds: float = 0.0) -> bool:
+        """A preemption was announced (by the driver or any worker); waits up to ``wait_seconds``."""
+        if self._announced is None:
+            ready, _ = ray.wait([self._driver], timeout=wait_seconds)
+            if ready:
+                self._announced = ray.get(self._driver)
+        return self._announced is not None
+
+    def writes_alone(self, world_size: int, wait_seconds: float = 0.0) -> bool:
+        """At a step boundary (non-blocking by default): True on the one rank that is to checkpoint
+        this step by itself: training workers announced a preemption (the driver's goes through
+        ``requested``) and this is the lowest rank not among them."""
+        if not self._announced_yet(wait_seconds) or not self._announced:
+            return False
+        left = [r for r in range(world_size) if r not in self._announced]
+        return bool(left) and left[0] == self.rank
 
     def requested(self) -> bool:
         """True on every rank when any rank (or the driver) was told to stop."""
-        self._flag[0] = float(self.local.is_set() or self._driver_preempted())
+        self._flag[0] = float(self.local.is_set() or self._announced_yet())
         dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
         return bool(self._flag[0] > 0)
 
