@@ -62,7 +62,12 @@ class TwoNodeCluster:
         return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                                  f"--num-cpus={self.cpus}", "--disable-usage-stats",
                                  f"--resources={json.dumps({name: 1})}", *args],
-                                env=self._start_env, stdout=open(self.tmp / f"{name}.log", "w"),
+                                # RAY_ADDRESS for what runs on the node: Ray Train's PlacementGroupCleaner
+                                # finds its cluster by it, and without it fails ("Found multiple active Ray
+                                # instances") whenever another Ray runs on the machine, leaving the worker
+                                # group of a dead controller holding its CPUs
+                                env=dict(self._start_env, RAY_ADDRESS=self.address),
+                                stdout=open(self.tmp / f"{name}.log", "w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> "TwoNodeCluster":
@@ -126,6 +131,26 @@ class TwoNodeCluster:
                 pass
         self.node2.wait(timeout=30)
         return len(procs)
+
+    def term_node2(self, grace: float = 2.0) -> int:
+        """SIGTERM the second node's `ray start` and every process under it, then SIGKILL whatever
+        is left ``grace`` seconds later: a pod deleted with a short termination grace period."""
+        root = psutil.Process(self.node2.pid)
+        procs = [root, *root.children(recursive=True)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            if sig == signal.SIGTERM:
+                time.sleep(grace)
+        self.node2.wait(timeout=30)
+        return len(procs)
+
+    def add_node2(self) -> None:
+        """Start the second node again (a new node id, as a replacement pod has) after it was lost."""
+        self._start_retrying("node2", [f"--address={self.address}"], 2)
 
     def __exit__(self, *exc) -> None:
         for p in (self.node2, self.head):
