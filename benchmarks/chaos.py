@@ -15,7 +15,7 @@ A fault thread, every ``--fault-every`` seconds (x 0.7-1.3, seeded), injects one
     worker_sigkill        SIGKILL one training worker (its pid from metrics.jsonl)
     node_bounce           the second node lost (SIGKILL of its processes), added back 5 s later
     driver_sigterm        SIGTERM to the driver; it exits 75 and the same command is run again
-    s3_outage             the S3 endpoint refuses connections for 20 s (open ones cut)
+    s3_outage             the S3 endpoint resets every connection for 20 s (open ones cut)
     node_sigterm_sigkill  SIGTERM to every process of the second node, SIGKILL 2 s later, added back
 
 Whenever the driver exits (75 after a SIGTERM, or anything else) the same command is run again, as a
@@ -454,7 +454,7 @@ class Chaos:
         return f"pid {self.driver.pid}"
 
     def s3_outage(self) -> str:
-        self.proxy.down()
+        self.proxy.down(keep_port=True)
         time.sleep(OUTAGE_SECONDS)
         self.proxy.up()
         return f"{OUTAGE_SECONDS:g} s"
@@ -477,9 +477,11 @@ class Chaos:
                 if unexpected > 20:
                     raise RuntimeError(f"the driver failed {unexpected} times on its own: {self.exits}")
                 self.stop.wait(5)       # as a RayJob's retry would, not in a tight loop
-        if rc != 0:        # stopped at the deadline: finish a few steps past the last checkpoint
+        for _ in range(3):        # stopped at the deadline: finish a few steps past the last checkpoint
+            if rc == 0:
+                break
             self.scan_markers()
-            self.launch(*self._finish_sets(), finishing=True)
+            rc = self.launch(*self._finish_sets(), finishing=True)
         self.stop.set()
         self.done.set()
         self.scan_markers()
@@ -520,6 +522,7 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     if (out / "run").exists():
         ap.error(f"{out}/run exists: give a fresh --out")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the cluster and S3 server are stopped
     with Chaos(out, args.minutes, args.fault_every, args.seed, args.steps, args.train_samples) as chaos:
         wall = chaos.go()
         first_fault = chaos.faults[0]["t0"] if chaos.faults else None
