@@ -24,8 +24,8 @@ preemption stop) and the same command is rerun with the step counts cut to a few
 stop, so that the run completes (final event, export) and its weights can be checked.
 
 Figures (``OUT/chaos.json``, a markdown row on stdout, ``--docs`` appends it to docs/reliability.md):
-faults by kind; recovery per fault, p50 and max, two ways (``recovered`` events of the run, and the
-time from the injection to the end of the first step after it); goodput, two ways (the run's last
+faults by kind; recovery, p50 and max, two ways (the run's ``recovered`` events, and per fault the
+longest pause in training that began after it, ``recovery_seconds``); goodput, two ways (the run's last
 ``summary`` event, and undisturbed step time x steps / wall time); samples seen twice and lost,
 from ``account()`` on the committed lineage (see there); checkpoints that resumed wrong; finite
 weights.
@@ -155,7 +155,9 @@ def segments_from_run(run: Path, markers: dict[int, list[dict]]) -> list[Segment
     """The run's worker-group starts, from events.jsonl (``attempt``, ``start``, ``checkpoint``
     events in file order) and metrics.jsonl (rank 0's step records, matched by the start's pid).
     ``markers``: step -> the COMPLETE train states seen for it (each with its ``time``); a segment's
-    start position is that of the newest marker written before it started."""
+    start position is that of the newest marker written before it started, and it saved every
+    marker written between its start and the next segment's (also when its ``checkpoint`` event was
+    lost with the group: a resize or a kill right after the save)."""
     segs: list[Segment] = []
     pids: list[tuple[str, int]] = []
     starts: list[float] = []
@@ -176,6 +178,14 @@ def segments_from_run(run: Path, markers: dict[int, list[dict]]) -> list[Segment
             mine = [m for m in markers.get(step, []) if starts[-1] <= m.get("time", 0) <= e["time"]]
             if mine:
                 seg.saved_positions[step] = global_position(mine[-1])
+    for i, seg in enumerate(segs):
+        until = starts[i + 1] if i + 1 < len(segs) else float("inf")
+        for step, ms in markers.items():
+            mine = [m for m in ms if starts[i] <= m.get("time", 0) < until]
+            if mine and step > seg.start_step:
+                seg.saved_positions.setdefault(step, global_position(mine[-1]))
+                if step not in seg.saved:
+                    seg.saved.append(step)
     for r in read_jsonl(run / "metrics.jsonl"):
         if r.get("event") is None and r.get("rank") == 0 and (r.get("attempt"), r.get("pid")) in pids:
             seg = segs[len(pids) - 1 - pids[::-1].index((r["attempt"], r["pid"]))]
@@ -185,27 +195,23 @@ def segments_from_run(run: Path, markers: dict[int, list[dict]]) -> list[Segment
 
 # --------------------------------------------------------------------------- figures
 
-def recovery_seconds(faults: list[dict], records: list[dict], events: list[dict]) -> list[dict]:
-    """Per fault, two measures: ``run``: the first ``recovered`` event of the run after the fault
-    (and before the next), its ``seconds``; ``injected``: from the injection to the end of the first
-    step after it: the ``first_step`` of a worker group started after it, or, where no group
-    restarted (training went on), the longest pause in rank 0's step records from the injection to
-    the first record after the fault ended."""
+def recovery_seconds(faults: list[dict], records: list[dict], stopped: float = float("inf")) -> list[dict]:
+    """Per fault: the longest pause in rank 0's step records that began between its injection and
+    the next fault (the injection itself counts as a start: a fault that stopped training at once).
+    A SIGTERM stops training only at the next agreement step, a lost node at once; either way the
+    pause runs to the first step of the group or rerun that recovered, so it holds the restart, the
+    reload and any wait for workers. A fault that did not stop training costs about a step.
+    ``stopped``: when the harness stopped the run (its own stop is no fault). None when no step was
+    recorded after it."""
     out = []
-    steps = sorted(r["time"] for r in records if r.get("event") is None and r.get("rank") == 0)
+    times = sorted(r["time"] for r in records if r.get("event") is None and r.get("rank") == 0)
     for i, f in enumerate(faults):
-        nxt = faults[i + 1]["t0"] if i + 1 < len(faults) else float("inf")
-        rec = [e for e in events if e.get("event") == "recovered" and f["t0"] < e["time"] < nxt]
-        starts = [e["time"] for e in events if e.get("event") == "start" and f["t0"] < e["time"] < nxt]
-        firsts = [e["time"] for e in events if e.get("event") == "first_step" and starts and e["time"] > starts[0]]
-        if starts and firsts:
-            injected = firsts[0] - f["t0"]
-        else:
-            after = [t for t in steps if t > f["t1"]]
-            within = [f["t0"]] + [t for t in steps if f["t0"] < t <= (after[0] if after else f["t1"])]
-            injected = max(b - a for a, b in zip(within, within[1:])) if after else None
-        out.append({**f, "run_seconds": rec[0]["seconds"] if rec else None, "run_cause": rec[0]["cause"] if rec else None,
-                    "injected_seconds": None if injected is None else round(injected, 3), "restarted": bool(starts)})
+        until = faults[i + 1]["t0"] if i + 1 < len(faults) else stopped
+        points = [f["t0"]] + [t for t in times if f["t0"] < t]
+        if points[-1] > stopped:   # the pause the harness's stop made is not the fault's
+            points = [t for t in points if t <= stopped] + [min(t for t in points if t > stopped)]
+        gaps = [b - a for a, b in zip(points, points[1:]) if a < until]
+        out.append({**f, "injected_seconds": round(max(gaps), 3) if gaps else None})
     return out
 
 
@@ -222,7 +228,7 @@ def finite_weights(run: Path) -> bool:
 
 
 def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size: int, wall: float,
-            first_fault: float | None) -> dict:
+            first_fault: float | None, stopped: float = float("inf")) -> dict:
     run = out / "run"
     records, events = read_jsonl(run / "metrics.jsonl"), read_jsonl(run / "events.jsonl")
     completed = any(e.get("event") == "final" for e in events)
@@ -230,7 +236,7 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
     if segs and not completed:     # unfinished: what is committed ends at the last checkpoint
         segs[-1].last_step = max(segs[-1].saved, default=segs[-1].start_step)
     acct = account(segs, batch, epoch_size)
-    rec = recovery_seconds(faults, records, events)
+    rec = recovery_seconds(faults, records, stopped)
     # undisturbed step time: rank 0's windows before the first fault, past the slow first steps
     calm = [r["step_seconds"] for r in records if r.get("event") is None and r.get("rank") == 0 and r["step"] > 5
             and (first_fault is None or r["time"] < first_fault)]
@@ -239,7 +245,9 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
     kinds = {k: sum(1 for f in faults if f["kind"] == k) for k in FAULTS}
     return {
         "faults": len(faults), "by_kind": kinds,
-        "recovery_run_p50_max": p50_max([r["run_seconds"] for r in rec]),
+        "recovery_run_p50_max": p50_max([e["seconds"] for e in events if e.get("event") == "recovered"]),
+        "recovered_events": [{k: e.get(k) for k in ("seconds", "cause", "step", "attempt")}
+                             for e in events if e.get("event") == "recovered"],
         "recovery_injected_p50_max": p50_max([r["injected_seconds"] for r in rec]),
         "goodput_run": summaries[-1]["goodput"] if summaries else None,
         "goodput_own": None if not step_s else round(min(1.0, acct["final_step"] * step_s / wall), 3),
@@ -248,7 +256,7 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
         "doubled_steps": acct["doubled_steps"], "resumed_wrong": acct["resumed_wrong"],
         "epochs": acct["epochs"], "lineage": acct["lineage"],
         "finite_weights": (run / "export" / "model.safetensors").exists() and finite_weights(run),
-        "completed": completed,
+        "completed": completed, "stopped": stopped,
         "recoveries": rec,
     }
 
@@ -276,9 +284,11 @@ driver is followed by the same command again. At the end the driver gets a SIGTE
 is rerun with the step counts cut a few steps past the stop, so that the run completes. Goals on
 this machine ({cpu}): recovery p50 <= 20 s, goodput >= 0.7, samples seen twice = lost = 0.
 
-Columns: **recovery** p50 / max in seconds, from the injection to the end of the first step after
-it (where no worker group restarted: the longest pause in rank 0's steps around the fault), then
-the run's own `recovered` events (dated from the last record before the fault); **goodput** the
+Columns: **recovery** p50 / max in seconds, per fault the longest pause in rank 0's step records
+that began between its injection and the next fault (to the first step of the group or rerun that
+recovered: restart, reload, any wait for workers; a fault that did not stop training costs about a
+step), then over the run's own `recovered` events (each restart or
+resuming rerun, dated from the last record before it; the wait for a rerun included); **goodput** the
 run's `summary` (steps x median step / wall since the first attempt) / ours (steps x the median
 step time before the first fault / our wall time); **seen twice**, **lost**: samples of the
 committed lineage (`account()` in the script: each committed step draws the next `data.batch_size`
@@ -324,6 +334,7 @@ class Chaos:
         self.driver: subprocess.Popen | None = None
         self.stop = threading.Event()        # no more faults; the driver is (being) stopped
         self.done = threading.Event()        # the harness is over
+        self.stopped = float("inf")          # when the deadline stopped the run
         self.lock = threading.Lock()         # launching a driver vs. stopping it at the deadline
 
     # -- set-up
@@ -496,6 +507,7 @@ class Chaos:
         injector.join()                 # a fault in flight ends first (the node back, S3 up)
         with self.lock:
             self.stop.set()
+            self.stopped = time.time()
             if self.driver is not None and self.driver.poll() is None:
                 print("[chaos] time is up: SIGTERM to the driver", flush=True)
                 os.kill(self.driver.pid, signal.SIGTERM)
@@ -518,20 +530,33 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100000, help="planned steps (both stages); the run is cut at --minutes")
     ap.add_argument("--train-samples", type=int, default=64, help="samples per epoch (synthetic shards of 32)")
     ap.add_argument("--docs", action="store_true", help="append the row to docs/reliability.md")
+    ap.add_argument("--figures-only", action="store_true", help="recompute the figures of the run in --out")
     args = ap.parse_args(argv)
     out = args.out.resolve()
+    if args.figures_only:
+        old = json.loads((out / "chaos.json").read_text())
+        markers = {int(k): v for k, v in json.loads((out / "markers.json").read_text()).items()}
+        faults = [{k: v for k, v in r.items() if k in ("kind", "t0", "t1", "detail")} for r in old["recoveries"]]
+        f = figures(out, faults, markers, batch=8, epoch_size=args.train_samples, wall=old["wall_seconds"],
+                    first_fault=faults[0]["t0"] if faults else None, stopped=old.get("stopped", float("inf")))
+        return report(f, old, args)
     if (out / "run").exists():
         ap.error(f"{out}/run exists: give a fresh --out")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # so that the cluster and S3 server are stopped
     with Chaos(out, args.minutes, args.fault_every, args.seed, args.steps, args.train_samples) as chaos:
         wall = chaos.go()
-        first_fault = chaos.faults[0]["t0"] if chaos.faults else None
+        (out / "markers.json").write_text(json.dumps(chaos.markers))   # to recompute the figures offline
+        (out / "chaos.json").write_text(json.dumps({"recoveries": chaos.faults, "wall_seconds": wall, "stopped": chaos.stopped}))
         f = figures(out, chaos.faults, chaos.markers, batch=8, epoch_size=args.train_samples, wall=wall,
-                    first_fault=first_fault)
-        f["exits"] = chaos.exits
-    f.update(cpu=cpu_model(), load=os.getloadavg(), command=" ".join(sys.argv))
-    (out / "chaos.json").write_text(json.dumps(f, indent=1, default=str))
-    (out / "markers.json").write_text(json.dumps(chaos.markers))   # to recompute the figures offline
+                    first_fault=chaos.faults[0]["t0"] if chaos.faults else None, stopped=chaos.stopped)
+    return report(f, {"exits": chaos.exits, "cpu": cpu_model(), "load": os.getloadavg(), "command": " ".join(sys.argv)}, args)
+
+
+def report(f: dict, run: dict, args) -> int:
+    """chaos.json, the markdown row (and docs/reliability.md with --docs); 0 when the run met its
+    correctness goals."""
+    f.update({k: run[k] for k in ("exits", "cpu", "load", "command") if k in run})
+    (args.out.resolve() / "chaos.json").write_text(json.dumps(f, indent=1, default=str))
     row = table_row(f, args.minutes, args.fault_every, args.seed)
     print(row)
     if args.docs:
