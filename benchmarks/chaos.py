@@ -276,25 +276,29 @@ SECTION = """
 
 `python benchmarks/chaos.py --minutes 10 --fault-every 90 --seed 1 --out runs/chaos --docs`: a
 `debug` run with `workers=1-2` on two Ray nodes of this machine (tests/cluster.py, 1 CPU each), its
-shards on a local S3 server (moto) behind a proxy, the run directory local; every ~90 s (x 0.7-1.3,
-seeded) one fault drawn from: SIGKILL of a training worker; the second node lost (SIGKILL) and added
-back 5 s later; SIGTERM to the driver, then the same command again; the S3 endpoint down for 20 s;
-SIGTERM to every process of the second node and SIGKILL 2 s later (added back). Every exit of the
-driver is followed by the same command again. At the end the driver gets a SIGTERM and the command
-is rerun with the step counts cut a few steps past the stop, so that the run completes. Goals on
-this machine ({cpu}): recovery p50 <= 20 s, goodput >= 0.7, samples seen twice = lost = 0.
+shards on a local S3 server (moto) behind a TCP proxy, the run directory local. From its first step,
+every ~90 s (x 0.7-1.3, seeded) one fault drawn (seeded) from: SIGKILL of a training worker; the
+second node lost (SIGKILL of its processes) and added back 5 s later; SIGTERM to the driver; the S3
+endpoint resetting every connection for 20 s; SIGTERM to every process of the second node, SIGKILL
+2 s later, added back. Whenever the driver exits, the same command runs again (5 s later unless it
+was preempted). At the end the driver gets a SIGTERM and the command is rerun with the step counts
+cut a few steps past the stop, so that the run completes and exports. `--figures-only` recomputes
+the figures of a finished run. Goals on this machine ({cpu}): recovery p50 <= 20 s, goodput >= 0.7,
+samples seen twice = lost = 0.
 
-Columns: **recovery** p50 / max in seconds, per fault the longest pause in rank 0's step records
+Columns: **recovery** p50 / max in seconds: per fault the longest pause in rank 0's step records
 that began between its injection and the next fault (to the first step of the group or rerun that
 recovered: restart, reload, any wait for workers; a fault that did not stop training costs about a
-step), then over the run's own `recovered` events (each restart or
-resuming rerun, dated from the last record before it; the wait for a rerun included); **goodput** the
-run's `summary` (steps x median step / wall since the first attempt) / ours (steps x the median
-step time before the first fault / our wall time); **seen twice**, **lost**: samples of the
-committed lineage (`account()` in the script: each committed step draws the next `data.batch_size`
-positions of the global sample stream from the position its checkpoint recorded); **resumed wrong**:
-checkpoints resumed at another position than their lineage had reached, or saved by no earlier
-worker group; **finite**: every tensor of the exported student.
+step), then over the run's own `recovered` events (each restart or resuming rerun, dated from the
+last record before it); **goodput**: the run's last `summary` (steps x median step / wall since the
+first attempt) / ours (steps x the median step time before the first fault / the harness's wall
+time, set-up excluded); **seen twice**, **lost**: samples of the committed lineage (`account()` in
+the script: walking back from the last worker group, each resumed from a checkpoint an earlier
+group saved; each committed step draws the next `data.batch_size` positions of the global sample
+stream from the position its checkpoint recorded: `data_position`, x `world_size` before the global
+order); **resumed wrong**: resumes at another position than their lineage had reached, from a step
+no earlier group saved, or checkpoints recording another position than their lineage's; **finite**:
+every tensor of the exported student.
 
 | date | run | faults | recovery, injected (s) | recovery, run (s) | goodput run / ours | steps | seen twice | lost | resumed wrong | finite |
 |---|---|---|---|---|---|---|---|---|---|---|
