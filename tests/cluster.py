@@ -62,12 +62,7 @@ class TwoNodeCluster:
         return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                                  f"--num-cpus={self.cpus}", "--disable-usage-stats",
                                  f"--resources={json.dumps({name: 1})}", *args],
-                                # RAY_ADDRESS for what runs on the node: Ray Train's PlacementGroupCleaner
-                                # finds its cluster by it, and without it fails ("Found multiple active Ray
-                                # instances") whenever another Ray runs on the machine, leaving the worker
-                                # group of a dead controller holding its CPUs
-                                env=dict(self._start_env, RAY_ADDRESS=self.address),
-                                stdout=open(self.tmp / f"{name}.log", "w"),
+                                env=self._start_env, stdout=open(self.tmp / f"{name}.log", "w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> "TwoNodeCluster":
