@@ -419,16 +419,18 @@ class Chaos:
         self._sleep_jittered()
         while not self.stop.is_set() and time.time() < self.deadline:
             kind = self.rng.choice(FAULTS)
-            f = {"kind": kind, "t0": time.time()}
-            try:
-                f["detail"] = getattr(self, kind)()
-            except Exception as e:  # noqa: BLE001 - a fault that could not land is recorded, not fatal
-                f["detail"] = f"not injected: {type(e).__name__}: {e}"
-                f["skipped"] = True
-            f["t1"] = time.time()
-            print(f"[chaos] {time.strftime('%H:%M:%S')} {kind}: {f['detail']}", flush=True)
-            if not f.get("skipped"):
+            while not self.stop.is_set() and time.time() < self.deadline:
+                f = {"kind": kind, "t0": time.time()}
+                try:
+                    f["detail"] = getattr(self, kind)()
+                except Exception as e:  # noqa: BLE001 - nothing to hit yet (a group restarting): try again
+                    print(f"[chaos] {kind}: not yet ({type(e).__name__}: {e})", flush=True)
+                    self.stop.wait(2)
+                    continue
+                f["t1"] = time.time()
+                print(f"[chaos] {time.strftime('%H:%M:%S')} {kind}: {f['detail']}", flush=True)
                 self.faults.append(f)
+                break
             self._sleep_jittered()
 
     def _sleep_jittered(self) -> None:
@@ -439,7 +441,8 @@ class Chaos:
         recs = [r for r in read_jsonl(self.run / "metrics.jsonl") if r.get("event") is None]
         latest = {}
         for r in recs:
-            latest[r["rank"]] = r["pid"]
+            if r["time"] > time.time() - 10:     # a group that is stepping, not one being torn down
+                latest[r["rank"]] = r["pid"]
         return {rank: pid for rank, pid in latest.items() if psutil.pid_exists(pid)}
 
     def worker_sigkill(self) -> str:
