@@ -61,9 +61,9 @@ def test_positions_per_rank_before_the_global_order():
 
 @pytest.mark.slow
 def test_short_chaos_run_sees_every_sample_once(tmp_path):
-    """2 minutes of faults, one every ~30 s, each waiting for something to hit (seed 6 drew two worker
-    SIGKILLs and the second node SIGTERMed, SIGKILLed and added back; 3:42 on a quiet machine): the run completes, no sample seen twice or lost, finite
-    weights. Fails on a checkpoint that records its position a step off (state.py), or a resume
+    """2 minutes of faults, one every ~30 s, each waiting for something to hit (seed 6 drew two
+    worker SIGKILLs and the second node SIGTERMed, SIGKILLed and added back; 3:42 on a quiet
+    machine): the run completes, no sample seen twice or lost, finite weights. Fails on a checkpoint that records its position a step off (state.py), or a resume
     that loads it so (the next save shows it)."""
     from chaos import main
     out = tmp_path / "chaos"
