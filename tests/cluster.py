@@ -127,6 +127,26 @@ class TwoNodeCluster:
         self.node2.wait(timeout=30)
         return len(procs)
 
+    def term_node2(self, grace: float = 2.0) -> int:
+        """SIGTERM the second node's `ray start` and every process under it, then SIGKILL whatever
+        is left ``grace`` seconds later: a pod deleted with a short termination grace period."""
+        root = psutil.Process(self.node2.pid)
+        procs = [root, *root.children(recursive=True)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            if sig == signal.SIGTERM:
+                time.sleep(grace)
+        self.node2.wait(timeout=30)
+        return len(procs)
+
+    def add_node2(self) -> None:
+        """Start the second node again (a new node id, as a replacement pod has) after it was lost."""
+        self._start_retrying("node2", [f"--address={self.address}"], 2)
+
     def __exit__(self, *exc) -> None:
         for p in (self.node2, self.head):
             self._stop(p)

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -132,10 +133,14 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set = set()
         self._listener = None
+        self._resetting = False
         self.up()
 
     def up(self) -> None:
         import threading
+        if self._resetting:
+            self._resetting = False
+            return
         ls = socket.socket()
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(("127.0.0.1", self.port))
@@ -143,10 +148,16 @@ class TcpProxy:
         self._listener = ls
         threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
 
-    def down(self) -> None:
-        ls, self._listener = self._listener, None
-        if ls is not None:
-            ls.close()
+    def down(self, keep_port: bool = False) -> None:
+        """Cut every open connection and refuse new ones; ``keep_port``: keep the port bound and
+        reset each new connection at once instead (on a busy machine a freed port can be taken by
+        another process's outgoing connection before ``up``)."""
+        if keep_port:
+            self._resetting = True
+        else:
+            ls, self._listener = self._listener, None
+            if ls is not None:
+                ls.close()
         with self._lock:
             for c in list(self._conns):
                 try:
@@ -163,6 +174,10 @@ class TcpProxy:
                 client, _ = ls.accept()
             except OSError:
                 return   # closed: down()
+            if self._resetting:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()   # an RST: "connection reset by peer"
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:

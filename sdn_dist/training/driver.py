@@ -144,8 +144,13 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         bar.close()
         sink.close()
     if preempted is not None:
-        # The ranks returned after the checkpoint (or the grace ran out): nothing more to wait for;
-        # exiting ends this job's actors, a worker group Ray Train may be restarting included.
+        # The ranks return after the checkpoint: let Ray Train end the run within what is left of
+        # the grace, so that its controller cancels the resources it asked the cluster's (detached)
+        # AutoscalingCoordinator for. Killed with this job instead, it leaves that request live for
+        # 180 s, and a rerun on the same cluster with workers=MIN-MAX gets no worker until it expires
+        # (the chaos run, benchmarks/chaos.py, saw "Detected ready resources for 0 workers").
+        # Exiting ends this job's actors, a worker group Ray Train may be restarting included.
+        thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - (preempt.since or time.time()))))
         return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
                 "exit_status": EXIT_PREEMPTED, "summary": summary}
     if "error" in outcome:
