@@ -366,7 +366,7 @@ class Chaos:
 
     def _upload_shards(self, endpoint: str) -> None:
         import s3fs
-        from sdn_dist.data.synth import make_synth
+        from sdn_dist.apps.synth.dataset import make_synth
         local = self.work / "shards"
         make_synth(out=str(local), train=self.train, test=16, size=32, per_shard=32, seed=3, progress=False)
         fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint, skip_instance_cache=True)

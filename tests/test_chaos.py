@@ -63,8 +63,9 @@ def test_positions_per_rank_before_the_global_order():
 def test_short_chaos_run_sees_every_sample_once(tmp_path):
     """2 minutes of faults, one every ~30 s, each waiting for something to hit (seed 6 drew two
     worker SIGKILLs and the second node SIGTERMed, SIGKILLed and added back; 3:42 on a quiet
-    machine): the run completes, no sample seen twice or lost, finite weights. Fails on a checkpoint that records its position a step off (state.py), or a resume
-    that loads it so (the next save shows it)."""
+    machine): the run completes, no sample seen twice or lost, finite weights. The accounting's
+    own checks fail on their one-line mutations in the fast tests above; this is them against a
+    real two-node run with shards on S3."""
     from chaos import main
     out = tmp_path / "chaos"
     rc = main(["--minutes", "2", "--fault-every", "30", "--seed", "6", "--out", str(out)])
@@ -74,46 +75,3 @@ def test_short_chaos_run_sees_every_sample_once(tmp_path):
     assert (f["seen_twice"], f["lost"], f["resumed_wrong"]) == (0, 0, []), f["lineage"]
     assert f["steps"] > 0 and all(math.isfinite(r["injected_seconds"]) for r in f["recoveries"] if r["injected_seconds"])
     assert rc == 0
-
-
-@pytest.mark.slow
-def test_a_rerun_after_sigterm_on_a_cluster_gets_workers_at_once(tmp_path):
-    """SIGTERM to the driver of an elastic run (workers=1-2) submitted to a running two-node
-    cluster, exit 75, the same command again: the rerun trains within 2 minutes, its start-up
-    included. Ray Train's controller asks the cluster's AutoscalingCoordinator for the workers' CPUs; a driver that exits
-    before Ray Train has ended the run leaves that request live for 180 s, and the rerun waited for
-    it ("Detected ready resources for 0 workers"). Fails without the driver's wait for fit()
-    (sdn_dist/training/driver.py, the `thread.join` of the preempted path)."""
-    import os
-    import signal
-    import subprocess
-    import time
-    from cluster import TwoNodeCluster
-    from sdn_dist.data.synth import make_synth
-    shards = tmp_path / "shards"
-    make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "sdn_dist", "train", "--preset", "debug", "--quiet"] + [
-        a for s in (f"out={out}", f"data.train={shards}/train-*.tar", f"data.test={shards}/test-*.tar",
-                    "workers=1-2", "stage1.steps=20000", "stage2.steps=10", "checkpoint.every=50")
-        for a in ("--set", s)]
-    with TwoNodeCluster(tmp_path) as cluster:
-        first = subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            deadline = time.time() + 600
-            while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 40:
-                assert time.time() < deadline and first.poll() is None, first.stdout.read()[-3000:]
-                time.sleep(0.5)
-            os.kill(first.pid, signal.SIGTERM)
-            assert first.wait(timeout=120) == 75, first.stdout.read()[-3000:]
-            t0 = time.time()
-            rerun = subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            evs = lambda: [json.loads(l) for l in (out / "events.jsonl").read_text().splitlines()]
-            while not [e for e in evs() if e["event"] == "first_step" and e["time"] > t0]:
-                assert rerun.poll() is None, rerun.stdout.read()[-3000:]
-                assert time.time() - t0 < 120, "the rerun got no worker for 120 s"
-                time.sleep(0.5)
-        finally:
-            for p in (first, locals().get("rerun")):
-                if p is not None and p.poll() is None:
-                    p.kill()
