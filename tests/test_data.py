@@ -859,3 +859,38 @@ def test_minilm_truncates_a_100kb_caption(monkeypatch):
     assert np.isfinite(v).all() and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
     assert np.allclose(v[0], v[1], atol=1e-5)
     assert not np.allclose(v[0], v[2], atol=1e-3)   # a shorter, uncut caption differs
+
+
+@pytest.mark.parametrize("fault", ["endpoint", "reset"])
+def test_an_object_store_down_for_a_while_is_retried_not_bad_input(monkeypatch, fault):
+    """An s3:// shard whose endpoint is unreachable (botocore's EndpointConnectionError) or whose
+    connections are reset, for two attempts, opens on the third: an outage is waited out with
+    backoff (data.retries), not reported as a bad shard (exit 2). A missing shard still is, at
+    once. Fails on: s3 opens not going through the retries, or botocore's errors not counted as
+    network problems."""
+    import botocore.exceptions
+
+    from sdn_dist.data import shards
+    errors = {"endpoint": lambda: botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9"),
+              "reset": lambda: ConnectionResetError(104, "Connection reset by peer")}
+    calls = []
+
+    class DownThenUp:
+        def open(self, path, mode):
+            calls.append(path)
+            if path.endswith("missing.tar"):
+                raise FileNotFoundError(path)
+            if len(calls) <= 2:
+                raise errors[fault]()
+            return io.BytesIO(b"tar bytes")
+
+    monkeypatch.setattr(shards, "filesystem", lambda proto: DownThenUp())
+    monkeypatch.setattr(shards, "_NETWORK", shards.Network(retries=3, backoff=0.01))
+    f, seekable = shards.open_shard("s3://bucket/train-000000.tar")
+    assert f.read() == b"tar bytes" and not seekable and len(calls) == 3
+    with pytest.raises(DataError, match="s3://bucket/missing.tar does not exist"):
+        shards.open_shard("s3://bucket/missing.tar")
+    calls.clear()
+    monkeypatch.setattr(shards, "_NETWORK", shards.Network(retries=1, backoff=0.01))
+    with pytest.raises(DataError, match=r"s3://bucket/train-000000.tar: cannot connect: .*gave up after 2 attempts \(data.retries=1\)"):
+        shards.open_shard("s3://bucket/train-000000.tar")

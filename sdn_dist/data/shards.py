@@ -66,13 +66,14 @@ def is_local(url: str) -> bool:
 
 @dataclass(frozen=True)
 class Network:
-    """Timeouts and retries of http(s) shard reads (``data.connect_timeout``, ``data.read_timeout``,
-    ``data.retries``): a server that never accepts, or accepts and never answers, fails in
-    ``connect`` / ``read`` seconds per attempt instead of hanging."""
+    """Timeouts of http(s) shard reads (``data.connect_timeout``, ``data.read_timeout``) and retries
+    of remote shard opens (``data.retries``): a server that never accepts, or accepts and never
+    answers, fails in ``connect`` / ``read`` seconds per attempt instead of hanging; an object store
+    that is down for a while (s3://, http(s)) is retried with backoff."""
 
     connect: float = 10.0
     read: float = 60.0
-    retries: int = 3
+    retries: int = 5
     backoff: float = 1.0   # seconds before the first retry, doubling after each
 
 
@@ -115,8 +116,20 @@ def network_problem(url: str, e: BaseException) -> str | None:
                     f"nothing for {_NETWORK.read:g} s (data.read_timeout)")
         if isinstance(cur, aiohttp.ClientConnectionError):
             return f"shard {url}: cannot connect: {cur}"
+        # an object store that is down or dropping connections (s3fs: botocore's errors), or a
+        # connection refused / reset on the way
+        if isinstance(cur, (ConnectionError, *_botocore_network_errors())):
+            return f"shard {url}: cannot connect: {type(cur).__name__}: {cur}"
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _botocore_network_errors() -> tuple[type, ...]:
+    try:
+        import botocore.exceptions as bex
+    except ImportError:   # no s3fs here: nothing of botocore's can be raised either
+        return ()
+    return bex.ConnectionError, bex.HTTPClientError
 
 
 def _with_retries(url: str, fn: Callable):
@@ -257,7 +270,7 @@ def open_shard(url: str):
             # then a GET when that fails), which would double every timeout and turn a stalled
             # server into "file not found".
             return _with_retries(url, lambda: fs.open(path, "rb", block_size=0, size=-1)), False
-        return fs.open(path, "rb"), False
+        return _with_retries(url, lambda: fs.open(path, "rb")), False
     except DataError:
         raise
     except FileNotFoundError:
