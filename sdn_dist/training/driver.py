@@ -150,7 +150,10 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         # 180 s, and a rerun on the same cluster with workers=MIN-MAX gets no worker until it expires
         # (the chaos run, benchmarks/chaos.py, saw "Detected ready resources for 0 workers").
         # Exiting ends this job's actors, a worker group Ray Train may be restarting included.
-        thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - (preempt.since or time.time()))))
+        # Only for the driver's own SIGTERM: after a worker's (its node reclaimed), Ray Train restarts
+        # the group without it, and the restarted group would train on and checkpoint again.
+        if preempt.since is not None:
+            thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - preempt.since)))
         return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
                 "exit_status": EXIT_PREEMPTED, "summary": summary}
     if "error" in outcome:
