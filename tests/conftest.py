@@ -197,12 +197,14 @@ class TcpProxy:
                 b.sendall(data)
         except OSError:
             pass
-        finally:
+        finally:   # close them too: a proxy that only shut them down kept every fd it ever had
             for s in (a, b):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                s.close()
+                self._conns.discard(s)
 
 
 @pytest.fixture(scope="session")
