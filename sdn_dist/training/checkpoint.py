@@ -127,7 +127,7 @@ class Checkpointer:
         ``train`` entry (JSON) is also written to the COMPLETE marker. Returns the tag. With a
         remote ``out`` it returns once DeepSpeed has written the local staging copy; the upload
         goes on behind."""
-        saved = {name: (s if isinstance(s, dict) else s.state_dict()) for name, s in states.items() if s is not None}
+        saved = _state_dicts(states)
         client_state = saved.get("train", {})
         self.wait()   # one upload at a time: the previous checkpoint is complete (or given up) first
         t0 = time.time()
@@ -185,7 +185,7 @@ class Checkpointer:
         tag = f"step-{step:08d}"
         if self.fs.exists(f"{self.path}/{tag}/COMPLETE"):
             return tag
-        saved = {name: (s if isinstance(s, dict) else s.state_dict()) for name, s in states.items() if s is not None}
+        saved = _state_dicts(states)
         client_state = saved.get("train", {})
         base = self.local_root or self._staging
         private = f"{tag}.rank-{self.rank:05d}"
@@ -279,6 +279,12 @@ class Checkpointer:
             if obj is not None and name in saved:
                 obj.load_state_dict(saved[name])
         return saved
+
+
+def _state_dicts(states: Mapping[str, object]) -> dict:
+    """What ``save`` / ``save_alone`` store of ``states``: each one's ``state_dict()`` (a plain dict
+    as it is), by name; None entries left out."""
+    return {name: (s if isinstance(s, dict) else s.state_dict()) for name, s in states.items() if s is not None}
 
 
 def _saved_states(client: dict) -> dict:
