@@ -241,6 +241,7 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
     calm = [r["step_seconds"] for r in records if r.get("event") is None and r.get("rank") == 0 and r["step"] > 5
             and (first_fault is None or r["time"] < first_fault)]
     step_s = statistics.median(calm) if calm else None
+    undisturbed = undisturbed_run(records, events, first_fault)
     summaries = [e for e in events if e.get("event") == "summary"]
     kinds = {k: sum(1 for f in faults if f["kind"] == k) for k in FAULTS}
     return {
@@ -251,6 +252,9 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
         "recovery_injected_p50_max": p50_max([r["injected_seconds"] for r in rec]),
         "goodput_run": summaries[-1]["goodput"] if summaries else None,
         "goodput_own": None if not step_s else round(min(1.0, acct["final_step"] * step_s / wall), 3),
+        "goodput_undisturbed": None if undisturbed is None else round(
+            min(1.0, (undisturbed["startup_seconds"] + acct["final_step"] * undisturbed["step_seconds"]) / wall), 3),
+        "undisturbed": undisturbed,
         "undisturbed_step_seconds": step_s, "wall_seconds": round(wall, 1),
         "steps": acct["final_step"], "seen_twice": acct["seen_twice"], "lost": acct["lost"],
         "doubled_steps": acct["doubled_steps"], "resumed_wrong": acct["resumed_wrong"],
@@ -261,13 +265,30 @@ def figures(out: Path, faults: list[dict], markers: dict, batch: int, epoch_size
     }
 
 
+def undisturbed_run(records: list[dict], events: list[dict], first_fault: float | None) -> dict | None:
+    """The issue's goodput is "the undisturbed run's time for the steps done / the wall time". The
+    run before the first fault is that undisturbed run: its start-up (the first attempt's driver
+    start to the start of step 1) and its mean step time (rank 0's first to last record before the
+    fault: checkpoints, logging and the machine's noise included, unlike the median window). None
+    without two such records."""
+    starts = [e["time"] for e in events if e.get("event") == "attempt"]
+    calm = sorted((r["step"], r["time"]) for r in records if r.get("event") is None and r.get("rank") == 0
+                  and (first_fault is None or r["time"] < first_fault))
+    if not starts or len(calm) < 2 or calm[-1][0] == calm[0][0]:
+        return None
+    (s_a, t_a), (s_b, t_b) = calm[0], calm[-1]
+    step = (t_b - t_a) / (s_b - s_a)
+    return {"startup_seconds": round(max(0.0, t_a - starts[0] - s_a * step), 2), "step_seconds": round(step, 6),
+            "steps": s_b - s_a}
+
+
 def table_row(f: dict, minutes: float, every: float, seed: int) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in f["by_kind"].items() if n)
     r50, rmax = f["recovery_injected_p50_max"]
     q50, qmax = f["recovery_run_p50_max"]
     return (f"| {time.strftime('%Y-%m-%d')} | {minutes:g} min, 1 per {every:g} s, seed {seed}, load {f['load'][0]:.1f} "
             f"| {f['faults']} ({kinds}) "
-            f"| {r50} / {rmax} | {q50} / {qmax} | {f['goodput_run']} / {f['goodput_own']} | {f['steps']} "
+            f"| {r50} / {rmax} | {q50} / {qmax} | {f['goodput_run']} / {f['goodput_own']} / {f.get('goodput_undisturbed')} | {f['steps']} "
             f"| {f['seen_twice']} | {f['lost']} | {len(f['resumed_wrong'])} | {'yes' if f['finite_weights'] else 'NO'} |")
 
 
@@ -292,7 +313,9 @@ recovered: restart, reload, any wait for workers; a fault that did not stop trai
 step), then over the run's own `recovered` events (each restart or resuming rerun, dated from the
 last record before it); **goodput**: the run's last `summary` (steps x median step / wall since the
 first attempt) / ours (steps x the median step time before the first fault / the harness's wall
-time, set-up excluded); **seen twice**, **lost**: samples of the committed lineage (`account()` in
+time, set-up excluded) / the issue's definition (the undisturbed run's time for the steps done /
+the same wall time: the run before the first fault is that undisturbed run, its start-up plus the
+steps done x its mean step time, checkpoints and logging included); **seen twice**, **lost**: samples of the committed lineage (`account()` in
 the script: walking back from the last worker group, each resumed from a checkpoint an earlier
 group saved; each committed step draws the next `data.batch_size` positions of the global sample
 stream from the position its checkpoint recorded: `data_position`, x `world_size` before the global
@@ -300,7 +323,7 @@ order); **resumed wrong**: resumes at another position than their lineage had re
 no earlier group saved, or checkpoints recording another position than their lineage's; **finite**:
 every tensor of the exported student.
 
-| date | run | faults | recovery, injected (s) | recovery, run (s) | goodput run / ours | steps | seen twice | lost | resumed wrong | finite |
+| date | run | faults | recovery, injected (s) | recovery, run (s) | goodput run / ours / undisturbed | steps | seen twice | lost | resumed wrong | finite |
 |---|---|---|---|---|---|---|---|---|---|---|
 """
 

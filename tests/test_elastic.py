@@ -2,6 +2,8 @@
 (`workers=1-2`) submitted to it with RAY_ADDRESS, the second node SIGKILLed mid-stage (slow tier)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -137,3 +139,75 @@ def test_a_resize_continues_the_global_sample_order(tmp_path):
     assert sorted(got) == sorted(want) == list(range(1, 15))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), (step, got[step], want[step])
+
+
+SPOT = ["workers=1-2", "stage1.steps=150", "stage2.steps=10", "checkpoint.every=1000",
+        "checkpoint.preempt_check_every=1000", "samples.every=0"]
+
+
+@pytest.mark.timeout(900)
+def test_a_node_reclaimed_2s_after_its_sigterm_leaves_a_survivors_checkpoint_and_frees_its_workers(tmp_path):
+    """Spot reclaim of a node: the rank-1 training worker on the second node gets SIGTERM, then
+    the whole node is SIGKILLed 2 s later, long before the ranks' next agreement step
+    (preempt_check_every=1000) and with no regular checkpoint due before step 150. At ZeRO 0 the
+    survivor, rank 0, checkpoints the step it was at by itself (COMPLETE says ``alone: 0``) before
+    the SIGKILL, and the run exits 75. The driver cancels its Ray Train run's cluster resource
+    request on the way out (event ``released``): the rerun of the same command on what is left of
+    the cluster (workers=1-2: one node) starts its worker at once, resumes at the next step and
+    runs every step exactly once.
+    Fails on: the loop not asking ``writes_alone`` at each step (only ``after_peer_loss`` writes,
+    after the SIGKILL), the SIGTERMed worker not announcing itself (nothing is written alone: Ray
+    Train restarts from step 0 on one worker, exit 0), the driver not releasing the request (the
+    rerun is told 0 workers are ready until the request expires: its worker starts 180 s late)."""
+    from sdn_dist.apps.synth.dataset import make_synth
+    from sdn_dist.training.preemption import EXIT_PREEMPTED
+    shards = tmp_path / "shards"
+    make_synth(out=str(shards), train=105, test=16, size=32, per_shard=40, seed=1, progress=False)
+    out = tmp_path / "spot"
+    args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}",
+                  "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar"]
+    for a in SPOT:
+        args += ["--set", a]
+    with TwoNodeCluster(tmp_path) as cluster:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(cluster.env, SDN_ATTEMPT="a1"))
+        try:
+            def both_at_20():
+                recs = [r for r in _jsonl(out / "metrics.jsonl") if r["step"] >= 20]
+                return {r["rank"] for r in recs} == {0, 1} and recs[-1]
+            hit = _wait(proc, "two ranks at step 20", both_at_20, timeout=600, poll=0.1)
+            rank1 = [r for r in _jsonl(out / "metrics.jsonl") if r["rank"] == 1][-1]
+            os.kill(rank1["pid"], signal.SIGTERM)    # the pod's SIGTERM reaches the worker process ...
+            signalled = time.time()
+            time.sleep(2.0)
+            cluster.kill_node2()                     # ... and its node is gone 2 s later
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == EXIT_PREEMPTED, stdout[-2000:] + stderr[-3000:]
+        (complete,) = list((out / "checkpoints").glob("*/COMPLETE"))
+        marker = json.loads(complete.read_text())
+        stopped, written = marker["step"], complete.stat().st_mtime - signalled
+        assert marker["alone"] == 0 and hit["step"] <= stopped < 150, (hit, marker)
+        assert written < 2.0, written   # before the SIGKILL
+        evs = _jsonl(out / "events.jsonl")
+        assert [(e["step"], e["rank"]) for e in evs if e["event"] == "preempted"] == [(stopped, 0)]
+        (ck,) = [e for e in evs if e["event"] == "checkpoint"]
+        assert ck["alone"] and ck["step"] == stopped
+        runs = [e["train_run"] for e in evs if e["event"] == "start"]
+        assert [e["train_run"] for e in evs if e["event"] == "released"] == runs[-1:], evs[-6:]
+
+        started = time.time()
+        rerun = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(cluster.env, SDN_ATTEMPT="a2"))
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    evs = _jsonl(out / "events.jsonl")
+    start = [e for e in evs if e["event"] == "start"][-1]     # the rerun's (events carry no attempt)
+    assert start["world_size"] == 1 and 0 < start["time"] - started < 90, (start, started)   # not 180 s late
+    assert any(e["event"] == "message" and f"resumed from step-{stopped:08d}" in e["text"] for e in evs)
+    recs = _jsonl(out / "metrics.jsonl")
+    a1 = [x["step"] for x in recs if x["attempt"] == "a1"]
+    assert max(a1) <= stopped   # the preempted rank cannot pass the survivor's step: the next all-reduce needs rank 0
+    assert sorted(x["step"] for x in recs if x["attempt"] == "a2") == list(range(stopped + 1, 161))
+    assert sorted(x["step"] for x in recs if x["rank"] == 0) == list(range(1, 161))   # each step once
+    print(f"survivor's checkpoint: step {stopped}, {written:.2f}s after the SIGTERM; "
+          f"rerun's worker started {start['time'] - started:.1f}s after its launch")

@@ -25,8 +25,8 @@ from sdn_dist.config import Config, to_yaml
 from sdn_dist.data.readers import DataSpec
 from sdn_dist.errors import UserError
 from sdn_dist.net import free_port
-from sdn_dist.training import preflight
-from sdn_dist.training.collector import start_collector
+from sdn_dist.training import preflight, resource_request
+from sdn_dist.training.collector import event, start_collector
 from sdn_dist.training.failures import reported_user_error, stop_on_user_error
 from sdn_dist.training.metrics import MetricsSink
 from sdn_dist.training.preemption import EXIT_PREEMPTED, DriverPreemption
@@ -128,15 +128,20 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     # After ray.init (it installs its own SIGTERM handler): SIGTERM asks for a checkpoint instead.
     preempt = DriverPreemption().install()
     preempted = None
+    train_run = None    # Ray Train's id of the run the current worker group belongs to
     try:
         while preempted is None:
             alive = thread.is_alive()
             thread.join(timeout=0.5)
             records = _drain(collector, sink, clock)
+            train_run = next((r["train_run"] for r in reversed(records)
+                              if r.get("event") == "start" and r.get("train_run")), train_run)
             bar.update(records)
             preempted = _watch_preemption(preempt, collector, records, cfg)
             if not alive:
                 break
+        if preempted is not None:
+            _end_after_preemption(thread, preempt, train_run, sink, cfg)
         summary = clock.summary()     # goodput and recoveries, for events.jsonl, Prometheus, the CLI
         sink.log([summary])
     finally:
@@ -144,16 +149,6 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         bar.close()
         sink.close()
     if preempted is not None:
-        # The ranks return after the checkpoint: let Ray Train end the run within what is left of
-        # the grace, so that its controller cancels the resources it asked the cluster's (detached)
-        # AutoscalingCoordinator for. Killed with this job instead, it leaves that request live for
-        # 180 s, and a rerun on the same cluster with workers=MIN-MAX gets no worker until it expires
-        # (the chaos run, benchmarks/chaos.py, saw "Detected ready resources for 0 workers").
-        # Exiting ends this job's actors, a worker group Ray Train may be restarting included.
-        # Only for the driver's own SIGTERM: after a worker's (its node reclaimed), Ray Train restarts
-        # the group without it, and the restarted group would train on and checkpoint again.
-        if preempt.since is not None:
-            thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - preempt.since)))
         return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
                 "exit_status": EXIT_PREEMPTED, "summary": summary}
     if "error" in outcome:
@@ -163,6 +158,21 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             raise cause
         raise err
     return {"out": cfg.out, "run_id": cfg.run_id, "summary": summary}
+
+
+def _end_after_preemption(thread: threading.Thread, preempt: DriverPreemption, train_run: str | None,
+                          sink: MetricsSink, cfg: Config) -> None:
+    """The checkpoint is written; the driver is about to exit 75, which ends this job's actors (a
+    worker group Ray Train may be restarting included). After the driver's own SIGTERM the ranks
+    return normally: let Ray Train end the run within what is left of the grace. Not after a
+    worker's (its node reclaimed): Ray Train would restart the group without it, and the restarted
+    group would train on and checkpoint again. A controller still running when the job ends leaves
+    its cluster resource request live for 180 s (a rerun with workers=MIN-MAX then gets no worker
+    until it expires: training/resource_request.py), so the driver cancels it itself."""
+    if preempt.since is not None:
+        thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - preempt.since)))
+    if thread.is_alive() and resource_request.release(train_run):
+        sink.log([event("released", train_run=train_run)])
 
 
 def scaling_workers(cfg: Config) -> int | tuple[int, int]:

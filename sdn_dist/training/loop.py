@@ -33,6 +33,7 @@ from sdn_dist.training.collector import StepRecord, event, message
 from sdn_dist.training.export import export_student, param_digest
 from sdn_dist.training.grids import SampleGrid
 from sdn_dist.training.preemption import WorkerPreemption
+from sdn_dist.training.resource_request import train_run_id
 from sdn_dist.training.precision import resolve_autocast
 from sdn_dist.training.state import RNG, TrainState, capture_rng, restore_rng
 
@@ -293,7 +294,8 @@ def train_worker(config: dict) -> None:
                         report=collector.report.remote, say=lambda text: collector.report.remote([message(text)]))
     state, engine, averaged = resume(cfg, ckpt, rank, world, spec, device)   # averaged: the EMA student or None
     if rank == 0:   # one start event per worker-group start: sdn_train_restarts_total, sdn_train_world_size
-        collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world, pid=os.getpid())])
+        collector.report.remote([event("start", step=state.step, stage=state.stage, rank=0, world_size=world,
+                                       pid=os.getpid(), train_run=train_run_id())])
     if rank == 0 and state.step:
         collector.report.remote([message(f"resumed from step-{state.step:08d} in stage {state.stage} "
                                          f"on {world} worker(s) (attempt {attempt})")])
