@@ -179,6 +179,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_preempt(args) -> int:
+    from sdn_dist.training.preemption import preempt_local
+    r = preempt_local(args.wait)
+    print(f"SIGTERM sent to {r['drivers']} sdn-dist driver(s) and {r['workers']} Ray Train worker(s); "
+          + (f"all gone after {r['seconds']:g} s" if not r["left"] else f"{r['left']} still running after {r['seconds']:g} s"))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from sdn_dist.apps.bench.bench import run_bench
     run_bench(out=args.out, quick=args.quick, autocast=args.autocast)
@@ -301,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, default=8, help="samples in the generated-vs-real grid PNG")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("preempt", help="SIGTERM this machine's sdn-dist drivers and Ray Train workers, then wait "
+                                       "(a Kubernetes preStop hook: the pod's own SIGTERM reaches only `ray start`)")
+    p.add_argument("--wait", type=float, default=25.0, metavar="SECONDS",
+                   help="wait at most this long for them to be gone (keep it below the pod's terminationGracePeriodSeconds)")
+    p.set_defaults(fn=cmd_preempt)
 
     p = sub.add_parser("bench", help="the performance benchmark")
     p.add_argument("--quick", action="store_true", help="finish within 10 minutes on 2 cores")

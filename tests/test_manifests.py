@@ -732,6 +732,39 @@ def test_pod_security_check_rejects_weak_pods():
         assert pod_security_errors("head", bad), "a weakened pod template passed"
 
 
+def prestop_errors(docs: list[dict]) -> list[str]:
+    """Every Ray pod (head, workers) runs `sdn-dist preempt` as its containers' preStop hook:
+    Kubernetes' SIGTERM reaches only `ray start`, whose exit would end the driver and the training
+    workers before they could checkpoint. Its --wait must end inside the pod's grace period."""
+    from sdn_dist.cli import build_parser
+    err = []
+    for name, tpl in embedded_pod_templates(only(docs, "RayJob")).items():
+        if name == "submitter":
+            continue
+        grace = tpl["spec"].get("terminationGracePeriodSeconds", 30)
+        for c in tpl["spec"]["containers"]:
+            cmd = (((c.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {}).get("command") or []
+            if cmd[:2] != ["sdn-dist", "preempt"]:
+                err.append(f"{name}/{c['name']}: no preStop hook running `sdn-dist preempt`")
+                continue
+            wait = build_parser().parse_args(cmd[1:]).wait
+            if not 0 < wait < grace:
+                err.append(f"{name}/{c['name']}: preStop waits {wait:g} s, not inside terminationGracePeriodSeconds {grace}")
+    return err
+
+
+def test_ray_pods_tell_sdn_dist_before_kubernetes_sigterm(docs):
+    assert not prestop_errors(docs), prestop_errors(docs)
+    broken = copy.deepcopy(docs)
+    rj = only(broken, "RayJob")
+    templates = embedded_pod_templates(rj)
+    del templates["head"]["spec"]["containers"][0]["lifecycle"]
+    worker = next(t for n, t in templates.items() if n.startswith("worker:"))
+    worker["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] = "45"
+    errors = prestop_errors(broken)
+    assert any("head/" in e and "no preStop" in e for e in errors) and any("waits 45 s" in e for e in errors), errors
+
+
 def test_network_policy_keeps_ray_ports_inside_the_namespace(docs):
     errors = network_policy_errors(docs)
     assert not errors, "\n".join(errors)

@@ -559,3 +559,45 @@ def test_odd_images_and_very_long_captions_are_read(tmp_path):
     assert tuple(b["image"].shape) == (4, 3, 32, 32) and tuple(b["text"].shape) == (4, 32)
     assert torch.isfinite(b["text"]).all()
     assert torch.allclose(b["image"][0, 0], torch.ones(32, 32)) and float(b["image"][0, 1].max()) == 0.0
+
+
+_STANDIN = """
+import pathlib, signal, sys, time
+if sys.argv[1]:
+    import ray._raylet
+    ray._raylet.setproctitle(sys.argv[1])
+def bye(*_):
+    pathlib.Path(sys.argv[2]).write_text("TERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+pathlib.Path(sys.argv[2] + ".ready").write_text("")
+time.sleep(120)
+"""
+
+
+def test_preempt_sigterms_the_drivers_and_ray_train_workers_and_nothing_else(tmp_path):
+    """`sdn-dist preempt`, a Ray pod's preStop hook (k8s/base/rayjob.yaml): Kubernetes' SIGTERM
+    reaches only `ray start`, so the hook sends it to the run's processes themselves: a process
+    titled as Ray titles a Ray Train worker, and a `sdn_dist train` driver get SIGTERM; a
+    `sdn_dist eval` does not; the hook returns once both are gone. Stand-in processes (real ones,
+    with those command lines and titles); only they are looked at (``among``), never this machine's
+    other runs. Fails on: the worker title or the driver command not matched, any other sdn_dist
+    command matched, the hook not waiting."""
+    from sdn_dist.training.preemption import preempt_local
+    kinds = {"worker": ["ray::RayTrainWorker"], "driver": ["", "sdn_dist", "train"], "other": ["", "sdn_dist", "eval"]}
+    procs = {}
+    try:
+        for kind, argv in kinds.items():
+            path = tmp_path / kind
+            procs[kind] = subprocess.Popen([sys.executable, "-c", _STANDIN, argv[0], str(path), *argv[1:]])
+        deadline = time.time() + 60
+        while not all((tmp_path / f"{k}.ready").exists() for k in kinds) and time.time() < deadline:
+            time.sleep(0.1)
+        r = preempt_local(30, poll=0.1, among=[p.pid for p in procs.values()])
+        assert (r["drivers"], r["workers"], r["left"]) == (1, 1, 0), r
+        assert procs["worker"].poll() == 0 and procs["driver"].poll() == 0       # gone by the time it returned
+        assert (tmp_path / "worker").read_text() == (tmp_path / "driver").read_text() == "TERM"
+        assert procs["other"].poll() is None and not (tmp_path / "other").exists()
+    finally:
+        for p in procs.values():
+            p.kill()

@@ -157,3 +157,50 @@ class DriverPreemption:
     @property
     def requested(self) -> bool:
         return self.since is not None
+
+
+# `sdn-dist preempt`: what a pod's preStop hook runs (k8s/base/rayjob.yaml).
+WORKER_TITLE = "ray::RayTrainWorker"      # Ray's process title of a Ray Train worker
+DRIVER_COMMANDS = ("sdn_dist train", "sdn-dist train")
+
+
+def _is_run_process(cmdline: list[str]) -> str | None:
+    """"driver", "worker" or None for a process's command line."""
+    if cmdline and cmdline[0].startswith(WORKER_TITLE):
+        return "worker"
+    joined = " ".join(a.rsplit("/", 1)[-1] for a in cmdline)
+    return "driver" if any(c in joined for c in DRIVER_COMMANDS) else None
+
+
+def preempt_local(wait_seconds: float, poll: float = 0.5, among: list[int] | None = None) -> dict:
+    """Kubernetes' SIGTERM reaches only a container's first process: in a Ray pod that is `ray
+    start`, whose exit ends the raylet and with it every worker and driver before any could
+    checkpoint (measured: a whole node SIGTERMed at once never wrote a survivor's checkpoint). A
+    preStop hook runs first: this sends SIGTERM to this machine's `sdn-dist train` drivers and Ray
+    Train worker processes (the two preemption paths above), then waits until they are gone (a
+    driver exits 75 after its checkpoint; a preempted worker stays idle until its driver ends the
+    job) or ``wait_seconds`` passed; ``among``: only these pids (tests). -> {"drivers": n, "workers": n,
+    "left": n, "seconds": s}."""
+    import os
+
+    import psutil
+
+    t0 = time.time()
+    hit: dict[str, list] = {"driver": [], "worker": []}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if p.info["pid"] == os.getpid() or (among is not None and p.info["pid"] not in among):
+            continue
+        kind = _is_run_process(p.info["cmdline"] or [])
+        if kind is None:
+            continue
+        try:
+            p.send_signal(signal.SIGTERM)
+            hit[kind].append(p)
+        except psutil.Error:
+            pass
+    signalled = hit["driver"] + hit["worker"]
+    alive = signalled
+    while alive and time.time() - t0 < wait_seconds:
+        _, alive = psutil.wait_procs(alive, timeout=poll)
+    return {"drivers": len(hit["driver"]), "workers": len(hit["worker"]), "left": len(alive),
+            "seconds": round(time.time() - t0, 2)}
