@@ -579,17 +579,21 @@ def test_preempt_sigterms_the_drivers_and_ray_train_workers_and_nothing_else(tmp
     """`sdn-dist preempt`, a Ray pod's preStop hook (k8s/base/rayjob.yaml): Kubernetes' SIGTERM
     reaches only `ray start`, so the hook sends it to the run's processes themselves: a process
     titled as Ray titles a Ray Train worker, and a `sdn_dist train` driver get SIGTERM; a
-    `sdn_dist eval` does not; the hook returns once both are gone. Stand-in processes (real ones,
+    `sdn_dist eval` and a shell whose command line holds `sdn-dist train` do not; the hook returns
+    once both are gone. Stand-in processes (real ones,
     with those command lines and titles); only they are looked at (``among``), never this machine's
     other runs. Fails on: the worker title or the driver command not matched, any other sdn_dist
-    command matched, the hook not waiting."""
+    command or a shell matched, the hook not waiting."""
     from sdn_dist.training.preemption import preempt_local
-    kinds = {"worker": ["ray::RayTrainWorker"], "driver": ["", "sdn_dist", "train"], "other": ["", "sdn_dist", "eval"]}
+    kinds = {"worker": ["ray::RayTrainWorker"], "driver": ["", "sdn_dist", "-v", "train", "--quiet"],
+             "other": ["", "sdn_dist", "eval", "train"]}
     procs = {}
     try:
         for kind, argv in kinds.items():
             path = tmp_path / kind
             procs[kind] = subprocess.Popen([sys.executable, "-c", _STANDIN, argv[0], str(path), *argv[1:]])
+        # Ray's job supervisor runs an entrypoint under `sh -c`: the shell is not the driver
+        procs["shell"] = subprocess.Popen(["/bin/sh", "-c", "sleep 120", "sdn-dist", "train"])   # $0, $1
         deadline = time.time() + 60
         while not all((tmp_path / f"{k}.ready").exists() for k in kinds) and time.time() < deadline:
             time.sleep(0.1)
@@ -598,6 +602,7 @@ def test_preempt_sigterms_the_drivers_and_ray_train_workers_and_nothing_else(tmp
         assert procs["worker"].poll() == 0 and procs["driver"].poll() == 0       # gone by the time it returned
         assert (tmp_path / "worker").read_text() == (tmp_path / "driver").read_text() == "TERM"
         assert procs["other"].poll() is None and not (tmp_path / "other").exists()
+        assert procs["shell"].poll() is None
     finally:
         for p in procs.values():
             p.kill()

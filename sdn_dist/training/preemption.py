@@ -161,15 +161,24 @@ class DriverPreemption:
 
 # `sdn-dist preempt`: what a pod's preStop hook runs (k8s/base/rayjob.yaml).
 WORKER_TITLE = "ray::RayTrainWorker"      # Ray's process title of a Ray Train worker
-DRIVER_COMMANDS = ("sdn_dist train", "sdn-dist train")
+DRIVER_PROGRAMS = ("sdn-dist", "sdn_dist")     # the console script, `python -m sdn_dist`
 
 
 def _is_run_process(cmdline: list[str]) -> str | None:
-    """"driver", "worker" or None for a process's command line."""
+    """"driver", "worker" or None for a process's command line. A driver is a Python process
+    running `sdn-dist [options] train` or `python -m sdn_dist train`; not a shell whose command
+    line merely holds those words (Ray's job supervisor starts an entrypoint with ``sh -c``: its
+    SIGTERM would end the job, not checkpoint it)."""
     if cmdline and cmdline[0].startswith(WORKER_TITLE):
         return "worker"
-    joined = " ".join(a.rsplit("/", 1)[-1] for a in cmdline)
-    return "driver" if any(c in joined for c in DRIVER_COMMANDS) else None
+    if not cmdline or not cmdline[0].rsplit("/", 1)[-1].startswith("python"):
+        return None
+    args = [a.rsplit("/", 1)[-1] for a in cmdline[1:]]
+    for i, a in enumerate(args):
+        if a in DRIVER_PROGRAMS:
+            rest = [x for x in args[i + 1:] if not x.startswith("-")]
+            return "driver" if rest[:1] == ["train"] else None
+    return None
 
 
 def preempt_local(wait_seconds: float, poll: float = 0.5, among: list[int] | None = None) -> dict:
