@@ -53,7 +53,7 @@ class DataConfig(Section):
     max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, description="Images with more pixels than this (after JPEG draft-mode downscaling) are skipped as 'image_too_large' without being decoded; bounds a reader's decode memory (Pillow alone refuses only above 179 Mpx).")
     connect_timeout: float = Field(10.0, gt=0, description="http(s) shards: seconds to wait for the server to accept a connection, per attempt.")
     read_timeout: float = Field(60.0, gt=0, description="http(s) shards: seconds to wait for any bytes (the response headers included) before giving up on the attempt.")
-    retries: int = Field(5, ge=0, description="Remote shards (http(s), s3, ...): retries of an open after a connect or read timeout, a refused or dropped connection or an unreachable endpoint, waiting 1, 2, 4 ... s between attempts (5: 31 s, longer than the 20 s S3 outage of the chaos run).")
+    retries: int = Field(5, ge=0, description="Remote shards (http(s), s3, ...): retries of an open after a connect or read timeout, a refused or dropped connection or an unreachable endpoint, waiting 1, 2, 4 ... s between attempts (5: 31 s, longer than the 20 s S3 outage of the chaos run). Also the s3:// bucket check of a run that resumes (a new run's is told at once).")
 
 
 class TextConfig(Section):

@@ -75,17 +75,20 @@ class Network:
     read: float = 60.0
     retries: int = 5
     backoff: float = 1.0   # seconds before the first retry, doubling after each
+    patient_buckets: bool = True   # the s3:// bucket check retries too (fsio.check_bucket)
 
 
 _NETWORK = Network()
 
 
-def configure_network(data_cfg) -> None:
+def configure_network(data_cfg, patient_buckets: bool = True) -> None:
     """Use ``data_cfg``'s network settings for every http(s) shard this process opens from now on
-    (called by the preflight in the driver and by each reader actor)."""
+    (called by the preflight in the driver and by each reader actor). ``patient_buckets=False``:
+    an s3:// endpoint that cannot be reached fails the bucket check at once (a new run's preflight:
+    a misnamed endpoint is told in seconds)."""
     global _NETWORK
     _NETWORK = Network(connect=float(data_cfg.connect_timeout), read=float(data_cfg.read_timeout),
-                       retries=int(data_cfg.retries))
+                       retries=int(data_cfg.retries), patient_buckets=patient_buckets)
 
 
 def filesystem(proto: str):
@@ -181,7 +184,8 @@ def expand_urls(urls: str | Sequence[str], split: str | None = None) -> list[str
     out = []
     for part in braceexpand(urls.strip()):
         try:   # a missing bucket, refused credentials, no endpoint: said once, up front
-            check_bucket(part, name=urls.strip())
+            check_bucket(part, name=urls.strip(), retries=_NETWORK.retries if _NETWORK.patient_buckets else 0,
+                         backoff=_NETWORK.backoff)
         except UserError as e:
             raise DataError(str(e)) from None
         out += _expand_one(part, split)

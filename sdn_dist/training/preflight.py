@@ -42,9 +42,12 @@ _TEXT_SHAPE_KEYS = ("encoder", "dim")
 
 def run(cfg: Config) -> None:
     """All checks, cheapest first. Raises UserError naming the offending key, file or value."""
-    configure_network(cfg.data)
     check_config(cfg)
-    check_run_dir(cfg)
+    resumes = check_run_dir(cfg)
+    # A run that resumes has read its shards before: an object store it cannot reach now is more
+    # likely down for a while than misnamed, so the bucket check waits (data.retries); a new run is
+    # told at once.
+    configure_network(cfg.data, patient_buckets=resumes)
     check_data(cfg)
     check_teacher(cfg)
     check_writable(cfg)
@@ -83,19 +86,20 @@ def _differences(old: dict, new: dict, prefix: str) -> list[str]:
     return [f"{prefix}{k}" for k in new if old.get(k) != new[k]]
 
 
-def check_run_dir(cfg: Config) -> None:
-    """A rerun resumes from ``out``'s checkpoints: they must be of the configured model."""
+def check_run_dir(cfg: Config) -> bool:
+    """A rerun resumes from ``out``'s checkpoints: they must be of the configured model. True when
+    there is one to resume from."""
     previous = fsio.join(cfg.out, "config.yaml")
     try:
         if not fsio.exists(previous):
-            return
+            return False
         # what the Checkpointer would resume from: step-NNNNNNNN directories with COMPLETE
         fs, path = fsio.url_to_fs(fsio.join(cfg.out, "checkpoints"))
         done = sorted(p.rstrip("/").split("/")[-2] for p in fs.glob(f"{path}/step-*/COMPLETE"))
     except OSError:
-        return   # not readable as a run directory: check_writable names the problem
+        return False   # not readable as a run directory: check_writable names the problem
     if not done:
-        return   # nothing to resume: the new run simply starts over
+        return False   # nothing to resume: the new run simply starts over
     try:
         old = yaml.safe_load(fsio.read_text(previous)) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -119,7 +123,7 @@ def check_run_dir(cfg: Config) -> None:
     try:
         marker = json.loads(fsio.read_text(fsio.join(cfg.out, "checkpoints", done[-1], "COMPLETE")))
     except (OSError, UnicodeDecodeError, ValueError):
-        return   # unreadable marker: the Checkpointer's own listing decides what it resumes
+        return True   # unreadable marker: the Checkpointer's own listing decides what it resumes
     if isinstance(marker, dict) and "schedule" not in marker:
         raise UserError(f"out={cfg.out}: checkpoint {done[-1]} was written by an older sdn-dist (no train "
                         f"state in its COMPLETE marker): use another out to start a new run, or the "
@@ -130,6 +134,7 @@ def check_run_dir(cfg: Config) -> None:
         raise UserError(f"out={cfg.out}: checkpoint {done[-1]} holds deepspeed.zero_stage={zero} optimizer "
                         f"state of {saved_world} worker(s), workers={cfg.workers} now: DeepSpeed cannot "
                         f"re-partition it; resume with workers={saved_world}, or use another out")
+    return True
 
 
 def check_data(cfg: Config) -> None:
