@@ -138,8 +138,6 @@ class DeepSpeedConfig(Section):
     allgather_bucket_size: int = Field(500_000_000, ge=1, description="ZeRO 1/2: parameter elements per all-gather bucket after the partitioned optimizer step (zero_optimization.allgather_bucket_size).")
     contiguous_gradients: bool = Field(True, description="ZeRO 2: copy gradients into one contiguous buffer as they are produced (zero_optimization.contiguous_gradients): no fragmentation, one copy per gradient.")
     comm_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Data type of the gradient all-reduce (DeepSpeed's communication_data_type). bf16 halves the bytes on the wire (the paper preset's 575 MB of fp32 gradients per step) but rounds each gradient to 8 mantissa bits before it is averaged: results differ from fp32. An option for bandwidth-bound multi-node runs, not a default.")
-    grad_reduce: Literal["engine", "overlap", "shm"] = Field("engine", description="ZeRO 0, fp32: who all-reduces the gradients (sdn_dist/training/grad_reduce.py). engine: DeepSpeed's one flat gloo all-reduce after the backward. overlap: DDP's scheme, buckets of overlap_bucket_size gradients all-reduced asynchronously from per-parameter hooks while the backward runs. shm: the engine's flat all-reduce over DeepSpeed's shared-memory collective instead of gloo (one node only). All three give the same weights (bit-identical at 2 workers). Measured on 2 CPU cores, demo preset, 2 workers: docs/performance.md, 'The engine's own cost'.")
-    overlap_bucket_size: int = Field(250_000, ge=1, description="grad_reduce=overlap: gradient elements per bucket (250 000 fp32 = 1 MB, DDP's first bucket).")
     config: str = Field("", description="Path/URL of a DeepSpeed JSON whose keys override the generated ones.")
 
 

@@ -28,7 +28,6 @@ from sdn_dist.data.readers import DataFeed, DataSpec, peak_rss_bytes, run_at_ray
 from sdn_dist.model.losses import Stage
 from sdn_dist.model.student import Student
 from sdn_dist.model.teacher import build_teacher
-from sdn_dist.training import grad_reduce
 from sdn_dist.training.checkpoint import Checkpointer
 from sdn_dist.training.collector import StepRecord, event, message
 from sdn_dist.training.export import export_student, param_digest
@@ -121,7 +120,6 @@ def build_engine(cfg: Config, stage_cfg: StageConfig, text_dim: int, device, tex
     student = prepare_student(student.to(device))
     engine, _, _, _ = deepspeed.initialize(model=student, model_parameters=student.parameters(),
                                            config=deepspeed_config(cfg, stage_cfg))
-    grad_reduce.attach(engine, cfg.deepspeed.grad_reduce, cfg.deepspeed.overlap_bucket_size)
     return engine
 
 

@@ -57,7 +57,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, cfg_json: dict, batc
         torch.cuda.set_device(device)
     cfg, _ = with_resolved_autocast(cfg, device)     # autocast=auto: bf16 where the device has it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     dist.init_process_group("nccl" if use_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world)
     stage_cfg = stages(cfg.stage1, cfg.stage2)[stage - 1].config
