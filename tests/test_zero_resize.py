@@ -31,13 +31,20 @@ STEPS = 3
 def _cfg(tmp, stage: int, workers: int):
     from sdn_dist.config import load_config
     sets = [f"workers={workers}", f"out={tmp}/zero{stage}", f"deepspeed.zero_stage={stage}", f"data.batch_size={BATCH}",
-            "stage1.steps=10", "stage1.lr=0.01", "stage1.lr_schedule=warmup_cosine", "stage1.warmup_steps=2"]
+            "stage1.steps=10", "stage1.lr=0.01", "stage1.lr_schedule=warmup_cosine", "stage1.warmup_steps=2",
+            "model.text_norm=standardize"]
     if stage == 3:   # partition even the debug model's small tensors (DeepSpeed keeps those under 1e5 whole)
         ds = os.path.join(tmp, "zero3.json")
         with open(ds, "w") as f:
             json.dump({"zero_optimization": {"stage3_param_persistence_threshold": 0}}, f)
         sets.append(f"deepspeed.config={ds}")
     return load_config("debug", overrides=sets)
+
+
+def _text_stats(world: int) -> dict:
+    """Caption statistics (model.text_norm=standardize: module buffers, not parameters), different
+    at each world size here, so that only a load of the saved ones gives the saved ones."""
+    return {"mean": [0.1 * world] * TEXT_DIM, "std": 1.0 + world}
 
 
 def _step(engine, step: int) -> None:
@@ -73,7 +80,7 @@ def _two_ranks(rank: int, port: int, tmp: str) -> None:
     from sdn_dist.training.loop import build_engine
     for stage in STAGES:
         cfg = _cfg(tmp, stage, 2)
-        engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
+        engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"), _text_stats(2))
         for step in range(STEPS):
             _step(engine, step)
         saved = _whole(engine)
@@ -102,7 +109,7 @@ def _resumes_on_one(out: str, cfg, stage: int, rank: int = 0) -> None:
     from sdn_dist.training.checkpoint import Checkpointer
     from sdn_dist.training.loop import build_engine
     ref = torch.load(os.path.join(cfg.out, "reference.pt"), weights_only=True)
-    engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"))
+    engine = build_engine(cfg, cfg.stage1, TEXT_DIM, torch.device("cpu"), _text_stats(1))
     said = []
     client = Checkpointer(out, keep=2, rank=rank, world_size=1, say=said.append).load(
         engine, f"step-{STEPS:08d}", {"rng": None})
@@ -119,12 +126,13 @@ def _resumes_on_one(out: str, cfg, stage: int, rank: int = 0) -> None:
             torch.testing.assert_close(got["optimizer"][name][key], value, rtol=0, atol=0, msg=f"{name} {key}")
     for name, value in want["module"].items():
         torch.testing.assert_close(got["module"][name], value, rtol=0, atol=0, msg=name)
+    assert float(engine.module.text_scale) == pytest.approx(1 / 3)   # the saved caption statistics (a buffer), not this build's
 
     _step(engine, STEPS)   # the same global batch the 2 ranks took next, on 1 rank
     got, want = _whole(engine), ref["next"]
     assert got["lr"] == want["lr"] and got["adam_step"] == want["adam_step"] == [float(STEPS + 1)]
     for name, value in want["module"].items():
-        torch.testing.assert_close(got["module"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got["module"][name], value, rtol=1e-5, atol=1e-5, msg=name)   # 1e-3 of the lr
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -133,7 +141,9 @@ def test_a_zero_checkpoint_of_2_ranks_resumes_on_1_with_its_optimizer_state(save
     Fails on: skipping the conversion (``resized = False`` in ``Checkpointer.load``) or loading the
     converted checkpoint with ``load_universal`` off (DeepSpeed refuses to re-partition either
     way), the lr scheduler's state not loaded (``load_lr_scheduler_states=False``: its position
-    restarts at -1, although the lr of the param groups comes back)."""
+    restarts at -1, although the lr of the param groups comes back), the module's buffers left
+    as the engine was built (``_load_buffers`` not called: DeepSpeed's universal load restores
+    parameters only)."""
     from sdn_dist.training.checkpoint import UNIVERSAL
     cfg = _cfg(saved_by_two, stage, 1)
     _resumes_on_one(cfg.out, cfg, stage)

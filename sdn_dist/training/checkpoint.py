@@ -305,6 +305,8 @@ class Checkpointer:
                 load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
         finally:
             engine._config.load_universal_checkpoint = universal
+        if resized and path is not None:
+            _load_buffers(engine, os.path.join(load_dir, tag_dir))
         if path is None:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
         saved = _saved_states(client or {})
@@ -366,6 +368,19 @@ def to_universal(directory: str) -> float:
     with contextlib.suppress(FileNotFoundError):   # its pointer for a load without a tag: loads here name one
         os.remove(os.path.join(directory, "latest_universal"))
     return time.time() - t0
+
+
+def _load_buffers(engine, directory: str) -> None:
+    """DeepSpeed's universal load restores the parameters only (from ``zero/``), not the module's
+    buffers (the caption statistics of ``model.text_norm=standardize``): those come from the
+    checkpoint's model-states file, as a load at the same world size takes them."""
+    files = sorted(glob.glob(os.path.join(directory, "*model_states.pt")))
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        saved = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def _point_latest_at(load_dir: str, tag: str) -> None:
