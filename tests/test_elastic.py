@@ -167,8 +167,8 @@ def test_a_zero_2_run_resized_resumes_its_optimizer_state(tmp_path, synth_shards
     resumed on 1 worker to step 10 and on 2 again to 14; each resume converts the optimizer
     partitions of the saving world size to DeepSpeed's universal checkpoint (said in events.jsonl)
     and each step's loss stays the uninterrupted run's (ZeRO 0 at 2 workers: the same Adam on the
-    same global batches) within float tolerance. Fails on: the conversion skipped (``resized =
-    False`` in ``Checkpointer.load``: DeepSpeed refuses to re-partition, the 1-worker leg fails)."""
+    same global batches) within float tolerance. Fails on: the conversion skipped (its condition in
+    ``Checkpointer.load`` made ``False``: DeepSpeed refuses to re-partition, the 1-worker leg fails)."""
     cut, legs = tmp_path / "cut", ((2, 6), (1, 10), (2, 14))
     for workers, end in legs:
         _train_to(cut, synth_shards, workers, end, "deepspeed.zero_stage=2")

@@ -138,9 +138,9 @@ def _resumes_on_one(out: str, cfg, stage: int, rank: int = 0) -> None:
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_zero_checkpoint_of_2_ranks_resumes_on_1_with_its_optimizer_state(saved_by_two, process_group, stage):
     """A local ``out``: converted once into ``step-N/universal`` (rank 0; the others wait).
-    Fails on: skipping the conversion (``resized = False`` in ``Checkpointer.load``) or loading the
-    converted checkpoint with ``load_universal`` off (DeepSpeed refuses to re-partition either
-    way), the lr scheduler's state not loaded (``load_lr_scheduler_states=False``: its position
+    Fails on: skipping the conversion (its condition in ``Checkpointer.load`` made ``False``) or
+    loading the converted checkpoint with ``load_universal`` off (``_load_universal`` setting it
+    False; DeepSpeed refuses to re-partition either way), the lr scheduler's state not loaded (``load_lr_scheduler_states=False``: its position
     restarts at -1, although the lr of the param groups comes back), the module's buffers left
     as the engine was built (``_load_buffers`` not called: DeepSpeed's universal load restores
     parameters only)."""

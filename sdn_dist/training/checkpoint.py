@@ -286,27 +286,18 @@ class Checkpointer:
         if module_only and engine.zero_optimization_partition_weights():
             _point_latest_at(load_dir, tag)
         saved_world = _zero_partitions(os.path.join(load_dir, tag))
-        resized = not module_only and engine.zero_optimization() and saved_world != engine.dp_world_size
-        if resized:   # local out: one conversion in the shared directory; remote: each rank its own copy
-            if not self.local_root or self.rank == 0:
+        what = dict(load_module_only=module_only, load_optimizer_states=not module_only,
+                    load_lr_scheduler_states=not module_only)
+        if not module_only and engine.zero_optimization() and 0 < saved_world != engine.dp_world_size:
+            if not self.local_root or self.rank == 0:   # local: once, in the shared directory; remote: each its copy
                 seconds = to_universal(os.path.join(load_dir, tag))
                 self._say(f"checkpoint {tag}: ZeRO-{engine.zero_optimization_stage()} state of {saved_world} "
                           f"rank(s) converted for {engine.dp_world_size} in {seconds:.2f}s")
             if self.local_root:
                 _barrier()
-            load_dir, tag_dir = os.path.join(load_dir, tag), UNIVERSAL
+            path, client = _load_universal(engine, os.path.join(load_dir, tag), what)
         else:
-            tag_dir = tag
-        universal = engine._config.load_universal_checkpoint   # DeepSpeed's "checkpoint": {"load_universal"}
-        engine._config.load_universal_checkpoint = resized
-        try:
-            path, client = engine.load_checkpoint(
-                load_dir, tag=tag_dir, load_module_only=module_only,
-                load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
-        finally:
-            engine._config.load_universal_checkpoint = universal
-        if resized and path is not None:
-            _load_buffers(engine, os.path.join(load_dir, tag_dir))
+            path, client = engine.load_checkpoint(load_dir, tag=tag, **what)
         if path is None:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
         saved = _saved_states(client or {})
@@ -368,6 +359,21 @@ def to_universal(directory: str) -> float:
     with contextlib.suppress(FileNotFoundError):   # its pointer for a load without a tag: loads here name one
         os.remove(os.path.join(directory, "latest_universal"))
     return time.time() - t0
+
+
+def _load_universal(engine, directory: str, what: dict):
+    """``engine.load_checkpoint`` of ``directory/universal`` (``to_universal``) with DeepSpeed's
+    ``load_universal`` on (the config's ``"checkpoint": {"load_universal": true}``, which DeepSpeed
+    reads at load time only), then the module's buffers. Returns what load_checkpoint does."""
+    before = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, client = engine.load_checkpoint(directory, tag=UNIVERSAL, **what)
+    finally:
+        engine._config.load_universal_checkpoint = before
+    if path is not None:
+        _load_buffers(engine, os.path.join(directory, UNIVERSAL))
+    return path, client
 
 
 def _load_buffers(engine, directory: str) -> None:
