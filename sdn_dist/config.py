@@ -230,11 +230,6 @@ class Config(Section):
                 raise ValueError(
                     f"data.batch_size={self.data.batch_size} must be divisible by {which} x "
                     f"deepspeed.grad_accum = {world} x {self.deepspeed.grad_accum}")
-        if self.min_workers != self.max_workers and self.deepspeed.zero_stage:
-            # DeepSpeed 0.19 refuses partitioned optimizer state at another world size (docs/reliability.md)
-            raise ValueError(f"workers={self.workers} with deepspeed.zero_stage={self.deepspeed.zero_stage}: "
-                             "DeepSpeed cannot resume ZeRO 1-3 optimizer state on another number of workers; "
-                             "use deepspeed.zero_stage=0 for an elastic run, or a fixed worker count")
         if self.ema.decay and self.deepspeed.zero_stage == 3:
             raise ValueError("ema.decay needs whole weights on every rank: use deepspeed.zero_stage 0-2 with it (ZeRO-3 partitions them)")
         return self

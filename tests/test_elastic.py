@@ -1,4 +1,4 @@
-"""Changes of world size (slow tier): a resize across reruns on the embedded Ray, and on a real
+"""Changes of world size (slow tier): resizes across reruns on the embedded Ray (ZeRO 0 and 2), and on a real
 two-node Ray cluster (tests/cluster.py) an elastic run (`workers=1-2`) submitted with RAY_ADDRESS
 whose second node is reclaimed (its worker SIGTERMed, the node SIGKILLed 2 s later), comes back,
 and is then lost mid-stage."""
@@ -52,13 +52,15 @@ def _scrape_or_none(port):
         return None
 
 
-def _train_to(out, shards, workers: int, end: int) -> None:
+def _train_to(out, shards, workers: int, end: int, *sets: str) -> None:
     """`sdn-dist train` on the local embedded Ray: stage 1 is 2 steps, stage 2 runs to step ``end``
     (a rerun with more stage-2 steps resumes and extends the run; it ends with a checkpoint)."""
     args = SDN + ["train", "--preset", "debug", "--quiet", "--set", f"out={out}", "--set", f"workers={workers}",
                   "--set", f"data.train={shards}/train-*.tar", "--set", f"data.test={shards}/test-*.tar",
                   "--set", "stage1.steps=2", "--set", f"stage2.steps={end - 2}", "--set", "checkpoint.every=100",
                   "--set", "samples.every=0"]
+    for s in sets:
+        args += ["--set", s]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
@@ -71,8 +73,41 @@ def _mean_losses(out: Path) -> dict[int, float]:
     return {s: sum(v) / len(v) for s, v in by_step.items()}
 
 
+@pytest.fixture(scope="module")
+def synth_shards(tmp_path_factory):
+    """64 training samples (an epoch of 8 steps of data.batch_size 8), 32 per shard."""
+    from sdn_dist.apps.synth.dataset import make_synth
+    shards = tmp_path_factory.mktemp("resize") / "shards"
+    make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
+    return shards
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, synth_shards) -> dict[int, float]:
+    """The reference both resize tests compare with: workers=2 (ZeRO 0) to step 14, never stopped;
+    its mean loss at each step."""
+    ref = tmp_path_factory.mktemp("resize") / "ref"
+    _train_to(ref, synth_shards, 2, 14)
+    return _mean_losses(ref)
+
+
+def _resized_like_the_reference(cut: Path, legs, want: dict[int, float]) -> None:
+    """Every checkpoint's data_position is its step x data.batch_size (the global stream), each
+    leg started on its worker count, and each step's loss is the reference's within tolerance."""
+    marks = {int(p.parent.name[5:]): json.loads(p.read_text()) for p in (cut / "checkpoints").glob("*/COMPLETE")}
+    assert max(marks) == legs[-1][1]
+    for step, mark in marks.items():
+        assert (mark["data_order"], mark["data_position"]) == ("global", step * 8), (step, mark)
+    starts = [e["world_size"] for e in _jsonl(cut / "events.jsonl") if e["event"] == "start"]
+    assert starts == [w for w, _ in legs], starts
+    got = _mean_losses(cut)
+    assert sorted(got) == list(range(1, legs[-1][1] + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), (step, got[step], want[step])
+
+
 @pytest.mark.timeout(600)
-def test_a_resize_continues_the_global_sample_order(tmp_path):
+def test_a_resize_continues_the_global_sample_order(tmp_path, synth_shards, uninterrupted):
     """Issue 34 end to end (local Ray, ZeRO 0, fixed worker counts): a workers=2 run stopped at
     step 6, resumed on 1 worker to step 10 and on 2 again to 14 (the 64-sample epoch ends at step
     8, inside the 1-worker leg) takes the uninterrupted workers=2 run's steps: every checkpoint's
@@ -80,23 +115,27 @@ def test_a_resize_continues_the_global_sample_order(tmp_path):
     0..111 each once, whatever the world size; and each step's loss (the ranks' mean) is the
     uninterrupted run's within float tolerance. Fails on: the loop advancing the position by its
     own micro-batch only, a restore that rescales it, a per-rank data order."""
-    from sdn_dist.apps.synth.dataset import make_synth
-    shards = tmp_path / "shards"
-    make_synth(out=str(shards), train=64, test=8, size=32, per_shard=32, seed=3, progress=False)
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    _train_to(ref, shards, 2, 14)
     legs = ((2, 6), (1, 10), (2, 14))
     for workers, end in legs:
-        _train_to(cut, shards, workers, end)
-    marks = {int(p.parent.name[5:]): json.loads(p.read_text()) for p in (cut / "checkpoints").glob("*/COMPLETE")}
-    for step, mark in marks.items():
-        assert (mark["data_order"], mark["data_position"]) == ("global", step * 8), (step, mark)
-    starts = [e["world_size"] for e in _jsonl(cut / "events.jsonl") if e["event"] == "start"]
-    assert starts == [w for w, _ in legs], starts
-    want, got = _mean_losses(ref), _mean_losses(cut)
-    assert sorted(got) == sorted(want) == list(range(1, 15))
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), (step, got[step], want[step])
+        _train_to(tmp_path / "cut", synth_shards, workers, end)
+    _resized_like_the_reference(tmp_path / "cut", legs, uninterrupted)
+
+
+@pytest.mark.timeout(600)
+def test_a_zero_2_run_resized_resumes_its_optimizer_state(tmp_path, synth_shards, uninterrupted):
+    """The same at deepspeed.zero_stage=2 (issue 34, item 1): a workers=2 run stopped at step 6,
+    resumed on 1 worker to step 10 and on 2 again to 14; each resume converts the optimizer
+    partitions of the saving world size to DeepSpeed's universal checkpoint (said in events.jsonl)
+    and each step's loss stays the uninterrupted run's (ZeRO 0 at 2 workers: the same Adam on the
+    same global batches) within float tolerance. Fails on: the conversion skipped (its condition in
+    ``Checkpointer.load`` made ``False``: DeepSpeed refuses to re-partition, the 1-worker leg fails)."""
+    cut, legs = tmp_path / "cut", ((2, 6), (1, 10), (2, 14))
+    for workers, end in legs:
+        _train_to(cut, synth_shards, workers, end, "deepspeed.zero_stage=2")
+    said = [e["text"] for e in _jsonl(cut / "events.jsonl") if e["event"] == "message" and "converted" in e["text"]]
+    assert [t.split(" in ")[0] for t in said] == ["checkpoint step-00000006: ZeRO-2 state of 2 rank(s) converted for 1",
+                                                  "checkpoint step-00000010: ZeRO-2 state of 1 rank(s) converted for 2"], said
+    _resized_like_the_reference(cut, legs, uninterrupted)
 
 
 SPOT = ["workers=1-2", "stage1.steps=250", "stage2.steps=10", "checkpoint.every=1000",

@@ -146,7 +146,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("refusal", ["another model", "older sdn-dist", "ZeRO-1 on another world size"])
+@pytest.mark.parametrize("refusal", ["another model", "older sdn-dist", "ZeRO-1 on NVMe on another world size"])
 def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards, refusal):
     """A rerun that cannot resume must not touch ``out``: not config.yaml (the driver rewrites it
     with the new settings), not metrics.jsonl / events.jsonl, no ray/ or probe file. The layout of
@@ -158,6 +158,8 @@ def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards,
     ck.mkdir(parents=True)
     width = "model.width=0.125" if refusal == "another model" else "model.width=0.0625"
     zero = ["deepspeed.zero_stage=1", "workers=2"] if refusal.startswith("ZeRO") else []
+    nvme = tmp_path / "nvme.json"   # beside out: out is compared byte for byte
+    nvme.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}))
     (out / "config.yaml").write_text(to_yaml(load_config("debug", overrides=[width, f"out={out}", *zero])))
     marker = {"step": 4, "stage": 1, "time": 1.5e9}
     if refusal != "older sdn-dist":
@@ -170,17 +172,54 @@ def test_refused_resume_leaves_the_run_directory_byte_for_byte(tmp_path, shards,
     (out / "samples").mkdir()
     (out / "samples" / "step-00000004.png").write_bytes(b"\x89PNG...")
     before = snapshot(out)
-    r, dt = train(out, shards, "stage1.steps=6", *(["deepspeed.zero_stage=1", "workers=1"] if zero else []))
+    r, dt = train(out, shards, "stage1.steps=6",
+                  *(["deepspeed.zero_stage=1", "workers=1", f"deepspeed.config={nvme}"] if zero else []))
     if refusal == "another model":
         one_line_error(r, "model.width=0.125 there", "model.width=0.0625 now", "step-00000004")
     elif zero:
-        one_line_error(r, f"out={out}", "step-00000004", "deepspeed.zero_stage=1", "2 worker(s)", "workers=1 now")
+        one_line_error(r, f"out={out}", "step-00000004", "deepspeed.zero_stage=1", "2 worker(s)", "workers=1 now",
+                       f"deepspeed.config={nvme}", "NVMe")
     else:
         one_line_error(r, f"out={out}", "step-00000004", "older sdn-dist")
     stopped_before_ray(r, dt, out)
     after = snapshot(out)
     assert sorted(after) == sorted(before)
     assert [k for k in before if before[k] != after[k]] == []
+
+
+def _zero_run_dir(out: Path, zero: int, saved_world: int) -> None:
+    """``out`` as a ZeRO-``zero`` run on ``saved_world`` workers left it at step 4."""
+    from sdn_dist.config import load_config, to_yaml
+    ck = out / "checkpoints" / "step-00000004"
+    ck.mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(load_config("debug", overrides=[
+        f"out={out}", f"deepspeed.zero_stage={zero}", f"workers={saved_world}"])))
+    (ck / "COMPLETE").write_text(json.dumps({"step": 4, "stage": 1, "time": 1.5e9, "world_size": saved_world,
+                                             "schedule": {"switch_step": 4, "best": 1.0, "bad": 0},
+                                             "data_position": 32, "data_order": "global"}))
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("workers", ["1", "1-2", "4"])
+def test_a_zero_resume_on_another_worker_count_passes_preflight(tmp_path, zero, workers):
+    """ZeRO 1-3 state of 2 workers resumes on 1, 1-2 or 4: the Checkpointer converts it
+    (tests/test_zero_resize.py), so neither the config nor preflight refuses it any more; with
+    the optimizer state on NVMe they still do (exit 2, one line). Fails on: the old refusal of a
+    changed fixed count kept in ``check_run_dir`` or of an elastic range in ``Config._check``, the
+    NVMe refusals dropped."""
+    from sdn_dist.config import load_config
+    from sdn_dist.training import preflight
+    out = tmp_path / "run"
+    _zero_run_dir(out, zero, 2)
+    cfg = load_config("debug", overrides=[f"out={out}", f"deepspeed.zero_stage={zero}", f"workers={workers}"])
+    preflight.check_config(cfg)
+    preflight.check_run_dir(cfg)
+    nvme = tmp_path / "nvme.json"
+    nvme.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}))
+    cfg = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"config": str(nvme)})})
+    check = preflight.check_config if "-" in workers else preflight.check_run_dir
+    with pytest.raises(UserError, match=f"workers={workers} .*NVMe"):
+        check(cfg)
 
 
 # ------------------------------------------------------------------ data

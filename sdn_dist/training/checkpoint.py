@@ -5,6 +5,8 @@ Layout under ``<out>/checkpoints/``::
     step-00000120/            DeepSpeed's own files (model states, ZeRO optimizer partitions)
     step-00000120/COMPLETE    written last, by rank 0, after every rank has saved
     step-00000120/client.json  (inside COMPLETE) step, stage, switch step, data position
+    step-00000120/universal/  only after a resume at another world size (ZeRO 1-3): DeepSpeed's
+                              universal checkpoint of the files above, made by ``load``
 
 A directory without ``COMPLETE`` is a checkpoint that was interrupted mid-write: it is never resumed
 from and is removed at the next start (as is a ``step-N.rank-R`` directory: one rank's checkpoint
@@ -24,6 +26,10 @@ copy is deleted once uploaded.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import glob
+import io
 import json
 import os
 import pickle
@@ -258,7 +264,17 @@ class Checkpointer:
         scheduler unless ``module_only``: a stage switch starts a fresh optimizer), and each of
         ``states`` (name -> object with ``load_state_dict``, or None to leave out) from what was
         saved under its name; a name the checkpoint lacks is left as it is. Returns everything
-        the checkpoint saved beside the engine, by name."""
+        the checkpoint saved beside the engine, by name.
+
+        ZeRO 1-3 state saved at another world size (the engine's data-parallel size is not the
+        number of optimizer partitions in the checkpoint) is converted first to DeepSpeed's
+        universal checkpoint (``to_universal``) and loaded from it with ``load_universal``: the
+        fp32 weights, the Adam moments and step are re-partitioned for this world size, the lr
+        scheduler and the client state come from the model-states file as at the same size. A
+        local ``out`` is converted once, by rank 0, into ``step-N/universal`` while the others
+        wait; with a remote ``out`` each rank converts the copy it downloaded. At the same world
+        size nothing of this happens (the load is the bit-exact one). A weights-only load
+        (``module_only``) reads the model-states file at any world size."""
         self.wait()   # collective: the checkpoint being uploaded is complete first
         load_dir = self.local_root
         if not load_dir:
@@ -269,9 +285,19 @@ class Checkpointer:
         verify_safe(os.path.join(load_dir, tag))
         if module_only and engine.zero_optimization_partition_weights():
             _point_latest_at(load_dir, tag)
-        path, client = engine.load_checkpoint(
-            load_dir, tag=tag, load_module_only=module_only,
-            load_optimizer_states=not module_only, load_lr_scheduler_states=not module_only)
+        saved_world = _zero_partitions(os.path.join(load_dir, tag))
+        what = dict(load_module_only=module_only, load_optimizer_states=not module_only,
+                    load_lr_scheduler_states=not module_only)
+        if not module_only and engine.zero_optimization() and 0 < saved_world != engine.dp_world_size:
+            if not self.local_root or self.rank == 0:   # local: once, in the shared directory; remote: each its copy
+                seconds = to_universal(os.path.join(load_dir, tag))
+                self._say(f"checkpoint {tag}: ZeRO-{engine.zero_optimization_stage()} state of {saved_world} "
+                          f"rank(s) converted for {engine.dp_world_size} in {seconds:.2f}s")
+            if self.local_root:
+                _barrier()
+            path, client = _load_universal(engine, os.path.join(load_dir, tag), what)
+        else:
+            path, client = engine.load_checkpoint(load_dir, tag=tag, **what)
         if path is None:
             raise UserError(f"checkpoint {self.root}/{tag} could not be loaded")
         saved = _saved_states(client or {})
@@ -302,6 +328,65 @@ def _files(local: str):
         for name in sorted(names):
             src = os.path.join(dirpath, name)
             yield src, os.path.relpath(src, local).replace(os.sep, "/")
+
+
+UNIVERSAL = "universal"   # a resized resume's DeepSpeed universal checkpoint, inside the tag's directory
+
+
+def _zero_partitions(directory: str) -> int:
+    """The data-parallel world size whose ZeRO optimizer partitions a checkpoint holds (one
+    ``zero_pp_rank_R_..._optim_states.pt`` per rank; 0 at ZeRO 0)."""
+    return len(glob.glob(os.path.join(directory, "*zero_pp_rank_*_optim_states.pt")))
+
+
+def to_universal(directory: str) -> float:
+    """Convert the DeepSpeed checkpoint in ``directory`` (ZeRO 1-3, partitioned over the world size
+    that saved it) into DeepSpeed's universal checkpoint in ``directory/universal``: per parameter
+    its fp32 weights, Adam moments and step, whole (``deepspeed/checkpoint/ds_to_universal.py``,
+    in this process), beside the model-states file (lr scheduler, client state). An engine of any
+    world size loads it with ``load_universal``. Rebuilt from the verified files every time (an
+    earlier one is replaced, never trusted); returns the seconds it took."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    t0 = time.time()
+    final, tmp = os.path.join(directory, UNIVERSAL), os.path.join(directory, f".{UNIVERSAL}-{os.getpid()}")
+    for d in (final, tmp):
+        shutil.rmtree(d, ignore_errors=True)
+    args = argparse.Namespace(input_folder=directory, output_folder=tmp, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):   # its progress bars
+        ds_to_universal(args)
+    os.replace(tmp, final)
+    with contextlib.suppress(FileNotFoundError):   # its pointer for a load without a tag: loads here name one
+        os.remove(os.path.join(directory, "latest_universal"))
+    return time.time() - t0
+
+
+def _load_universal(engine, directory: str, what: dict):
+    """``engine.load_checkpoint`` of ``directory/universal`` (``to_universal``) with DeepSpeed's
+    ``load_universal`` on (the config's ``"checkpoint": {"load_universal": true}``, which DeepSpeed
+    reads at load time only), then the module's buffers. Returns what load_checkpoint does."""
+    before = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = True
+    try:
+        path, client = engine.load_checkpoint(directory, tag=UNIVERSAL, **what)
+    finally:
+        engine._config.load_universal_checkpoint = before
+    if path is not None:
+        _load_buffers(engine, os.path.join(directory, UNIVERSAL))
+    return path, client
+
+
+def _load_buffers(engine, directory: str) -> None:
+    """DeepSpeed's universal load restores the parameters only (from ``zero/``), not the module's
+    buffers (the caption statistics of ``model.text_norm=standardize``): those come from the
+    checkpoint's model-states file, as a load at the same world size takes them."""
+    files = sorted(glob.glob(os.path.join(directory, "*model_states.pt")))
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        saved = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def _point_latest_at(load_dir: str, tag: str) -> None:

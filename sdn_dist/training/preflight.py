@@ -80,6 +80,11 @@ def check_config(cfg: Config) -> None:
         if not isinstance(conf, dict):
             raise ConfigError(f"deepspeed.config={url}: must hold a JSON object of DeepSpeed keys, "
                               f"not a {type(conf).__name__}")
+        if cfg.min_workers != cfg.max_workers and cfg.deepspeed.zero_stage and _nvme_optimizer(cfg):
+            raise ConfigError(f"workers={cfg.workers} with deepspeed.zero_stage={cfg.deepspeed.zero_stage} and "
+                              f"deepspeed.config={url} swapping the optimizer state to NVMe (offload_optimizer): "
+                              f"DeepSpeed cannot re-partition it for another number of workers; use a fixed "
+                              f"workers count, or no NVMe offload")
 
 
 def _differences(old: dict, new: dict, prefix: str) -> list[str]:
@@ -128,13 +133,25 @@ def check_run_dir(cfg: Config) -> bool:
         raise UserError(f"out={cfg.out}: checkpoint {done[-1]} was written by an older sdn-dist (no train "
                         f"state in its COMPLETE marker): use another out to start a new run, or the "
                         f"release that wrote it to resume it")
-    # DeepSpeed 0.19 loads ZeRO 1-3 optimizer state only at the world size that saved it.
+    # ZeRO 1-3 state of another world size is converted at the resume (Checkpointer.load,
+    # DeepSpeed's universal checkpoint), except where DeepSpeed's universal load skips the
+    # optimizer: its state swapped to NVMe (engine.load_checkpoint, DeepSpeed 0.19.8).
     zero, saved_world = (old.get("deepspeed") or {}).get("zero_stage") or 0, marker.get("world_size")
-    if zero and isinstance(saved_world, int) and cfg.min_workers == cfg.max_workers != saved_world:
+    if zero and isinstance(saved_world, int) and cfg.min_workers == cfg.max_workers != saved_world \
+            and _nvme_optimizer(cfg):
         raise UserError(f"out={cfg.out}: checkpoint {done[-1]} holds deepspeed.zero_stage={zero} optimizer "
-                        f"state of {saved_world} worker(s), workers={cfg.workers} now: DeepSpeed cannot "
-                        f"re-partition it; resume with workers={saved_world}, or use another out")
+                        f"state of {saved_world} worker(s), workers={cfg.workers} now, and deepspeed.config="
+                        f"{cfg.deepspeed.config} swaps it to NVMe (offload_optimizer), which DeepSpeed cannot "
+                        f"re-partition; resume with workers={saved_world}, or use another out")
     return True
+
+
+def _nvme_optimizer(cfg: Config) -> bool:
+    """The user DeepSpeed JSON (check_config has read it) puts the optimizer state on NVMe."""
+    if not cfg.deepspeed.config:
+        return False
+    zero = json.loads(fsio.read_text(cfg.deepspeed.config)).get("zero_optimization") or {}
+    return isinstance(zero, dict) and (zero.get("offload_optimizer") or {}).get("device") == "nvme"
 
 
 def check_data(cfg: Config) -> None:
