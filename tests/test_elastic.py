@@ -203,8 +203,11 @@ def test_a_node_reclaimed_then_a_node_lost(tmp_path):
         assert [e["train_run"] for e in evs if e["event"] == "released"] == runs[-1:], evs[-6:]
         assert max(r["step"] for r in _jsonl(out / "metrics.jsonl")) <= stopped   # rank 1 cannot pass it alone
 
-        # 2. the node back, the same command again
+        # 2. the node back, the same command again. Ray Train's elastic start sizes the group by the
+        # cluster's AutoscalingCoordinator, which refreshes its view of the nodes every 20 s
+        # (TICK_INTERVAL_S, Ray 2.60): a rerun right after a node joined starts without it.
         cluster.add_node2()
+        time.sleep(21)
         started = time.time()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(cluster.env, SDN_ATTEMPT="a2"))
