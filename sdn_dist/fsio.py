@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import os
 import re
-import time
 import uuid
 
 import fsspec
@@ -20,8 +18,6 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from sdn_dist.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def write_os_error(e: BaseException, directory: str | None) -> OSError | None:
@@ -79,7 +75,7 @@ def s3_endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
-def check_bucket(url: str, name: str | None = None, retries: int = 0, backoff: float = 1.0) -> None:
+def check_bucket(url: str, name: str | None = None, network_errors: bool = False) -> None:
     """For an s3:// URL: in seconds, that the endpoint answers, the credentials are accepted and
     the bucket exists, else a UserError naming the URL (``name``: the URL as the user wrote it,
     e.g. the brace pattern ``url`` came from). Once per bucket, endpoint and key id in a
@@ -88,9 +84,8 @@ def check_bucket(url: str, name: str | None = None, retries: int = 0, backoff: f
     Without this a missing bucket would be created by the first write (s3fs's makedirs does),
     wrong credentials would read as "no checkpoints yet" (s3fs's exists() swallows a 403), and an
     unreachable endpoint would surface inside every Ray worker after minutes of retries.
-    An endpoint that refuses or drops the connection is asked again ``retries`` times with
-    exponential backoff (``backoff`` x 1, 2, 4 ... s; shard URLs: data.retries): an object store
-    down for a while (a rerun during an outage) is waited out, not reported as bad input.
+    ``network_errors``: an endpoint that refuses or drops the connection raises botocore's own
+    error instead, for a caller that retries (shard URLs: data.retries, ``shards._with_retries``).
     """
     proto, sep, rest = url.partition("://")
     if not sep or proto.lower() not in _S3_PROTOCOLS:
@@ -113,24 +108,17 @@ def check_bucket(url: str, name: str | None = None, retries: int = 0, backoff: f
     fs.retries = 1   # s3fs's own retry loop (a class attribute), on top of botocore's
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError   # a connection reset or closed, a read timeout
-    for attempt in range(1 + max(0, retries)):
-        try:
-            fs.call_s3("head_bucket", Bucket=bucket)
-            break
-        except FileNotFoundError:
-            raise UserError(f"{url}: bucket {bucket!r} does not exist at {where}") from None
-        except PermissionError as e:
-            raise UserError(f"{url}: access to bucket {bucket!r} at {where} denied ({_one_line(e) or 'Forbidden'}); "
-                            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
-        except BotoCoreError as e:   # endpoint unreachable, connect timeout, no credentials at all
-            if isinstance(e, (BotoConnectionError, HTTPClientError)) and attempt < retries:
-                wait = backoff * 2 ** attempt
-                log.info("%s: cannot reach bucket %r at %s (%s); asking again in %g s", url, bucket, where,
-                         _one_line(e), wait)
-                time.sleep(wait)
-                continue
-            tries = f" ({attempt + 1} attempts)" if attempt else ""
-            raise UserError(f"{url}: cannot reach bucket {bucket!r} at {where}{tries}: {_one_line(e)}") from None
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise UserError(f"{url}: bucket {bucket!r} does not exist at {where}") from None
+    except PermissionError as e:
+        raise UserError(f"{url}: access to bucket {bucket!r} at {where} denied ({_one_line(e) or 'Forbidden'}); "
+                        "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except BotoCoreError as e:   # endpoint unreachable, connect timeout, no credentials at all
+        if network_errors and isinstance(e, (BotoConnectionError, HTTPClientError)):
+            raise
+        raise UserError(f"{url}: cannot reach bucket {bucket!r} at {where}: {_one_line(e)}") from None
     _checked_buckets.add(key)
 
 

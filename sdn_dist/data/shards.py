@@ -75,7 +75,7 @@ class Network:
     read: float = 60.0
     retries: int = 5
     backoff: float = 1.0   # seconds before the first retry, doubling after each
-    patient_buckets: bool = True   # the s3:// bucket check retries too (fsio.check_bucket)
+    patient_buckets: bool = True   # the s3:// bucket check retries too (expand_urls)
 
 
 _NETWORK = Network()
@@ -184,8 +184,10 @@ def expand_urls(urls: str | Sequence[str], split: str | None = None) -> list[str
     out = []
     for part in braceexpand(urls.strip()):
         try:   # a missing bucket, refused credentials, no endpoint: said once, up front
-            check_bucket(part, name=urls.strip(), retries=_NETWORK.retries if _NETWORK.patient_buckets else 0,
-                         backoff=_NETWORK.backoff)
+            if _NETWORK.patient_buckets:   # an unreachable endpoint is waited for, as a shard open is
+                _with_retries(urls.strip(), lambda: check_bucket(part, name=urls.strip(), network_errors=True))
+            else:
+                check_bucket(part, name=urls.strip())
         except UserError as e:
             raise DataError(str(e)) from None
         out += _expand_one(part, split)
