@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# Set-up + the whole test suite (fast unit tier, then the slow integration tier with real Ray,
+# Set-up + the whole test suite (the fast unit tier and the slow integration tier with real Ray,
 # DeepSpeed and Prometheus), as the README's second command.
-#   bash scripts/test.sh [pytest args]
+#   bash scripts/test.sh              # everything, as CI
+#   bash scripts/test.sh [pytest args] # set-up, then pytest with those arguments only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 # pytest exits 5 when it collects no test: that is a failure here, never a success.
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+# No arguments: the whole suite, in two parts. Most of a test's wall time is processes starting
+# and waiting (Ray, DeepSpeed, Prometheus), so all but the `serial` tests run on two pytest-xdist
+# workers, a test file to each; the `serial` ones (two-node Ray clusters, timed measurements) then
+# run alone. SDN_TEST_WORKERS=N sets the workers of the first part (0: none).
+status=0
+.venv/bin/python -m pytest -n "${SDN_TEST_WORKERS:-2}" --dist loadfile -m "not serial" || status=$?
+.venv/bin/python -m pytest -m serial || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
+exit "$status"

@@ -25,6 +25,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+# scripts/test.sh runs the suite on pytest-xdist workers. Each worker's Ray clusters (embedded ones,
+# `ray start` heads, tests/cluster.py) keep their session directories and the ray_current_cluster
+# file under a temp dir of its own, so that no worker's cluster is found through another's file.
+if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"   # short: socket paths
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
 
 def free_port() -> int:
     with socket.socket() as s:

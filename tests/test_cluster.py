@@ -22,7 +22,7 @@ import pytest
 
 from conftest import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]   # serial: two-node Ray clusters, timed waits
 
 BIN = Path(sys.executable).parent
 SDN = [sys.executable, "-m", "sdn_dist"]

@@ -60,12 +60,12 @@ def sets(*kv):
 
 def events(out):
     p = Path(out) / "events.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+    return [json.loads(l) for l in p.read_text().splitlines(keepends=True) if l.endswith("\n")] if p.exists() else []   # not a line being written
 
 
 def records(out):
     p = Path(out) / "metrics.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+    return [json.loads(l) for l in p.read_text().splitlines(keepends=True) if l.endswith("\n")] if p.exists() else []   # not a line being written
 
 
 def finals(out):

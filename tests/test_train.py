@@ -51,7 +51,7 @@ def records(out):
 
 def events(out):
     p = Path(out) / "events.jsonl"
-    return [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
+    return [json.loads(l) for l in p.read_text().splitlines(keepends=True) if l.endswith("\n")] if p.exists() else []   # not a line being written
 
 
 def student(out):
@@ -116,7 +116,7 @@ def _kill_rank0_when(out, predicate, timeout=300):
     while time.time() < deadline:
         p = Path(out) / "metrics.jsonl"
         if p.exists():
-            for r in map(json.loads, p.read_text().splitlines()):
+            for r in _written(p):
                 if r["rank"] == 0 and predicate(r):
                     os.kill(r["pid"], signal.SIGKILL)
                     return r
@@ -262,13 +262,19 @@ def _popen_train(out, shards, attempt, extra=()):
                             env=dict(os.environ, SDN_ATTEMPT=attempt))
 
 
+def _written(p: Path) -> list[dict]:
+    """The records of a JSON-lines file the run is still appending to: a last line without its
+    newline is being written (read under load, it was cut mid-string)."""
+    return [json.loads(line) for line in p.read_text().splitlines(keepends=True) if line.endswith("\n")]
+
+
 def _sigterm_when(proc, out, attempt, predicate, target, timeout=900):
     """Poll metrics.jsonl; once predicate(record of this attempt) holds, SIGTERM ``target(record)``."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         p = Path(out) / "metrics.jsonl"
         if p.exists():
-            for r in map(json.loads, p.read_text().splitlines()):
+            for r in _written(p):
                 if r["attempt"] == attempt and predicate(r):
                     os.kill(target(r), signal.SIGTERM)
                     return r, time.time()
