@@ -264,3 +264,27 @@ def test_an_error_reads_as_one_line_wherever_it_was_raised():
     assert error_line(wrapped) == "error: shard s3://b/train-0.tar sample 7: not a PNG"
     assert error_line(cause) == error_line(wrapped)
     assert error_line(KeyError("fc7")) == "error: KeyError: 'fc7'"
+
+
+@pytest.mark.parametrize("fit_running", [True, False])
+def test_a_preempted_train_leaves_without_rays_shutdown_while_fit_still_runs(monkeypatch, capsys, fit_running):
+    """Exit 75 after a preemption whose Ray Train fit() is still blocked in the driver's other
+    thread goes through os._exit, past Ray's at-exit shutdown (it crashed under that thread:
+    SIGSEGV, exit -11); when fit() has ended, the normal exit (Ray shuts down cleanly)."""
+    import os
+
+    import sdn_dist.training.driver as driver
+    monkeypatch.setattr(driver, "run_training", lambda cfg, progress: {
+        "out": "o", "run_id": "r", "preempted": 7, "exit_status": 75, "summary": None, "fit_running": fit_running})
+    exits = []
+
+    def fake_exit(status):
+        exits.append(status)
+        raise SystemExit(status)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    try:
+        status = main(["train", "--preset", "debug", "--quiet"])
+    except SystemExit as e:
+        status = e.code
+    assert status == 75 and exits == ([75] if fit_running else [])
+    assert "preempted at step 7" in capsys.readouterr().err

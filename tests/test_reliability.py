@@ -368,6 +368,35 @@ def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path
     assert "goodput" in r.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, shards):
+    """A SIGTERM to the run's whole process group (`kill -- -PGID`, a batch scheduler's or systemd's
+    stop) reaches the driver, the workers and the embedded Ray's GCS at once. The workers checkpoint;
+    the driver then waits within checkpoint.preempt_grace_seconds for Ray Train, which cannot end
+    (its GCS is gone), and leaves with 75 and its summary. It used to wait on the dead GCS for 60 s
+    and exit 1 without a summary (the cancel of a resource request an embedded Ray does not need,
+    then Ray's own at-exit shutdown)."""
+    out = tmp_path / "run"
+    grace = 8
+    args = SDN + base_args(out, shards) + sets("workers=2", "stage1.steps=100000", "stage2.steps=2",
+                                               f"checkpoint.preempt_grace_seconds={grace}")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: any(r["step"] >= 20 for r in records(out)), what="step 20")
+        signalled = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+        took = time.time() - signalled
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, (proc.returncode, round(took, 1), stderr[-2000:])
+    assert took < grace + 10, took
+    (pre,) = [e for e in events(out) if e["event"] == "preempted"]
+    assert (out / "checkpoints" / f"step-{pre['step']:08d}" / "COMPLETE").exists()
+    assert [e["event"] for e in events(out)][-1] == "summary" and "goodput" in stdout
+
+
 def _incomplete(ck: Path) -> list[str]:
     """Checkpoint directories being written: without COMPLETE and newer than every complete one
     (an older one without its marker is being pruned, and may be gone before the kill lands)."""

@@ -73,7 +73,7 @@ class RecordCollector:
 
     async def drain(self) -> list[dict]:
         out, self.records = self.records, []
-        return out
+        return in_order(out)
 
     async def preempt(self, rank: int | None = None) -> None:
         """The driver (``rank`` None) or training worker ``rank`` got SIGTERM: every rank's pending
@@ -86,6 +86,13 @@ class RecordCollector:
         """Once a preemption is announced: the ranks announced by then ([]: the driver's)."""
         await self._preempted.wait()
         return sorted(self._ranks)
+
+
+def in_order(records: list[dict]) -> list[dict]:
+    """Records in the order they were made. An async actor's calls may run out of the order a rank
+    sent them in (Ray orders only a sync actor's), so under load a rank's step 88 could reach
+    metrics.jsonl before its step 87; every record carries the time its rank made it."""
+    return sorted(records, key=lambda r: r.get("time", 0.0))
 
 
 def start_collector():

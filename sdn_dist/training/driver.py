@@ -60,14 +60,17 @@ def prepare_run_dir(cfg: Config) -> None:
     fsio.atomic_write(fsio.join(cfg.out, "config.yaml"), to_yaml(cfg))
 
 
-def init_ray(cfg: Config, quiet: bool = True) -> None:
+def init_ray(cfg: Config, quiet: bool = True) -> bool:
+    """Connect to the cluster at ``ray.address`` / RAY_ADDRESS, or start an embedded one. True when
+    this process started (and so owns) its Ray."""
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     env = {"OMP_NUM_THREADS": str(cfg.threads_per_worker), "PYTHONUNBUFFERED": "1"}
     show_workers = bool(os.environ.get("SDN_WORKER_LOGS"))
     if address:
         ray.init(address=address, log_to_driver=show_workers or not quiet)
+        return False
     else:
         # Ray's state API (Ray Train's PlacementGroupCleaner asks it whether the controller lives)
         # finds "the cluster" through RAY_ADDRESS or /tmp/ray/ray_current_cluster, which a `ray
@@ -79,6 +82,7 @@ def init_ray(cfg: Config, quiet: bool = True) -> None:
                  include_dashboard=cfg.ray.dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
                  _node_ip_address="127.0.0.1", log_to_driver=show_workers,
                  runtime_env={"env_vars": env}, configure_logging=False)
+        return True
 
 
 def run_training(cfg: Config, progress: bool = True) -> dict:
@@ -98,7 +102,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
     # events and names Ray Train's own run state, so retries never overwrite each other's.
     attempt = os.environ.get("SDN_ATTEMPT") or time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     clock = RunClock.from_run_dir(cfg.out, attempt, started)   # before this attempt appends to out
-    init_ray(cfg, quiet=progress)
+    embedded = init_ray(cfg, quiet=progress)
     sink = MetricsSink(cfg.out, cfg.metrics, cfg.run_id, attempt)
     sink.log([clock.attempt_event()])
     collector = start_collector()
@@ -141,7 +145,7 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
             if not alive:
                 break
         if preempted is not None:
-            _end_after_preemption(thread, preempt, train_run, sink, cfg)
+            _end_after_preemption(thread, preempt, None if embedded else train_run, sink, cfg)
         summary = clock.summary()     # goodput and recoveries, for events.jsonl, Prometheus, the CLI
         sink.log([summary])
     finally:
@@ -149,8 +153,10 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         bar.close()
         sink.close()
     if preempted is not None:
+        # Ray Train's fit() may still be blocked in its thread (a worker's preemption, a dead GCS):
+        # the CLI then leaves without Ray's at-exit shutdown (cli.exit_leaving_ray).
         return {"out": cfg.out, "run_id": cfg.run_id, "preempted": preempted,
-                "exit_status": EXIT_PREEMPTED, "summary": summary}
+                "exit_status": EXIT_PREEMPTED, "summary": summary, "fit_running": thread.is_alive()}
     if "error" in outcome:
         err = outcome["error"]
         cause = unwrap_user_error(err)
@@ -168,7 +174,9 @@ def _end_after_preemption(thread: threading.Thread, preempt: DriverPreemption, t
     worker's (its node reclaimed): Ray Train would restart the group without it, and the restarted
     group would train on and checkpoint again. A controller still running when the job ends leaves
     its cluster resource request live for 180 s (a rerun with workers=MIN-MAX then gets no worker
-    until it expires: training/resource_request.py), so the driver cancels it itself."""
+    until it expires: training/resource_request.py), so the driver cancels it itself. (An embedded
+    Ray ends with the driver, its request too: ``train_run`` is None, and nothing waits on a GCS
+    that a SIGTERM to the whole process group may have ended.)"""
     if preempt.since is not None:
         thread.join(timeout=max(1.0, cfg.checkpoint.preempt_grace_seconds - (time.time() - preempt.since)))
     if thread.is_alive() and resource_request.release(train_run):
