@@ -11,11 +11,7 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 if [ $# -gt 0 ]; then
     exec .venv/bin/python -m pytest "$@"
 fi
-# No arguments: the whole suite, in two parts. Most of a test's wall time is processes starting
-# and waiting (Ray, DeepSpeed, Prometheus), so all but the `serial` tests run on two pytest-xdist
-# workers, a test file to each; the `serial` ones (two-node Ray clusters, timed measurements) then
-# run alone. SDN_TEST_WORKERS=N sets the workers of the first part (0: none).
-status=0
-.venv/bin/python -m pytest -n "${SDN_TEST_WORKERS:-2}" --dist loadfile -m "not serial" || status=$?
-.venv/bin/python -m pytest -m serial || { rc=$?; [ "$status" -ne 0 ] || status=$rc; }
-exit "$status"
+# No arguments: the whole suite on two pytest-xdist workers (most of a test's wall time is
+# processes starting and waiting: Ray, DeepSpeed, Prometheus). Each test file goes whole to one
+# worker, the longest first (tests/conftest.py). SDN_TEST_WORKERS=N sets the workers (0: none).
+exec .venv/bin/python -m pytest -n "${SDN_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder

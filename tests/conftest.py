@@ -32,6 +32,23 @@ if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
     os.environ["RAY_TMPDIR"] = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"   # short: socket paths
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
+# The test files that take longest (measured: docs/performance.md, "Start-up, teardown and the
+# test suite's time"), handed to the pytest-xdist workers first, so that none of them starts last
+# and leaves the other worker idle at the end.
+_LONGEST_FIRST = ("tests/test_elastic.py", "tests/test_train.py", "tests/test_chaos.py", "tests/test_bench.py",
+                  "tests/test_reliability.py", "tests/test_cluster.py", "tests/test_readme_own_data.py",
+                  "tests/test_quality.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh: -n 2 --dist loadfile --no-loadscope-reorder) each test
+    file goes whole to one worker (its module fixtures run once), in the order of the items: the
+    longest files first, the rest as collected."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank = {f: i for i, f in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))   # stable
+
 
 def free_port() -> int:
     with socket.socket() as s:

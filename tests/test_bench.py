@@ -8,8 +8,6 @@ import json
 import math
 
 import pytest
-
-pytestmark = pytest.mark.serial   # measures time: alone (scripts/test.sh)
 import torch
 
 from sdn_dist.apps.bench import bench

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.serial   # two Ray nodes, S3, timed faults: alone (scripts/test.sh)
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from chaos import Segment, account, global_position   # noqa: E402

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster import TwoNodeCluster, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]   # serial: two-node Ray clusters, timed waits
+pytestmark = pytest.mark.slow
 
 SDN = [sys.executable, "-m", "sdn_dist"]
 
