@@ -371,11 +371,12 @@ def test_driver_killed_then_rerun_resumes_without_lost_or_doubled_steps(tmp_path
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, shards):
     """A SIGTERM to the run's whole process group (`kill -- -PGID`, a batch scheduler's or systemd's
-    stop) reaches the driver, the workers and the embedded Ray's GCS at once. The workers checkpoint;
-    the driver then waits within checkpoint.preempt_grace_seconds for Ray Train, which cannot end
-    (its GCS is gone), and leaves with 75 and its summary. It used to wait on the dead GCS for 60 s
-    and exit 1 without a summary (the cancel of a resource request an embedded Ray does not need,
-    then Ray's own at-exit shutdown)."""
+    stop) reaches the driver, the workers and the embedded Ray (GCS, raylet, the record collector)
+    at once. The workers checkpoint if their Ray lets them; the driver waits within
+    checkpoint.preempt_grace_seconds and leaves with 75 and its summary, whether the ranks' preempted
+    record reached it or the collector died first (then the driver's drain fails: still 75). It
+    used to wait on the dead GCS for 60 s and exit 1 without a summary (the cancel of a resource
+    request an embedded Ray does not need), or exit 1 at once when the collector died first."""
     out = tmp_path / "run"
     grace = 8
     args = SDN + base_args(out, shards) + sets("workers=2", "stage1.steps=100000", "stage2.steps=2",
@@ -392,8 +393,8 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, s
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, (proc.returncode, round(took, 1), stderr[-2000:])
     assert took < grace + 10, took
-    (pre,) = [e for e in events(out) if e["event"] == "preempted"]
-    assert (out / "checkpoints" / f"step-{pre['step']:08d}" / "COMPLETE").exists()
+    for pre in [e for e in events(out) if e["event"] == "preempted"]:   # none when the collector died first
+        assert (out / "checkpoints" / f"step-{pre['step']:08d}" / "COMPLETE").exists()
     assert [e["event"] for e in events(out)][-1] == "summary" and "goodput" in stdout
 
 

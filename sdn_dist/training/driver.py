@@ -137,7 +137,18 @@ def run_training(cfg: Config, progress: bool = True) -> dict:
         while preempted is None:
             alive = thread.is_alive()
             thread.join(timeout=0.5)
-            records = _drain(collector, sink, clock)
+            try:
+                records = _drain(collector, sink, clock)
+            except ray.exceptions.RayError:
+                time.sleep(0.1)   # a SIGTERM that came with the error: its handler runs first
+                if not preempt.requested:
+                    raise
+                # The SIGTERM reached the run's Ray too (a signal to the whole process group): the
+                # collector is gone with it, and whatever the ranks saved is on disk.
+                log.warning("preempted: this run's Ray stopped with the signal; a rerun resumes from the "
+                            "last complete checkpoint")
+                preempted = -1
+                break
             train_run = next((r["train_run"] for r in reversed(records)
                               if r.get("event") == "start" and r.get("train_run")), train_run)
             bar.update(records)
