@@ -48,7 +48,7 @@ def wait_for_job_agent(gcs_address: str, env: dict, timeout: float = 180) -> Non
 
 @pytest.fixture
 def ray_head(tmp_path):
-    gcs, dash = free_port(), free_port()
+    gcs, dash, agent = free_port(), free_port(), free_port()
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: the SIGTERMed head stops at once instead of
     # draining for up to 30 s at teardown.
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
@@ -57,6 +57,9 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         # the job agent's HTTP port, which runs submitted jobs: Ray's default 52365 may be held by
+         # another Ray on this machine (a test on the other xdist worker), and then no job is taken
+         f"--dashboard-agent-listen-port={agent}",
          "--num-cpus=2", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
